@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv with vnpd and its test dependencies on a CPU machine.
+# torch is pinned to the local CPU build: an unpinned torch would pull GBs of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in python3.11 python3.12 python3.13 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PY=$candidate; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: Python >= 3.11 is required" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c 'import torch' >/dev/null 2>&1; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "torch==${VNPD_TORCH_VERSION:-2.13.0}"
+fi
+python -m pip install -q -e '.[test]'

@@ -1,0 +1,430 @@
+"""Tests for vnpd/config.py: real TOML files in tmp_path, env passed as dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from vnpd.config import (
+    EX_CONFIG, SCHEMA, Config, ConfigError, ModelConfig, PathsConfig, WorkersConfig,
+    config_to_dict, load_config, resolve_devices, validate_config, visible_gpu_count)
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config.example.toml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def problems_of(excinfo: pytest.ExceptionInfo[ConfigError]) -> str:
+    err = excinfo.value
+    assert str(err) == "\n".join(err.problems)
+    return str(err)
+
+
+@pytest.fixture
+def fake_gpus(tmp_path: Path):
+    """Return a function making an env whose PATH has a fake `nvidia-smi -L` with n GPUs."""
+    def make(n: int, rc: int = 0) -> dict[str, str]:
+        bindir = tmp_path / f"bin{n}-{rc}"
+        lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})\\n" for i in range(n))
+        script = write(bindir / "nvidia-smi", f"#!/bin/sh\nprintf '{lines}'\nexit {rc}\n")
+        script.chmod(0o755)
+        return {"PATH": str(bindir)}
+    return make
+
+
+def usable_config(tmp_path: Path, **model: object) -> Config:
+    """Paths under tmp_path, two CPU workers, a model file that exists."""
+    ckpt = write(tmp_path / "models" / "tiny.pt", "not really a checkpoint")
+    paths = PathsConfig(*(tmp_path / "vnpd" / n for n in ("inbox", "outbox", "state", "failed")))
+    return Config(paths=paths, model=ModelConfig(checkpoint=str(ckpt), **model),  # type: ignore[arg-type]
+                  workers=WorkersConfig(devices=["cpu", "cpu"]))
+
+
+# ------------------------------------------------------------------ loading
+
+def test_defaults():
+    cfg = load_config(None, env={})
+    assert cfg == Config()
+    assert cfg.paths.inbox == Path("/var/lib/vnpd/inbox")
+    assert cfg.model.checkpoint == "esm2_t36_3B_UR50D" and cfg.model.truncation == 1022
+    assert cfg.workers.devices == "auto" and cfg.logging.format == "auto"
+    assert cfg.source is None
+    assert EX_CONFIG == 78
+
+
+def test_file_overrides_defaults(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", """
+[model]
+dtype = "float16"
+layer = 6
+[workers]
+devices = ["cpu", "cpu"]
+heartbeat_timeout_s = 10          # an int where a float is expected is fine
+[inbox]
+polling = true
+[metrics]
+listen = ""
+""")
+    cfg = load_config(path, env={})
+    assert cfg.model.dtype == "float16" and cfg.model.layer == 6
+    assert cfg.workers.devices == ["cpu", "cpu"]
+    assert cfg.workers.heartbeat_timeout_s == 10.0 and isinstance(cfg.workers.heartbeat_timeout_s, float)
+    assert cfg.inbox.polling is True and cfg.metrics.listen == ""
+    assert cfg.model.output_dtype == "float32"  # untouched keys keep defaults
+    assert cfg.source == path
+
+
+def test_env_overrides_file(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", '[model]\ndtype = "float16"\nlayer = 6\n')
+    env = {"VNPD_MODEL_DTYPE": "float32", "VNPD_WORKERS_DEVICES": '["cpu","cpu"]',
+           "VNPD_INBOX_POLLING": "yes", "VNPD_JOBS_MAX_ACTIVE_JOBS": "3",
+           "VNPD_WORKERS_HEARTBEAT_INTERVAL_S": "0.5", "HOME": "/ignored", "VNPD_CONFIG": "x"}
+    cfg = load_config(path, env=env)
+    assert cfg.model.dtype == "float32" and cfg.model.layer == 6
+    assert cfg.workers.devices == ["cpu", "cpu"]
+    assert cfg.inbox.polling is True and cfg.jobs.max_active_jobs == 3
+    assert cfg.workers.heartbeat_interval_s == 0.5
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cpu,cpu", ["cpu", "cpu"]), (" cuda:0 , cuda:1 ", ["cuda:0", "cuda:1"]),
+    ("['cuda:1']", ["cuda:1"]), ('["cpu", "cpu"]', ["cpu", "cpu"]), ("auto", "auto"),
+    ("cpu", ["cpu"])])
+def test_env_device_list_syntax(text: str, expected: object):
+    assert load_config(None, env={"VNPD_WORKERS_DEVICES": text}).workers.devices == expected
+
+
+def test_cli_overrides_env(tmp_path: Path):
+    env = {"VNPD_MODEL_DTYPE": "float32", "VNPD_MODEL_LAYER": "3"}
+    overrides = {"model.dtype": "float16", "model.layer": None, "model.max_tokens_per_batch": 4096,
+                 "workers.devices": ["cpu"], "logging.level": "DEBUG", "inbox.polling": "true",
+                 "paths.inbox": tmp_path / "in"}
+    cfg = load_config(None, env=env, overrides=overrides)
+    assert cfg.model.dtype == "float16"
+    assert cfg.model.layer == 3  # None = flag not given: the env value stands
+    assert cfg.model.max_tokens_per_batch == 4096 and cfg.workers.devices == ["cpu"]
+    assert cfg.logging.level == "debug" and cfg.inbox.polling is True
+    assert cfg.paths.inbox == tmp_path / "in"
+
+
+def test_unknown_names_are_named_with_suggestions(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", """
+dtype = "float16"
+[modle]
+layer = 1
+[model]
+dtpye = "float16"
+devices = ["cpu"]
+[workers]
+heartbeat_intervall_s = 1.0
+""")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={"VNPD_MODEL_TRUNCATON": "5", "VNPD_WOKRERS_DEVICES": "cpu"},
+                    overrides={"workers.hartbeat_timeout_s": 9})
+    text = problems_of(excinfo)
+    assert "unknown top-level key 'dtype'; did you mean model.dtype?" in text
+    assert "unknown section 'modle'; did you mean [model]?" in text
+    assert "unknown key model.dtpye; did you mean model.dtype?" in text
+    assert "unknown key model.devices; did you mean workers.devices?" in text
+    assert "unknown key workers.heartbeat_intervall_s; did you mean workers.heartbeat_interval_s?" in text
+    assert "VNPD_MODEL_TRUNCATON: unknown setting model.truncaton; did you mean VNPD_MODEL_TRUNCATION?" in text
+    assert "VNPD_WOKRERS_DEVICES: unknown config section 'wokrers'" in text
+    assert "'workers.hartbeat_timeout_s': unknown setting; did you mean workers.heartbeat_timeout_s?" in text
+    assert len(excinfo.value.problems) == 8
+
+
+def test_type_errors_name_key_expected_and_got(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", """
+[model]
+layer = "last"
+truncation = 1.5
+[workers]
+heartbeat_interval_s = "fast"
+devices = [0, 1]
+[inbox]
+polling = "yes"
+[paths]
+inbox = 5
+""")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={"VNPD_JOBS_MAX_ACTIVE_JOBS": "many", "VNPD_INBOX_SETTLE_S": "nan"})
+    text = problems_of(excinfo)
+    assert f"model.layer (from {path}): expected an integer, got str 'last'" in text
+    assert "model.truncation" in text and "got float 1.5" in text
+    assert "workers.heartbeat_interval_s" in text and "expected a finite number, got str 'fast'" in text
+    assert "workers.devices" in text and "got list [0, 1]" in text
+    assert "inbox.polling" in text and "expected a boolean" in text
+    assert "paths.inbox" in text and "got int 5" in text
+    assert "jobs.max_active_jobs (from VNPD_JOBS_MAX_ACTIVE_JOBS): expected an integer" in text
+    assert "inbox.settle_s (from VNPD_INBOX_SETTLE_S): expected a finite number" in text
+    assert len(excinfo.value.problems) == 8
+
+
+def test_enum_errors():
+    overrides = {"model.dtype": "fp16", "model.output_dtype": "bfloat16", "jobs.on_poison": "skip",
+                 "inbox.after_done": "keep", "logging.format": "text", "logging.level": "loud"}
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, env={}, overrides=overrides)
+    text = problems_of(excinfo)
+    assert "model.dtype (from override model.dtype): 'fp16' is not one of float32, bfloat16, float16" in text
+    assert "model.output_dtype (from override model.output_dtype): 'bfloat16' is not one of float32, float16" in text
+    assert "'skip' is not one of quarantine, fail" in text
+    assert "'keep' is not one of move, delete" in text
+    assert "'text' is not one of json, console, auto" in text
+    assert "'loud' is not one of debug, info, warning, error, critical" in text
+    assert len(excinfo.value.problems) == 6
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"model.truncation": 0}, "model.truncation (from override model.truncation): must be in 1..1022"),
+    ({"model.truncation": 1023}, "must be in 1..1022"),
+    ({"model.max_tokens_per_batch": -1}, "model.max_tokens_per_batch (from override "
+                                         "model.max_tokens_per_batch): must be 0 or more"),
+    ({"model.max_tokens_per_batch": 1000}, "cannot hold one sequence of truncation + 2 = 1024"),
+    ({"workers.heartbeat_interval_s": 0}, "workers.heartbeat_interval_s (from override "
+                                          "workers.heartbeat_interval_s): must be greater than 0"),
+    ({"workers.heartbeat_timeout_s": 2}, "must be greater than heartbeat_interval_s (2.0)"),
+    ({"workers.crash_budget": -1}, "workers.crash_budget"),
+    ({"workers.batches_in_flight": 0}, "workers.batches_in_flight"),
+    ({"workers.restart_backoff_max_s": 0.5}, "must be at least restart_backoff_s (1.0)"),
+    ({"inbox.rescan_interval_s": 0}, "inbox.rescan_interval_s"),
+    ({"jobs.max_active_jobs": 0}, "jobs.max_active_jobs"),
+    ({"workers.devices": ["cuda:0", "cuda"]}, "cuda:0 is listed twice"),
+    ({"workers.devices": ["gpu0"]}, "'gpu0' is not a device"),
+    ({"workers.devices": []}, "the device list is empty"),
+    ({"metrics.listen": "9464"}, "metrics.listen (from override metrics.listen): expected HOST:PORT"),
+    ({"model.checkpoint": " "}, "model.checkpoint"),
+])
+def test_range_errors(overrides: dict[str, object], fragment: str):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, env={}, overrides=overrides)
+    assert fragment in problems_of(excinfo)
+
+
+def test_accepted_edge_values():
+    cfg = load_config(None, env={}, overrides={
+        "model.truncation": 1, "model.max_tokens_per_batch": 3, "inbox.settle_s": 0,
+        "workers.devices": ["cpu", "cpu", "cuda", "cuda:1"], "metrics.listen": "[::1]:0"})
+    assert cfg.model.truncation == 1 and cfg.inbox.settle_s == 0.0
+    assert cfg.workers.devices == ["cpu", "cpu", "cuda", "cuda:1"]  # kept as written
+
+
+def test_invalid_toml_names_the_line(tmp_path: Path):
+    path = write(tmp_path / "bad.toml", '[model]\ndtype = "float16"\nlayer = \n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    text = problems_of(excinfo)
+    assert str(path) in text and "line 3" in text
+
+
+def test_unreadable_file(tmp_path: Path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(tmp_path / "missing.toml", env={})
+    assert "cannot read config file" in problems_of(excinfo) and "missing.toml" in str(excinfo.value)
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    conf_dir = tmp_path / "etc"
+    path = write(conf_dir / "vnpd.toml", """
+[paths]
+inbox = "data/inbox"
+outbox = "/abs/outbox"
+[model]
+checkpoint = "models/tiny.pt"
+""")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(path, env={"VNPD_PATHS_STATE": "st"}, overrides={"paths.failed": "f"})
+    assert cfg.paths.inbox == conf_dir / "data" / "inbox"
+    assert cfg.paths.outbox == Path("/abs/outbox")
+    assert cfg.model.checkpoint == str(conf_dir / "models" / "tiny.pt")
+    assert cfg.paths.state == elsewhere / "st"  # env and CLI are relative to the working dir
+    assert cfg.paths.failed == elsewhere / "f"
+    # a model name is not a path and stays as written
+    assert load_config(path, env={"VNPD_MODEL_CHECKPOINT": "esm2_t6_8M_UR50D"}).model.checkpoint \
+        == "esm2_t6_8M_UR50D"
+
+
+def test_example_file_lists_every_key_with_its_default():
+    data = tomllib.loads(EXAMPLE.read_text())
+    assert set(data) == set(SCHEMA)
+    for section, keys in SCHEMA.items():
+        assert set(data[section]) == set(keys), f"[{section}] in config.example.toml drifted"
+    cfg = load_config(EXAMPLE, env={})
+    assert dataclasses.replace(cfg, source=None) == Config()
+
+
+def test_config_to_dict_is_json_ready(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", '[workers]\ndevices = ["cpu"]\n')
+    data = config_to_dict(load_config(path, env={}))
+    assert data["paths"]["inbox"] == "/var/lib/vnpd/inbox"
+    assert data["source"] == str(path) and data["workers"]["devices"] == ["cpu"]
+    assert json.loads(json.dumps(data)) == data
+    assert config_to_dict(Config())["source"] is None
+
+
+# ------------------------------------------------------------------ devices
+
+def test_auto_counts_gpus_with_nvidia_smi(fake_gpus):
+    env = fake_gpus(2)
+    assert visible_gpu_count(env) == 2
+    assert resolve_devices("auto", env=env) == ["cuda:0", "cuda:1"]
+
+
+@pytest.mark.parametrize("visible, expected", [
+    ("1", ["cuda:0"]), ("1,0", ["cuda:0", "cuda:1"]), ("0,7,1", ["cuda:0"]),
+    ("GPU-00000001", ["cuda:0"])])
+def test_auto_honours_cuda_visible_devices(fake_gpus, visible: str, expected: list[str]):
+    env = {**fake_gpus(2), "CUDA_VISIBLE_DEVICES": visible}
+    assert resolve_devices("auto", env=env) == expected
+
+
+@pytest.mark.parametrize("visible", ["", "-1", "5"])
+def test_auto_with_no_visible_gpu_suggests_cpu(fake_gpus, visible: str):
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_devices("auto", env={**fake_gpus(2), "CUDA_VISIBLE_DEVICES": visible})
+    text = problems_of(excinfo)
+    assert "found no NVIDIA GPU" in text and 'devices = ["cpu"]' in text
+    assert f"CUDA_VISIBLE_DEVICES={visible!r}" in text
+
+
+@pytest.mark.skipif(Path("/proc/driver/nvidia/gpus").exists(), reason="this machine has GPUs")
+def test_auto_without_nvidia_smi_or_driver(tmp_path: Path, fake_gpus):
+    for env in ({"PATH": str(tmp_path)}, fake_gpus(2, rc=9)):  # absent, and failing nvidia-smi
+        with pytest.raises(ConfigError) as excinfo:
+            resolve_devices("auto", env=env)
+        assert "/proc/driver/nvidia/gpus lists 0" in problems_of(excinfo)
+
+
+def test_explicit_devices_do_not_probe_gpus(tmp_path: Path):
+    env = {"PATH": str(tmp_path)}  # no nvidia-smi: explicit lists need none
+    assert resolve_devices(["cpu", "cpu"], env=env) == ["cpu", "cpu"]
+    assert resolve_devices(["cuda", "cuda:1"], env=env) == ["cuda:0", "cuda:1"]
+    assert resolve_devices("cpu,cuda:3", env=env) == ["cpu", "cuda:3"]
+    with pytest.raises(ConfigError, match="cuda:0 is listed twice"):
+        resolve_devices(["cuda:0", "cuda"], env=env)
+    with pytest.raises(ConfigError, match="'tpu' is not a device"):
+        resolve_devices(["tpu"], env=env)
+
+
+def test_config_module_never_imports_torch():
+    code = ("import sys, vnpd.config as c; c.load_config(None, env={}); "
+            "c.resolve_devices(['cpu']); c.visible_gpu_count({'PATH': ''}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ------------------------------------------------------------------ validate_config
+
+def test_validate_creates_missing_dirs(tmp_path: Path):
+    pytest.importorskip("vnpd.model")
+    cfg = usable_config(tmp_path)
+    validate_config(cfg)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.state, cfg.paths.failed):
+        assert path.is_dir() and stat.S_IMODE(path.stat().st_mode) == 0o750 & ~umask
+        assert list(path.iterdir()) == []  # the write probe cleaned up
+
+
+def test_validate_unwritable_and_uncreatable_dirs(tmp_path: Path):
+    cfg = usable_config(tmp_path)
+    blocker = write(tmp_path / "a-file", "")
+    cfg.paths.inbox = blocker / "inbox"  # parent is a regular file: cannot be created
+    cfg.paths.failed = blocker  # exists, not a directory
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cfg.paths.outbox = locked
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(cfg, check_model=False)
+    text = problems_of(excinfo)
+    assert f"paths.inbox = {str(blocker / 'inbox')!r}: cannot create the directory" in text
+    assert f"paths.failed = {str(blocker)!r}: exists but is not a directory" in text
+    if os.geteuid() != 0:  # root writes through mode bits
+        assert f"paths.outbox = {str(locked)!r}: directory is not writable" in text
+    locked.chmod(0o700)
+
+
+def test_validate_requires_one_filesystem(tmp_path: Path):
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a different filesystem from tmp_path")
+    other = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="vnpd-test-"))
+    try:
+        cfg = usable_config(tmp_path)
+        cfg.paths.outbox = other
+        with pytest.raises(ConfigError) as excinfo:
+            validate_config(cfg, check_model=False)
+        text = problems_of(excinfo)
+        assert "must be on one filesystem" in text and "rename(2)" in text
+        assert str(other) in text and len(excinfo.value.problems) == 1
+    finally:
+        other.rmdir()
+
+
+def test_validate_rejects_a_shared_directory(tmp_path: Path):
+    cfg = usable_config(tmp_path)
+    cfg.paths.failed = cfg.paths.inbox
+    with pytest.raises(ConfigError, match="paths.inbox and paths.failed are the same directory"):
+        validate_config(cfg, check_model=False)
+
+
+def test_validate_missing_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("vnpd.model")
+    cfg = usable_config(tmp_path)
+    cfg.model.checkpoint = str(tmp_path / "nope.pt")
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(cfg)
+    text = problems_of(excinfo)
+    assert text.startswith("model.checkpoint: ") and str(tmp_path / "nope.pt") in text
+    assert len(excinfo.value.problems) == 1
+    validate_config(cfg, check_model=False)  # the model check can be skipped
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # read by vnpd.model via torch.hub
+    cfg.model.checkpoint = "esm2_t6_8M_UR50D"
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(cfg)
+    text = problems_of(excinfo)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "esm2_t6_8M_UR50D.pt") in text
+    assert "fetch-model" in text
+
+
+def test_validate_devices_against_visible_gpus(tmp_path: Path, fake_gpus):
+    cfg = usable_config(tmp_path)
+    cfg.workers.devices = ["cuda:1", "cuda:3"]
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(cfg, check_model=False, env=fake_gpus(2))
+    text = problems_of(excinfo)
+    assert "cuda:3 is not available: 2 NVIDIA GPU(s) visible" in text and "cuda:1 " not in text
+    cfg.workers.devices = "auto"
+    validate_config(cfg, check_model=False, env=fake_gpus(2))
+    with pytest.raises(ConfigError, match='devices = \\["cpu"\\]'):
+        validate_config(cfg, check_model=False, env={**fake_gpus(2), "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_validate_lists_every_problem(tmp_path: Path, fake_gpus):
+    pytest.importorskip("vnpd.model")
+    cfg = usable_config(tmp_path, truncation=2000)
+    cfg.paths.state = write(tmp_path / "state-file", "")
+    cfg.workers.devices = ["cuda:0"]
+    cfg.model.checkpoint = str(tmp_path / "missing.pt")
+    with pytest.raises(ConfigError) as excinfo:
+        validate_config(cfg, env=fake_gpus(0))
+    problems = excinfo.value.problems
+    assert len(problems) == 4, problems
+    assert [p.split(" ")[0].rstrip(":") for p in problems] == [
+        "model.truncation", "paths.state", "workers.devices", "model.checkpoint"]

@@ -1,0 +1,116 @@
+"""Token-budget packing and batch tensors.
+
+A sequence of L residues costs ``min(L, truncation) + 2`` tokens (BOS and EOS count).
+:func:`pack_batches` groups sequence positions into batches whose token sum stays within
+the budget, by first-fit over the sequences sorted longest first (first-fit decreasing).
+A sequence that alone exceeds the budget gets a batch of its own. Every position appears
+exactly once; callers restore input order from the positions carried by each batch.
+
+Example::
+
+    pack_batches(np.array([5, 900, 30]), max_tokens=940)
+    # [array([1, 2]), array([0])]   (902 + 32 tokens fit; + 7 would not)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+FAIR_ESM_TRUNCATION = 1022  # extract.py: 1024 positions minus BOS and EOS
+
+# fair-esm ESM-1b alphabet: <cls>=0 <pad>=1 <eos>=2 <unk>=3, residues from 4, <mask>=32.
+_RESIDUE_TOKENS = "LAGVSERTIDPKQNFYMHWCXBUZO"
+BOS_IDX, PAD_IDX, EOS_IDX = 0, 1, 2
+_LOOKUP = np.full(256, -1, dtype=np.int64)
+for _i, _c in enumerate(_RESIDUE_TOKENS):
+    _LOOKUP[ord(_c)] = 4 + _i
+
+
+def tokens_for(lengths: np.ndarray | int, truncation: int = FAIR_ESM_TRUNCATION) -> np.ndarray:
+    """Token cost of sequences of the given residue lengths (BOS + kept residues + EOS)."""
+    return np.minimum(np.asarray(lengths, dtype=np.int64), truncation) + 2
+
+
+def encode(sequence: str, truncation: int = FAIR_ESM_TRUNCATION) -> np.ndarray:
+    """Token ids (BOS, residues[:truncation], EOS) in fair-esm's ESM-1b alphabet.
+
+    Raises ValueError on a character outside the residue alphabet (the FASTA reader
+    rejects those before they get here).
+    """
+    body = _LOOKUP[np.frombuffer(sequence[:truncation].encode("ascii"), dtype=np.uint8)]
+    if (body < 0).any():
+        bad = sequence[int(np.argmax(body < 0))]
+        raise ValueError(f"residue {bad!r} is not in the ESM-2 alphabet")
+    out = np.empty(body.shape[0] + 2, dtype=np.int64)
+    out[0], out[-1] = BOS_IDX, EOS_IDX
+    out[1:-1] = body
+    return out
+
+
+def pack_batches(lengths: np.ndarray, max_tokens: int,
+                 truncation: int = FAIR_ESM_TRUNCATION) -> list[np.ndarray]:
+    """First-fit-decreasing packing of sequence positions into token-budget batches.
+
+    ``lengths`` are residue counts (before truncation). Returns a list of int64 position
+    arrays; each position 0..n-1 appears exactly once; a batch exceeds ``max_tokens`` only
+    when it holds a single sequence that is over the budget by itself. Runs in
+    O(n log bins) with a max-tree over the bins' free space.
+    """
+    if max_tokens < 3:
+        raise ValueError(f"max_tokens must be at least 3, not {max_tokens}")
+    cost = tokens_for(lengths, truncation)
+    n = cost.shape[0]
+    if n == 0:
+        return []
+    order = np.argsort(-cost, kind="stable")
+    # Worst case every sequence opens its own bin.
+    size = 1
+    while size < n:
+        size *= 2
+    free = [-1] * (2 * size)  # max-tree over the bins' free tokens; -1 = no bin yet
+    bins: list[list[int]] = []
+    for pos, c in zip(order.tolist(), cost[order].tolist()):
+        if free[1] >= c:
+            node = 1
+            while node < size:  # descend to the leftmost bin with room: first fit
+                node = 2 * node if free[2 * node] >= c else 2 * node + 1
+            bins[node - size].append(pos)
+            free[node] -= c
+        else:
+            node = size + len(bins)
+            bins.append([pos])
+            free[node] = max(max_tokens - c, 0)
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return [np.asarray(b, dtype=np.int64) for b in bins]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBatch:
+    """One packed batch on the host: flat tokens, offsets and the input positions."""
+
+    positions: np.ndarray  # (n,) int64, input positions of the sequences, in pack order
+    tokens: np.ndarray     # (T,) int64
+    cu_seqlens: np.ndarray  # (n+1,) int32
+    max_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def build_batch(positions: np.ndarray, sequences: Sequence[str],
+                truncation: int = FAIR_ESM_TRUNCATION) -> TokenBatch:
+    """Concatenate the encoded ``sequences`` (aligned with ``positions``) into a batch."""
+    encoded = [encode(s, truncation) for s in sequences]
+    lengths = np.fromiter((e.shape[0] for e in encoded), dtype=np.int32, count=len(encoded))
+    cu = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    tokens = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
+    return TokenBatch(np.asarray(positions, dtype=np.int64), tokens, cu,
+                      int(lengths.max()) if len(encoded) else 0)
