@@ -122,6 +122,16 @@ def run_engine(engine: Engine, seqs: list[str], lengths: np.ndarray, in_flight: 
     return go
 
 
+def profile(go) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        go(limit=3)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+          flush=True)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
@@ -148,6 +158,9 @@ def main() -> None:
                          "or eager (no torch.compile); budget 0 = sized from free memory")
     ap.add_argument("--skip-vanilla-fp16", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="after the runs, profile the last engine over 3 batches and print "
+                         "the kernels that take the most device time")
     args = ap.parse_args()
 
     from esm.data import Alphabet
@@ -198,6 +211,8 @@ def main() -> None:
                         total_tokens, seconds, total_tokens / seconds,
                         min_cosine=float(cos.min()), mean_cosine=float(cos.mean())))
         print(rows[-1], f"(warm-up {warm_s:.1f}s)", flush=True)
+        if args.profile and spec == args.runs.split(",")[-1]:
+            profile(go)
         del engine, go
         torch.cuda.empty_cache()
 

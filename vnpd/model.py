@@ -133,18 +133,29 @@ def make_test_model(out: Path, *, layers: int = 2, dim: int = 64, heads: int = 4
             if name.endswith("bias") or "layer_norm" in name:
                 # Non-trivial norms and biases so that tests exercise them.
                 param.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
-    state = {f"encoder.sentence_encoder.{k}": v for k, v in model.state_dict().items()
+    return save_esm2_checkpoint(model, out, seed=seed)
+
+
+def save_esm2_checkpoint(model: torch.nn.Module, out: Path, *, seed: int | None = None
+                         ) -> tuple[Path, Path]:
+    """Write a fair-esm ``ESM2`` module in fair-esm's checkpoint format, plus the
+    ``<stem>-contact-regression.pt`` file fair-esm's local loader requires beside it.
+
+    Marked ``vnpd_random_test_model`` in its cfg: vnpd only writes random-weight models.
+    """
+    weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    state = {f"encoder.sentence_encoder.{k}": v for k, v in weights.items()
              if not k.startswith("contact_head.regression")}
-    cfg = argparse.Namespace(encoder_layers=layers, encoder_embed_dim=dim,
-                             encoder_ffn_embed_dim=4 * dim, encoder_attention_heads=heads,
-                             token_dropout=True, arch="ESM-1b", vnpd_random_test_model=True,
-                             seed=seed)
+    cfg = argparse.Namespace(encoder_layers=model.num_layers, encoder_embed_dim=model.embed_dim,
+                             encoder_ffn_embed_dim=4 * model.embed_dim,
+                             encoder_attention_heads=model.attention_heads,
+                             token_dropout=model.token_dropout, arch="ESM-1b",
+                             vnpd_random_test_model=True, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"cfg": {"model": cfg}, "model": state}, str(out))
     reg = regression_path_for(out)
-    regression = {k: v for k, v in model.state_dict().items()
-                  if k.startswith("contact_head.regression")}
-    torch.save({"model": regression}, str(reg))
+    torch.save({"model": {k: v for k, v in weights.items()
+                          if k.startswith("contact_head.regression")}}, str(reg))
     return out, reg
 
 

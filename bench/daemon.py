@@ -1,0 +1,171 @@
+"""Daemon end-to-end benchmark: drop FASTA files into a running `vnpd run`, time to publish.
+
+In one run, on the same data:
+1. engine only: the workload through :class:`vnpd.engine.Engine` in this process (the
+   ceiling the daemon is compared with);
+2. for each device set given (e.g. ``cuda:0`` then ``cuda:0,cuda:1``): a fresh daemon is
+   started and left to load its models; then the files are dropped (rename into the inbox)
+   and the clock runs from the first drop to the last published output.
+
+Usage (on the GPU machine):
+    python bench/daemon.py --workload 3b-uniprot --sequences 12000 --files 4 \
+        --device-sets cuda:0 --json $OUT/daemon.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.engine import WORKLOADS, make_sequences, run_engine, workload_lengths  # noqa: E402
+from vnpd.engine import Engine  # noqa: E402
+from vnpd.model import save_esm2_checkpoint  # noqa: E402
+from vnpd.packing import tokens_for  # noqa: E402
+
+
+def write_checkpoint(workload: str, out: Path) -> Path:
+    from esm.data import Alphabet
+    from esm.model.esm2 import ESM2
+
+    arch = WORKLOADS[workload]
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # random init on the GPU: minutes faster than on the CPU
+        model = ESM2(num_layers=arch["layers"], embed_dim=arch["dim"],
+                     attention_heads=arch["heads"], alphabet=Alphabet.from_architecture("ESM-1b"))
+    save_esm2_checkpoint(model, out, seed=0)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def engine_only(checkpoint: Path, seqs: list[str], lengths: np.ndarray, dtype: str) -> float:
+    engine = Engine.load(str(checkpoint), device="cuda:0", dtype=dtype)
+    go = run_engine(engine, seqs, lengths)
+    engine.warmup()
+    go(limit=3)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    go()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del engine, go
+    torch.cuda.empty_cache()
+    return float(tokens_for(lengths).sum()) / seconds
+
+
+def daemon_run(root: Path, checkpoint: Path, files: list[tuple[str, str]], devices: list[str],
+               dtype: str, total_tokens: int) -> dict[str, object]:
+    run = root / ("run-" + "-".join(d.replace(":", "") for d in devices))
+    shutil.rmtree(run, ignore_errors=True)
+    for d in ("inbox", "outbox", "state", "failed", "stage"):
+        (run / d).mkdir(parents=True)
+    config = run / "config.toml"
+    config.write_text(f"""
+[paths]
+inbox = "{run / 'inbox'}"
+outbox = "{run / 'outbox'}"
+state = "{run / 'state'}"
+failed = "{run / 'failed'}"
+[model]
+checkpoint = "{checkpoint}"
+dtype = "{dtype}"
+[workers]
+devices = {json.dumps(devices)}
+[inbox]
+settle_s = 0.2
+rescan_interval_s = 1.0
+[metrics]
+listen = ""
+[logging]
+format = "json"
+level = "info"
+""")
+    for name, text in files:  # staged on the same filesystem: a drop is one rename
+        (run / "stage" / name).write_text(text)
+    log_path = run / "daemon.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "vnpd", "run", "--config", str(config)],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        t_start = time.monotonic()
+        while '"daemon_ready"' not in log_path.read_text():
+            if proc.poll() is not None:
+                raise RuntimeError("daemon exited:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.2)
+        ready_s = time.monotonic() - t_start
+        t0 = time.monotonic()
+        for name, _ in files:
+            os.rename(run / "stage" / name, run / "inbox" / name)
+        expected = {Path(name).stem + ".h5" for name, _ in files}
+        while not expected.issubset({p.name for p in (run / "outbox").iterdir()}):
+            if proc.poll() is not None:
+                raise RuntimeError("daemon exited:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.02)
+        elapsed = time.monotonic() - t0
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(300)
+    return {"devices": devices, "seconds": elapsed, "tok_s": total_tokens / elapsed,
+            "ready_s": ready_s, "exit_code": code, "log": str(log_path)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="3b-uniprot")
+    ap.add_argument("--sequences", type=int, default=12000)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device-sets", default="cuda:0",
+                    help="semicolon list of comma lists, e.g. 'cuda:0;cuda:0,cuda:1'")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="vnpd-bench-"))
+    lengths = workload_lengths(args.workload, args.sequences)
+    seqs = make_sequences(lengths)
+    total_tokens = int(tokens_for(lengths).sum())
+    per_file = np.array_split(np.arange(len(seqs)), args.files)
+    files = [(f"part{k}.fasta", "".join(f">s{i}\n{seqs[i]}\n" for i in idx))
+             for k, idx in enumerate(per_file)]
+    checkpoint = write_checkpoint(args.workload, root / "model" / f"esm2_{args.workload}.pt")
+    result: dict[str, object] = {"workload": args.workload, "sequences": len(seqs),
+                                 "tokens": total_tokens, "files": args.files,
+                                 "gpu": torch.cuda.get_device_name(),
+                                 "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+    print(json.dumps(result), flush=True)
+    if not args.skip_engine:
+        result["engine_tok_s"] = engine_only(checkpoint, seqs, lengths, args.dtype)
+        print(f"engine only (1 GPU): {result['engine_tok_s']:,.0f} tok/s", flush=True)
+    runs = []
+    for device_set in args.device_sets.split(";"):
+        r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens)
+        runs.append(r)
+        ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
+                 if "engine_tok_s" in result else "")
+        print(f"daemon {device_set}: {r['seconds']:.1f} s from drop to last publish, "
+              f"{r['tok_s']:,.0f} tok/s{ratio} (workers ready after {r['ready_s']:.0f} s, "
+              f"exit {r['exit_code']})", flush=True)
+    result["daemon_runs"] = runs
+    if len(runs) > 1:
+        result["scaling"] = runs[-1]["tok_s"] / runs[0]["tok_s"]
+        print(f"scaling {runs[-1]['devices']} vs {runs[0]['devices']}: "
+              f"{result['scaling']:.3f}x", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""Streaming FASTA reader with validation: the first step of indexing an input file.
+
+``iter_fasta`` reads a file in binary, line by line, and yields one ``FastaRecord`` per
+record with its 1-based header line and the byte offset of its ``>``. It holds at most
+one record in memory, so files of any size can be indexed; ``iter_fasta_from`` and
+``read_record_at`` re-read records from those offsets. ``DuplicateIdChecker`` finds
+repeated ids in bounded memory. Every problem is a ``FastaError`` naming the record and
+the line; docs/INPUT.md lists the rules, and says why Biopython is not used to parse.
+
+Example::
+
+    checker = DuplicateIdChecker()
+    for record in iter_fasta(Path("in.fasta")):
+        checker.add(record)          # record.id, record.sequence, record.offset, ...
+    checker.finish(Path("in.fasta"))  # raises FastaError on a duplicated id
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, NoReturn
+
+import numpy as np
+
+ALLOWED_RESIDUES: frozenset[str] = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+"""The 20 standard amino acids plus X B U Z O: the residue letters of fair-esm's ESM-1b alphabet."""
+
+NUCLEOTIDE_MIN_LENGTH = 30
+"""Records at least this long made only of A C G T U N are rejected as nucleotide sequences."""
+
+READ_CHUNK = 1 << 16
+"""Bytes per ``readline`` call: a longer line is processed in pieces, never loaded whole."""
+
+MAX_HEADER_BYTES = 1 << 20
+"""Longest header line accepted; the only line that is kept whole in memory."""
+
+_ALLOWED = "".join(sorted(ALLOWED_RESIDUES)).encode("ascii")
+_WHITESPACE = b" \t\r\n\v\f"
+_NUCLEOTIDES = b"ACGTUN"
+_UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_VALID = bytes(int(bytes([c]).translate(_UPPER) in _ALLOWED) for c in range(256))  # either case
+
+# (magic, what, tool to undo it); longest first: the UTF-32-LE BOM starts with the UTF-16-LE one.
+_MAGIC = ((b"\x1f\x8b", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"), (b"\xfd7zXZ\x00", "xz", "unxz"),
+          (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"), (b"\xff\xfe\x00\x00", "UTF-32-LE", ""),
+          (b"\x00\x00\xfe\xff", "UTF-32-BE", ""), (b"\xff\xfe", "UTF-16-LE", ""),
+          (b"\xfe\xff", "UTF-16-BE", ""))
+_UTF8_BOM = b"\xef\xbb\xbf"
+_HEAD_BYTES = 8192  # how much of the file start is checked for magic numbers and NULs
+_BINARY = "NUL byte: this is a binary file (or UTF-16/UTF-32 text without a byte-order mark), not FASTA"
+
+
+class FastaError(ValueError):
+    """Invalid FASTA input.
+
+    ``str(e)`` is the full message, e.g.
+    ``"line 17, record 'sp|P1' (#4): invalid residue 'J' at position 17"``; ``#4`` counts
+    records from 1 for people, while ``record_index`` counts from 0 like ``FastaRecord.index``.
+    ``reason`` is the message without the location. Fields that do not apply are None.
+    """
+
+    def __init__(self, reason: str, *, record_id: str | None = None,
+                 record_index: int | None = None, line: int | None = None) -> None:
+        self.reason = reason
+        self.record_id = record_id
+        self.record_index = record_index
+        self.line = line
+        where = []
+        if line is not None:
+            where.append(f"line {line}")
+        number = f"#{record_index + 1}" if record_index is not None else ""
+        if record_id is not None:
+            where.append(f"record {record_id!r} ({number})" if number else f"record {record_id!r}")
+        elif number:
+            where.append(f"record {number}")
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields would be lost by the default exception pickling.
+        return (partial(FastaError, record_id=self.record_id, record_index=self.record_index,
+                        line=self.line), (self.reason,))
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready fields: ``{"reason", "record", "record_index", "line"}``."""
+        return {"reason": self.reason, "record": self.record_id,
+                "record_index": self.record_index, "line": self.line}
+
+
+@dataclass(frozen=True, slots=True)
+class FastaRecord:
+    """One validated record.
+
+    ``id`` is the header text after ``>`` up to the first whitespace. ``sequence`` holds
+    only letters of ``ALLOWED_RESIDUES``: upper-cased, whitespace removed, terminal ``*``
+    stripped. ``index`` is 0-based, ``line`` (of the header) 1-based; ``line`` is -1 from
+    ``iter_fasta_from``, and both are -1 from ``read_record_at``. ``offset`` is the byte
+    offset of the ``>``.
+    """
+
+    index: int
+    id: str
+    sequence: str
+    line: int
+    offset: int
+
+
+def iter_fasta(path: Path, *, max_residues: int = 1_000_000) -> Iterator[FastaRecord]:
+    """Stream and validate the records of ``path``, in file order.
+
+    Raises ``FastaError`` at the first problem (records before it have been yielded):
+    see docs/INPUT.md for the rules. Duplicate ids are not checked here; use
+    ``DuplicateIdChecker`` or ``validate_fasta``. Raises ``OSError`` if the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        start = _check_file_start(fh.read(_HEAD_BYTES))
+        fh.seek(start)
+        yield from _parse(fh, offset=start, max_residues=max_residues)
+
+
+def iter_fasta_from(path: Path, offset: int, first_index: int, *,
+                    max_residues: int = 1_000_000) -> Generator[FastaRecord, None, None]:
+    """Stream validated records from the header at byte ``offset`` to the end of the file.
+
+    For re-reading windows of an indexed file: ``offset`` must be a ``FastaRecord.offset``
+    reported for this file, and records are numbered from ``first_index``. Their ``line``
+    is -1 (unknown without reading from the start), and a ``FastaError`` has ``line``
+    None. Raises ``FastaError`` if there is no ``>`` at ``offset``.
+    """
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        if fh.read(1) != b">":
+            raise FastaError(f"no FASTA header ('>') at byte offset {offset}")
+        fh.seek(offset)
+        try:
+            yield from _parse(fh, offset=offset, max_residues=max_residues,
+                              first_index=first_index, known_lines=False)
+        except FastaError as exc:
+            raise FastaError(exc.reason, record_id=exc.record_id,
+                             record_index=exc.record_index) from None
+
+
+def read_record_at(path: Path, offset: int, *, max_residues: int = 1_000_000) -> FastaRecord:
+    """Re-read the one record whose header ``>`` is at byte ``offset``, validated as ``iter_fasta`` does.
+
+    As ``iter_fasta_from``, but the result's ``index`` and ``line`` are both -1, and a
+    ``FastaError`` has ``line`` and ``record_index`` None.
+    """
+    records = iter_fasta_from(path, offset, -1, max_residues=max_residues)
+    try:
+        return next(records)
+    except FastaError as exc:
+        raise FastaError(exc.reason, record_id=exc.record_id) from None
+    finally:
+        records.close()
+
+
+def validate_fasta(path: Path, *, max_residues: int = 1_000_000) -> int:
+    """Validate the whole file, duplicate ids included; return its record count or raise ``FastaError``."""
+    checker = DuplicateIdChecker()
+    for record in iter_fasta(path, max_residues=max_residues):
+        checker.add(record)
+    checker.finish(path)
+    return checker.count
+
+
+class DuplicateIdChecker:
+    """Duplicate-id detection in bounded memory, for files with millions of records.
+
+    Call ``add`` for every record of one file, in order, then ``finish(path)`` once.
+    Only an 8-byte hash per id is kept (a growable numpy uint64 array). ``finish`` sorts
+    the hashes; only if two are equal does it re-read the file, to tell a real
+    duplicate from a hash collision and to find the lines. The hash is Python's salted
+    ``hash(str)``, valid within one process only, so a checker refuses to be pickled.
+    """
+
+    _BLOCK = 1 << 16
+
+    def __init__(self) -> None:
+        self._hashes = np.empty(self._BLOCK, dtype=np.uint64)
+        self._count = 0
+        # numpy item assignment costs ~10x a list append; hashes go over in blocks.
+        self._pending: list[int] = []
+
+    @property
+    def count(self) -> int:
+        """Records added so far."""
+        return self._count + len(self._pending)
+
+    def add(self, record: FastaRecord) -> None:
+        """Remember ``record.id``."""
+        self._pending.append(hash(record.id))
+        if len(self._pending) >= self._BLOCK:
+            self._flush()
+
+    def finish(self, path: Path) -> None:
+        """Raise ``FastaError`` if an id was added twice; ``path`` is the file the records came from.
+
+        The error names the id and the line of its second occurrence (``line``,
+        ``record_index``); its reason gives the first occurrence's line.
+        """
+        self._flush()
+        hashes = np.sort(self._hashes[: self._count])
+        repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+        if repeated.size == 0:
+            return
+        suspects = set(np.unique(repeated).view(np.int64).tolist())
+        first_line: dict[str, int] = {}
+        # The file already passed iter_fasta, so no limit on length is needed the second time.
+        for record in iter_fasta(path, max_residues=sys.maxsize):
+            if hash(record.id) in suspects:
+                if record.id in first_line:
+                    raise FastaError(
+                        f"duplicate id {record.id!r} (first at line {first_line[record.id]})",
+                        record_id=record.id, record_index=record.index, line=record.line)
+                first_line[record.id] = record.line
+
+    def __getstate__(self) -> NoReturn:
+        raise TypeError("DuplicateIdChecker holds process-local hashes and cannot be pickled")
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        block = np.array(self._pending, dtype=np.int64).view(np.uint64)
+        end = self._count + block.size
+        if end > self._hashes.size:
+            grown = np.empty(max(end, 2 * self._hashes.size), dtype=np.uint64)
+            grown[: self._count] = self._hashes[: self._count]
+            self._hashes = grown
+        self._hashes[self._count:end] = block
+        self._count = end
+        self._pending.clear()
+
+
+def _check_file_start(head: bytes) -> int:
+    """Reject compressed, UTF-16/32 and binary files by their first bytes; return where FASTA text starts."""
+    for magic, what, tool in _MAGIC:
+        if head.startswith(magic):
+            raise FastaError(f"the file is {what}-compressed; decompress it first ({tool} FILE)" if tool
+                             else f"the file is {what} encoded (byte-order mark); save it as ASCII or UTF-8",
+                             line=1)
+    # Binary formats often start with a text-like line; their NULs come soon after.
+    if (nul := head.find(b"\0")) >= 0:
+        raise FastaError(_BINARY, line=head.count(b"\n", 0, nul) + 1)
+    # Windows editors add a UTF-8 BOM; it is harmless, so it is skipped rather than refused.
+    return len(_UTF8_BOM) if head.startswith(_UTF8_BOM) else 0
+
+
+def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0,
+           known_lines: bool = True) -> Iterator[FastaRecord]:
+    """Yield records from ``fh``, positioned at byte ``offset`` at the start of a line.
+
+    Records are numbered from ``first_index``; without ``known_lines`` (a start mid-file)
+    their ``line`` is -1. This loop runs once per line of multi-GB files, so its common
+    path is a few C-level bytes operations; rare cases (errors, '*') are in helpers.
+    """
+    readline = fh.readline
+    lineno = 0
+    at_line_start = True
+    in_comment = False
+    rec_id: str | None = None  # None until the first header
+    rec_index = first_index - 1
+    rec_line = rec_offset = 0
+    parts: list[bytes] = []
+    count = 0
+    star_line = star_pos = 0  # a pending terminal '*'; 0 when none
+    while chunk := readline(READ_CHUNK):
+        start = offset
+        offset += len(chunk)
+        line_start = at_line_start
+        at_line_start = chunk[-1] == 10
+        if line_start:
+            lineno += 1
+            lead = chunk[0]
+            if lead == 62:  # '>'
+                if rec_id is not None:
+                    yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset, star_line)
+                rec_index += 1
+                rec_line, rec_offset = (lineno if known_lines else -1), start
+                while not at_line_start:
+                    more = readline(READ_CHUNK)
+                    if not more:
+                        break
+                    offset += len(more)
+                    chunk += more
+                    at_line_start = chunk[-1] == 10
+                    if len(chunk) > MAX_HEADER_BYTES:
+                        raise FastaError(f"header line longer than {MAX_HEADER_BYTES} bytes",
+                                         record_index=rec_index, line=lineno)
+                rec_id = _header_id(chunk, rec_index, lineno)
+                parts = []
+                count = star_line = star_pos = 0
+                continue
+            in_comment = lead == 59  # ';': old-style comment line, ignored
+        if in_comment:
+            continue
+        residues = chunk.translate(_UPPER, _WHITESPACE)
+        if not residues:
+            continue
+        if rec_id is None:
+            _raise_not_fasta(chunk, lineno)
+        if residues.translate(None, _ALLOWED):
+            stripped = _strip_terminal_star(chunk, residues, count, rec_id, rec_index, lineno)
+            if star_line:
+                _raise_inner_star(star_pos, rec_id, rec_index, star_line)
+            star_line, star_pos = lineno, count + len(residues)
+            residues = stripped
+        elif star_line:
+            _raise_inner_star(star_pos, rec_id, rec_index, star_line)
+        count += len(residues)
+        if count > max_residues:
+            raise FastaError(f"sequence longer than max_residues={max_residues}",
+                             record_id=rec_id, record_index=rec_index, line=rec_line)
+        parts.append(residues)
+    if rec_id is None:
+        raise FastaError("no FASTA records (the file is empty, blank or only comments)")
+    yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset, star_line)
+
+
+def _build_record(index: int, rec_id: str, parts: list[bytes], count: int, line: int,
+                  offset: int, star_line: int) -> FastaRecord:
+    """Apply the whole-record rules (empty, nucleotide) and build the record."""
+    if count == 0:
+        what = "only a '*'" if star_line else "no residues"
+        raise FastaError(f"empty sequence ({what})", record_id=rec_id, record_index=index, line=line)
+    sequence = parts[0] if len(parts) == 1 else b"".join(parts)
+    if count >= NUCLEOTIDE_MIN_LENGTH and not sequence.translate(None, _NUCLEOTIDES):
+        raise FastaError(
+            f"looks like a nucleotide sequence ({count} residues, all A/C/G/T/U/N); "
+            "translate it to protein first",
+            record_id=rec_id, record_index=index, line=line)
+    return FastaRecord(index, rec_id, sequence.decode("ascii"), line, offset)
+
+
+def _header_id(header: bytes, index: int, lineno: int) -> str:
+    """Check a header line and return its id (text after '>' up to the first whitespace)."""
+    if b"\0" in header:
+        raise FastaError(_BINARY, record_index=index, line=lineno)
+    if not header.isascii():
+        _decode_utf8(header, "header", index, lineno)
+    if b"\r" in header and b"\r" in header.rstrip(b"\r\n"):
+        # A lone CR is the classic Mac OS line end: the whole file would read as one header.
+        raise FastaError("bare carriage-return (\\r) line endings; convert the file to \\n or \\r\\n",
+                         record_index=index, line=lineno)
+    token = header.split(None, 1)[0]  # '>' and the id, or '>' alone when whitespace follows it
+    if len(token) == 1:
+        raise FastaError("empty record id: the header must have text right after '>'",
+                         record_index=index, line=lineno)
+    return token[1:].decode("utf-8")
+
+
+def _decode_utf8(data: bytes, what: str, index: int | None, lineno: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FastaError(
+            f"{what} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1}); "
+            "the file looks like Latin-1 or another legacy encoding: save it as UTF-8 or ASCII",
+            record_index=index, line=lineno) from None
+
+
+def _raise_not_fasta(line: bytes, lineno: int) -> NoReturn:
+    """Text before the first header: say why the file is not FASTA, binary and encoding first."""
+    if b"\0" in line:
+        raise FastaError(_BINARY, line=lineno)
+    text = _decode_utf8(line, "text", None, lineno).strip()
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    raise FastaError(f"not FASTA: expected a '>' header line, found {shown!r}", line=lineno)
+
+
+def _raise_inner_star(position: int, rec_id: str, index: int, lineno: int) -> NoReturn:
+    raise FastaError(f"'*' at position {position} is not at the end of the sequence "
+                     "(only one terminal stop '*' is allowed)",
+                     record_id=rec_id, record_index=index, line=lineno)
+
+
+def _strip_terminal_star(line: bytes, residues: bytes, count: int, rec_id: str, index: int,
+                         lineno: int) -> bytes:
+    """Slow path for a line with a byte outside the alphabet.
+
+    If the only such byte is a '*' at the end of the line, return ``residues`` without
+    it: a stop that may end the record (the caller checks that no residue follows).
+    Otherwise raise, naming the first offending character and its 1-based position in
+    the record (``count`` residues precede this line).
+    """
+    if residues.endswith(b"*") and not residues[:-1].translate(None, _ALLOWED):
+        return residues[:-1]
+    error = partial(FastaError, record_id=rec_id, record_index=index, line=lineno)
+    position = count
+    for i, byte in enumerate(line):
+        if byte in _WHITESPACE:
+            continue
+        position += 1
+        if _VALID[byte]:
+            continue
+        if byte == 0:
+            raise error(_BINARY)
+        if byte >= 0x80:
+            text = line[i:i + 4].decode("utf-8", errors="replace")
+            if text[0] == "\ufffd":
+                _decode_utf8(line, "sequence", index, lineno)  # raises, naming the byte
+            raise error(f"non-ASCII character {text[0]!r} (U+{ord(text[0]):04X}) at position "
+                        f"{position}; sequences must be ASCII")
+        char = chr(byte)
+        if char == "*":
+            _raise_inner_star(position, rec_id, index, lineno)
+        hint = " (alignment gap; remove gaps before embedding)" if char in "-." else ""
+        raise error(f"invalid residue {char!r} at position {position}{hint}")
+    raise AssertionError("a line with a disallowed byte has an offending character")
