@@ -1,0 +1,99 @@
+"""`vnpd embed` end to end: real files, the CLI in a subprocess, the HDF5 schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tests.conftest import random_sequences, write_fasta
+from tests.test_forward import fair_esm_means
+from vnpd import __version__
+from vnpd.embed import ProgressBar
+from vnpd.model import load_esm2
+from vnpd.publish import sha256_file
+
+
+def run_embed(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vnpd", "embed", *args],
+                          capture_output=True, text=True)
+
+
+def test_embed_schema_and_values_match_fair_esm(tmp_path: Path, wide_model: Path) -> None:
+    seqs = random_sequences([1, 2, 3, 1021, 1022, 1023, 1500, 80] * 3, seed=21)
+    src = write_fasta(tmp_path / "in.fasta", seqs)
+    out = tmp_path / "out" / "in.h5"
+    result = run_embed(str(src), "-o", str(out), "--model", str(wide_model), "--layer", "-2",
+                       "--max-tokens", "3000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # nothing on stdout the user did not ask for
+    with h5py.File(out, "r") as f:
+        assert f["embeddings"].dtype == np.float32 and f["embeddings"].shape == (24, 96)
+        assert f["lengths"].dtype == np.int32
+        assert f["lengths"][:].tolist() == [len(s) for s in seqs]
+        assert [s.decode() for s in f["ids"][:]] == [f"seq{i}" for i in range(24)]
+        attrs = dict(f.attrs)
+        emb = f["embeddings"][:]
+    assert attrs["layer"] == 2 and attrs["pooling"] == "mean" and attrs["truncation"] == 1022
+    assert attrs["dtype"] == "float32" and attrs["attention_backend"] == "exact"
+    assert attrs["source_name"] == "in.fasta" and attrs["source_sha256"] == sha256_file(src)
+    assert attrs["num_sequences"] == 24 and attrs["vnpd_version"] == __version__
+    assert attrs["model"] == str(wide_model) and attrs["created_utc"].endswith("Z")
+    model, alphabet = load_esm2(wide_model)
+    np.testing.assert_allclose(emb, fair_esm_means(model, alphabet, seqs, 2), atol=1e-5)
+    assert [p.name for p in out.parent.iterdir()] == ["in.h5"]  # no temp file left
+
+
+def test_embed_float16_output_and_bfloat16_compute(tmp_path: Path, tiny_model: Path) -> None:
+    src = write_fasta(tmp_path / "a.fa", random_sequences([10, 300, 40], seed=2))
+    out = tmp_path / "a.h5"
+    result = run_embed(str(src), "-o", str(out), "--model", str(tiny_model),
+                       "--dtype", "bfloat16", "--output-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert f["embeddings"].dtype == np.float16 and f.attrs["dtype"] == "bfloat16"
+
+
+def test_embed_bad_input_names_record_and_line_and_writes_nothing(tmp_path: Path,
+                                                                  tiny_model: Path) -> None:
+    src = tmp_path / "bad.fasta"
+    src.write_text(">ok\nMKV\n>bad one\nMKV\nMK#V\n")
+    out = tmp_path / "bad.h5"
+    result = run_embed(str(src), "-o", str(out), "--model", str(tiny_model))
+    assert result.returncode == 65
+    assert "bad" in result.stderr and "line 5" in result.stderr and "'#'" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
+    class Tty:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def flush(self) -> None:
+            pass
+
+    tty = Tty()
+    bar = ProgressBar(10, stream=tty)  # type: ignore[arg-type]
+    bar.update(5, 500)
+    bar.close()
+    assert "5/10 seq" in tty.text and "tok/s" in tty.text
+    with open(tmp_path / "log", "w") as f:
+        quiet = ProgressBar(10, stream=f)
+        quiet.update(5, 500)
+    assert (tmp_path / "log").read_text() == ""
+
+
+def test_python_dash_m_and_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "vnpd", "--version"], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == f"vnpd {__version__}"
