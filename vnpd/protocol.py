@@ -1,0 +1,95 @@
+"""The pipe protocol between the parent and each worker: every message that crosses it.
+
+Parent -> worker: :class:`WorkerSpec` (at spawn), :class:`BatchMsg`, :class:`PingMsg`,
+:class:`StopMsg`. Worker -> parent: :class:`ReadyMsg`, :class:`ResultMsg`,
+:class:`HeartbeatMsg`, :class:`ErrorMsg`. Both sides import this module and nothing else
+crosses the pipe. Arrays travel as numpy (pickled by ``multiprocessing.Connection``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start; passed as the spawn argument."""
+
+    worker_id: int
+    device: str              # "cpu" or "cuda:N" as configured (the worker sees only GPU N as cuda:0)
+    checkpoint: str
+    dtype: str
+    layer: int
+    truncation: int
+    max_tokens: int          # 0 = size from free device memory
+    heartbeat_interval_s: float
+    log_format: str
+    log_level: str
+    threads: int = 0         # CPU threads for torch (0 = leave torch's default)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchMsg:
+    batch_id: int
+    tokens: np.ndarray       # (T,) int64
+    cu_seqlens: np.ndarray   # (n+1,) int32
+    max_len: int
+    ids: tuple[str, ...] = ()  # record ids, for logs and the test-only fault hook
+
+
+@dataclass(frozen=True)
+class PingMsg:
+    sent: float              # parent's monotonic clock; echoed in the next heartbeat
+
+
+@dataclass(frozen=True)
+class StopMsg:
+    """Finish the batches already received, then exit 0."""
+
+
+@dataclass(frozen=True)
+class ReadyMsg:
+    pid: int
+    device: str
+    embed_dim: int
+    layer: int
+    attention_backend: str
+    max_tokens: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class ResultMsg:
+    batch_id: int
+    embeddings: np.ndarray   # (n, D) float32, row i = i-th sequence of the batch
+    started: float           # worker wall clock (time.time) when the batch was launched
+    finished: float
+
+
+@dataclass(frozen=True)
+class HeartbeatMsg:
+    pid: int
+    sent: float              # worker wall clock
+    batches_done: int
+    busy_batch: int | None   # the batch the device is working on, if any
+    busy_since: float | None  # wall clock when that batch was launched
+    ping_echo: float | None = None
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    """A failure. ``kind``: "oom" (batch too large: split it, worker stays up),
+    "batch" (this batch failed, worker stays up), "fatal" (the worker is exiting: load
+    failure or a sticky CUDA error that poisons the context)."""
+
+    kind: str
+    message: str
+    batch_id: int | None = None
+    traceback: str = ""
+
+
+ToWorker = BatchMsg | PingMsg | StopMsg
+FromWorker = ReadyMsg | ResultMsg | HeartbeatMsg | ErrorMsg

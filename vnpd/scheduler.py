@@ -1,0 +1,292 @@
+"""Jobs in progress: read windows of sequences, pack them, hand out batches, take results.
+
+Each active job reads its file in windows (bounded host memory whatever the file size),
+packs each window by token budget, journals the batches (positions, not ids), and queues
+them. :meth:`Scheduler.take_batch` serves jobs round-robin, so a one-sequence file gets
+the next free slot instead of waiting behind a million-sequence file.
+
+Failures: a batch that OOMs is split in two (the device's budget was already lowered by
+the supervisor); a batch whose worker died with it counts an attempt in the journal, and
+after two attempts is split, down to single sequences; a single sequence that still
+fails is quarantined (``on_poison = "quarantine"``) or fails its job (``"fail"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from vnpd.fasta import FastaRecord, iter_fasta_from
+from vnpd.index import FileIndex
+from vnpd.journal import Journal
+from vnpd.packing import build_batch, pack_batches, tokens_for
+from vnpd.protocol import BatchMsg
+from vnpd.publish import PartialOutput
+from vnpd.supervisor import Dispatch
+
+log = structlog.get_logger()
+
+POISON_ATTEMPTS = 2          # a batch whose worker died this often is split
+WINDOW_BATCHES = 8           # read a new window when fewer batches than this are queued
+WINDOW_MAX_RECORDS = 200_000
+
+
+@dataclass
+class QueuedBatch:
+    batch_no: int
+    positions: np.ndarray
+    tokens: int
+    msg_parts: tuple[np.ndarray, np.ndarray, int, tuple[str, ...]] | None = None
+
+
+@dataclass
+class ActiveJob:
+    """A job being computed: its index, partial output and batch queue."""
+
+    job_id: int
+    name: str
+    source: Path
+    index: FileIndex
+    partial: PartialOutput
+    next_position: int
+    total_tokens: int
+    queue: deque[QueuedBatch] = field(default_factory=deque)
+    inflight: set[int] = field(default_factory=set)
+    unflushed: list[int] = field(default_factory=list)  # rows written, not yet journaled
+    done_sequences: int = 0
+    done_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    failed: str | None = None
+
+    @property
+    def num_records(self) -> int:
+        return self.index.num_records
+
+    def finished(self) -> bool:
+        return (not self.queue and not self.inflight and not self.unflushed
+                and self.next_position >= self.index.num_records)
+
+
+class Scheduler:
+    """Round-robin batch source over active jobs; the supervisor's event sink."""
+
+    def __init__(self, journal: Journal, *, truncation: int, max_tokens: int,
+                 on_poison: str, on_job_complete: Callable[[ActiveJob], None],
+                 metrics: Any = None) -> None:
+        self.journal = journal
+        self.truncation = truncation
+        self.max_tokens = max_tokens
+        self.on_poison = on_poison
+        self.on_job_complete = on_job_complete
+        self.metrics = metrics
+        self.jobs: dict[int, ActiveJob] = {}
+        self._rr: deque[int] = deque()
+        self._batch_ids = itertools.count(1)
+
+    # Jobs ---------------------------------------------------------------------------
+    def add_job(self, job: ActiveJob) -> None:
+        """Start serving a job; its journaled unfinished batches are queued first."""
+        for row in self.journal.pending_batches(job.job_id):
+            job.queue.append(QueuedBatch(row.batch_no, row.positions, row.tokens))
+        job.done_sequences, job.done_tokens = self.journal.progress(job.job_id)
+        job.done_sequences += len(self.journal.quarantined(job.job_id))
+        self.jobs[job.job_id] = job
+        self._rr.append(job.job_id)
+        log.info("job_started", job=job.job_id, file=job.name, sequences=job.num_records,
+                 tokens=job.total_tokens, resumed_sequences=job.done_sequences,
+                 queued_batches=len(job.queue))
+        self._check_complete(job)
+
+    def remove_job(self, job_id: int) -> ActiveJob | None:
+        job = self.jobs.pop(job_id, None)
+        if job_id in self._rr:
+            self._rr.remove(job_id)
+        return job
+
+    def queued_sequences(self) -> int:
+        return sum(j.num_records - j.done_sequences for j in self.jobs.values())
+
+    # Batch source -------------------------------------------------------------------
+    def take_batch(self, max_tokens: int) -> Dispatch | None:
+        for _ in range(len(self._rr)):
+            job_id = self._rr[0]
+            self._rr.rotate(-1)
+            job = self.jobs[job_id]
+            if job.failed:
+                continue
+            if len(job.queue) < WINDOW_BATCHES:
+                self._read_window(job)
+            if job.queue:
+                queued = job.queue.popleft()
+                if queued.tokens > max_tokens and len(queued.positions) > 1:
+                    # This device's budget is lower (it ran out of memory): split first.
+                    self._split(job, queued, "over device budget")
+                    queued = job.queue.popleft()
+                return self._dispatch(job, queued)
+        return None
+
+    def _read_window(self, job: ActiveJob) -> None:
+        if job.next_position >= job.num_records:
+            return
+        start = job.next_position
+        target = WINDOW_BATCHES * self.max_tokens
+        records: list[FastaRecord] = []
+        tokens = 0
+        for record in iter_fasta_from(job.source, int(job.index.offsets[start]), start):
+            records.append(record)
+            tokens += min(len(record.sequence), self.truncation) + 2
+            if tokens >= target or len(records) >= WINDOW_MAX_RECORDS:
+                break
+        stop = start + len(records)
+        lengths = np.asarray(job.index.lengths[start:stop])
+        job.partial.write_ids_lengths(start, [r.id for r in records], lengths)
+        plan = pack_batches(lengths, self.max_tokens, self.truncation)
+        cost = tokens_for(lengths, self.truncation)
+        numbers = self.journal.add_batches(
+            job.job_id, [(local + start, int(cost[local].sum())) for local in plan], stop)
+        for no, local in zip(numbers, plan):
+            batch = build_batch(local + start, [records[i].sequence for i in local],
+                                self.truncation)
+            job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens,
+                                         (batch.tokens, batch.cu_seqlens, batch.max_len,
+                                          tuple(records[i].id for i in local))))
+        job.next_position = stop
+
+    def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
+        if queued.msg_parts is None:
+            queued.msg_parts = self._load_parts(job, queued.positions)
+        tokens, cu, max_len, ids = queued.msg_parts
+        msg = BatchMsg(next(self._batch_ids), tokens, cu, max_len, ids)
+        job.inflight.add(queued.batch_no)
+        return Dispatch((job.job_id, queued), msg, queued.tokens)
+
+    def _load_parts(self, job: ActiveJob, positions: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
+        """Re-read the records of a journaled batch (after a restart or a split)."""
+        lo, hi = int(positions.min()), int(positions.max())
+        wanted = set(positions.tolist())
+        found: dict[int, FastaRecord] = {}
+        for record in iter_fasta_from(job.source, int(job.index.offsets[lo]), lo):
+            if record.index in wanted:
+                found[record.index] = record
+            if record.index >= hi:
+                break
+        batch = build_batch(positions, [found[int(p)].sequence for p in positions],
+                            self.truncation)
+        return batch.tokens, batch.cu_seqlens, batch.max_len, \
+            tuple(found[int(p)].id for p in positions)
+
+    # Worker events ------------------------------------------------------------------
+    def batch_done(self, dispatch: Dispatch, rows: np.ndarray, device: str,
+                   seconds: float) -> None:
+        job_id, queued = dispatch.key
+        job = self.jobs.get(job_id)
+        if job is None or queued.batch_no not in job.inflight:
+            return  # job failed meanwhile, or a duplicate result: never written twice
+        job.partial.write_rows(queued.positions, rows)
+        job.inflight.discard(queued.batch_no)
+        job.unflushed.append(queued.batch_no)
+        job.done_sequences += len(queued.positions)
+        job.done_tokens += queued.tokens
+        if self.metrics is not None:
+            self.metrics.sequences_total.inc(len(queued.positions))
+            self.metrics.tokens_total.inc(queued.tokens)
+        log.debug("batch_done", job=job_id, batch=queued.batch_no, device=device,
+                  sequences=len(queued.positions), tokens=queued.tokens,
+                  seconds=round(seconds, 3))
+
+    def commit(self) -> None:
+        """Make written rows durable, then journal their batches as done.
+
+        Called about once a second rather than per batch: an fsync per batch would cost
+        more than the batch on small models. A crash loses at most the uncommitted
+        batches, which are then recomputed; rows are never marked done before they are
+        on disk.
+        """
+        for job in list(self.jobs.values()):
+            if not job.unflushed:
+                continue
+            job.partial.flush()
+            self.journal.mark_done(job.job_id, job.unflushed)
+            job.unflushed.clear()
+            self._check_complete(job)
+
+    def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None:
+        job_id, queued = dispatch.key
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.inflight.discard(queued.batch_no)
+        attempts = self.journal.count_attempt(job_id, queued.batch_no)
+        if kind == "oom" and len(queued.positions) > 1:
+            self._split(job, queued, "out of memory", front=True)
+        else:
+            self._retry_or_split(job, queued, attempts, f"{kind}: {message}")
+
+    def batches_lost(self, dispatches: list[Dispatch], reason: str) -> None:
+        for dispatch in dispatches:
+            job_id, queued = dispatch.key
+            job = self.jobs.get(job_id)
+            if job is None or queued.batch_no not in job.inflight:
+                continue
+            job.inflight.discard(queued.batch_no)
+            if reason == "shutdown":
+                job.queue.appendleft(queued)  # journaled as not done: resumes on restart
+                continue
+            attempts = self.journal.count_attempt(job_id, queued.batch_no)
+            self._retry_or_split(job, queued, attempts, reason)
+
+    def _retry_or_split(self, job: ActiveJob, queued: QueuedBatch, attempts: int,
+                        reason: str) -> None:
+        if attempts < POISON_ATTEMPTS:
+            job.queue.appendleft(queued)
+        elif len(queued.positions) > 1:
+            self._split(job, queued, reason, front=True)
+        else:
+            self._poisoned(job, queued, reason)
+
+    def _split(self, job: ActiveJob, queued: QueuedBatch, reason: str, *,
+               front: bool = True) -> None:
+        half = len(queued.positions) // 2
+        parts = [queued.positions[:half], queued.positions[half:]]
+        lengths = job.index.lengths
+        numbers = self.journal.split_batch(
+            job.job_id, queued.batch_no,
+            [(p, int(tokens_for(np.asarray(lengths[p]), self.truncation).sum())) for p in parts])
+        log.warning("batch_split", job=job.job_id, batch=queued.batch_no, into=numbers,
+                    sequences=len(queued.positions), reason=reason)
+        new = [QueuedBatch(no, p, int(tokens_for(np.asarray(lengths[p]),
+                                                  self.truncation).sum()))
+               for no, p in zip(numbers, parts)]
+        if front:
+            job.queue.extendleft(reversed(new))
+        else:
+            job.queue.extend(new)
+
+    def _poisoned(self, job: ActiveJob, queued: QueuedBatch, reason: str) -> None:
+        position = int(queued.positions[0])
+        record_id = queued.msg_parts[3][0] if queued.msg_parts else str(position)
+        log.error("sequence_poisoned", job=job.job_id, position=position, record=record_id,
+                  reason=reason, policy=self.on_poison)
+        if self.metrics is not None:
+            self.metrics.quarantined_sequences_total.inc()
+        if self.on_poison == "fail":
+            job.failed = (f"record {record_id!r} (position {position}) repeatedly killed its "
+                          f"worker ({reason}); on_poison = \"fail\"")
+            self.on_job_complete(job)
+            return
+        self.journal.quarantine(job.job_id, queued.batch_no, position, f"{record_id}: {reason}")
+        job.done_sequences += 1
+        self._check_complete(job)
+
+    def _check_complete(self, job: ActiveJob) -> None:
+        if job.finished():
+            self.on_job_complete(job)
