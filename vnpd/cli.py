@@ -156,6 +156,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from vnpd.config import ConfigError, load_config
     from vnpd.inbox import submit_files
 
+    configure_logging("auto", "warning", stream=sys.stderr)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

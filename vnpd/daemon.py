@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,10 @@ class Daemon:
 
     def _healthy(self) -> bool:
         """Watchdog condition: a worker with a fresh heartbeat and no stalled job."""
-        if not self.supervisor.healthy():
+        # Fresh = a few heartbeat intervals: a wedged worker stops the watchdog pings well
+        # before the supervisor's kill timeout, so systemd sees the trouble too.
+        w = self.cfg.workers
+        if not self.supervisor.healthy(min(w.heartbeat_timeout_s, 5 * w.heartbeat_interval_s)):
             return False
         busy = any(job.inflight for job in self.scheduler.jobs.values())
         return not busy or time.monotonic() - self.last_progress < STALL_TIMEOUT_S
@@ -254,11 +258,18 @@ class Daemon:
         name = candidate.path.name
         job_id = self.journal.next_job_id()
         try:
-            claimed = claim_file(candidate, self.claimed_dir, f"{job_id:08d}-{name}")
+            # The random part keeps the name unique even if a crash left a claimed file
+            # whose id the journal hands out again.
+            claimed = claim_file(candidate, self.claimed_dir,
+                                 f"{job_id:08d}.{uuid.uuid4().hex[:8]}-{name}")
         except ClaimError as exc:
-            log.warning("claim_failed", file=name, reason=exc.reason)
+            log.warning("claim_failed", file=name, reason=exc.reason, detail=exc.detail)
             self.settle.forget(candidate.path)
-            return
+            if exc.kept is None:
+                return
+            # Another file was renamed over the settled one during the claim; it arrived
+            # by rename, so under the writer contract it is complete: take it as it is.
+            claimed = exc.kept
         self.settle.forget(candidate.path)
         job_id = self.journal.add_job(name, claimed)
         log.info("job_claimed", job=job_id, file=name, bytes=candidate.size)

@@ -83,3 +83,24 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.captureWarnings(True)
+    route_library_loggers()
+
+
+# Libraries that install their own handler and stop propagation at import time.
+_SELF_HANDLING = ("torch", "torch._dynamo", "torch._inductor", "torch.distributed")
+
+
+def route_library_loggers() -> None:
+    """Send torch's loggers through the root (our chain) instead of torch's own handler.
+
+    torch configures its loggers when it is imported, so call this again after importing it.
+    """
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    for name in _SELF_HANDLING:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

@@ -131,10 +131,14 @@ class Supervisor:
     def all_degraded(self) -> bool:
         return all(h.state == "degraded" for h in self.workers)
 
-    def healthy(self) -> bool:
-        """At least one ready worker with a fresh heartbeat."""
+    def healthy(self, fresh_s: float) -> bool:
+        """A ready worker whose last message is younger than ``fresh_s``, or one being
+        (re)started: reloading a model after a crash is recovery, not a hang. Ready
+        workers that all went silent (wedged) make this False."""
         now = time.monotonic()
-        return any(h.state == "ready" and now - h.last_heartbeat < self.heartbeat_timeout_s
+        return any((h.state == "ready" and now - h.last_heartbeat < fresh_s)
+                   or (h.state == "starting" and now - h.started_at < START_TIMEOUT_S)
+                   or h.state == "dead"
                    for h in self.workers)
 
     async def stop(self, timeout_s: float) -> None:
@@ -146,6 +150,13 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(
                 h.process is not None and h.process.is_alive() for h in self.workers):
+            for h in self.workers:
+                # A worker that stopped answering will not drain: don't wait for it.
+                if h.process is not None and h.process.is_alive() and h.kill_deadline is None \
+                        and time.monotonic() - h.last_heartbeat > self.heartbeat_timeout_s:
+                    self.kill(h, "unresponsive_at_shutdown")
+                if h.kill_deadline is not None and time.monotonic() >= h.kill_deadline:
+                    h.process.kill()
             await asyncio.sleep(0.1)
         for h in self.workers:
             if h.process is not None and h.process.is_alive():

@@ -107,6 +107,9 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         import torch
 
         from vnpd.engine import Engine
+        from vnpd.log import route_library_loggers
+
+        route_library_loggers()
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
