@@ -61,6 +61,7 @@ for _ in $(seq 1 1200); do
   sleep 0.25
 done
 
+sleep 1.5  # the daemon rewrites its status snapshot every second
 echo "== vnpd status"
 vnpd status --config "$RUN/config.toml"
 echo "== published outputs"
@@ -77,11 +78,14 @@ PY
 echo "== refused input (failed/)"
 cat "$RUN/failed/not-a-protein.fasta.error.json"
 echo "== per-job summaries"
-grep '"event": "job_published"' "$RUN/daemon.log" | python -c '
+python - "$RUN/daemon.log" <<'PY'
 import json, sys
-for line in sys.stdin:
+for line in open(sys.argv[1]):
     e = json.loads(line)
-    print(f"{e[\"file\"]}: {e[\"sequences\"]} sequences, {e[\"tokens\"]} tokens, {e[\"seconds\"]} s, {e[\"tokens_per_s\"]} tok/s")'
+    if e.get("event") == "job_published":
+        print(f"{e['file']}: {e['sequences']} sequences, {e['tokens']} tokens, "
+              f"{e['seconds']} s, {e['tokens_per_s']} tok/s")
+PY
 echo "== stopping (SIGTERM)"
 kill -TERM $DAEMON
 code=0
