@@ -103,3 +103,22 @@ def test_half_precision_on_cpu_stays_close(tiny_model: Path, dtype: torch.dtype)
     want = fair_esm_means(reference, alphabet, seqs, 2)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.999
+
+
+@pytest.mark.parametrize("mode", ["ops", "layer"])
+def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch.compile paths used on GPUs compute the same function (inductor on CPU)."""
+    monkeypatch.setenv("VNPD_COMPILE_MODE", mode)
+    reference, alphabet = load_esm2(tiny_model)
+    ours, _ = load_esm2(tiny_model)
+    packed = PackedESM2(ours, select_attention(torch.device("cpu"), torch.float32),
+                        compile_kernels=True)
+    assert packed.compile_mode == mode
+    seqs = random_sequences([1, 30, 1100, 7], seed=13)
+    for n_seqs in (len(seqs), 2):  # two token counts: the compiled code is shape-dynamic
+        b = build_batch(np.arange(n_seqs), seqs[:n_seqs])
+        got = packed.embed(torch.from_numpy(b.tokens), torch.from_numpy(b.cu_seqlens),
+                           b.max_len, 2).numpy()
+        want = fair_esm_means(reference, alphabet, seqs[:n_seqs], 2)
+        assert np.abs(got - want).max() <= 1e-5

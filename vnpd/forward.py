@@ -82,6 +82,33 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="none")
 
 
+def transformer_layer(x: torch.Tensor, h: torch.Tensor, w: tuple[torch.Tensor, ...],
+                      eps: tuple[float, float], cos: torch.Tensor, sin: torch.Tensor,
+                      cu_seqlens: torch.Tensor, max_len: int, heads: int, scaling: float,
+                      attend: Callable[..., torch.Tensor],
+                      split: Callable[..., tuple[torch.Tensor, ...]] = split_qkv_rotary,
+                      add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_layer_norm,
+                      act: Callable[[torch.Tensor], torch.Tensor] = gelu,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ESM-2 layer on packed tokens, fair-esm's TransformerLayer.forward step by step.
+
+    ``h`` is this layer's self_attn_layer_norm(x); returns (x', LN_next(x')) where LN_next
+    is the next layer's self_attn_layer_norm (or emb_layer_norm_after after the last).
+    ``w`` = (qkv_w, qkv_b, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b,
+    next_w, next_b); ``eps`` = (final_layer_norm eps, next norm eps).
+    """
+    qkv_w, qkv_b, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b = w
+    total = x.shape[0]
+    q, k, v = split(F.linear(h, qkv_w, qkv_b), cos, sin, heads, scaling)
+    o = attend(q, k, v, cu_seqlens, max_len).reshape(total, -1)
+    x, h = add_norm(x, F.linear(o, out_w, out_b), ln_w, ln_b, eps[0])
+    f = F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return add_norm(x, f, next_w, next_b, eps[1])
+
+
+COMPILE_MODES = ("ops", "layer", "layer-autotune")
+
+
 class PackedESM2:
     """Packed (varlen) inference over a fair-esm ``ESM2`` module, sharing its weights."""
 
@@ -100,15 +127,33 @@ class PackedESM2:
         if compile_kernels is None:
             compile_kernels = device.type == "cuda" and os.environ.get("VNPD_COMPILE", "1") != "0"
         self.compiled = compile_kernels
-        self._split_qkv_rotary: Callable[..., tuple[torch.Tensor, ...]] = split_qkv_rotary
-        self._add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_layer_norm
-        self._gelu: Callable[[torch.Tensor], torch.Tensor] = gelu
-        if compile_kernels:
-            # Fuse the elementwise work between GEMMs (rotary, residual+LN, GELU): one
-            # pass over memory each instead of several. dynamic=True: T varies by batch.
-            self._split_qkv_rotary = torch.compile(split_qkv_rotary, dynamic=True)
-            self._add_layer_norm = torch.compile(add_layer_norm, dynamic=True)
-            self._gelu = torch.compile(gelu, dynamic=True)
+        # "ops" compiles the elementwise work between GEMMs (rotary+split, residual+LN,
+        # GELU) into one pass each; "layer" compiles the whole layer (GEMMs as cuBLAS
+        # calls); "layer-autotune" also lets inductor pick Triton GEMMs with fused
+        # epilogues. dynamic=True: the token count T varies by batch.
+        self.compile_mode = os.environ.get("VNPD_COMPILE_MODE", "ops") if compile_kernels else ""
+        if self.compile_mode and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"VNPD_COMPILE_MODE must be one of {COMPILE_MODES}")
+        self._layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = transformer_layer
+        self._pieces: dict[str, Callable[..., object]] = {}
+        if self.compile_mode == "ops":
+            self._pieces = {"split": torch.compile(split_qkv_rotary, dynamic=True),
+                            "add_norm": torch.compile(add_layer_norm, dynamic=True),
+                            "act": torch.compile(gelu, dynamic=True)}
+        elif self.compile_mode:
+            mode = "max-autotune-no-cudagraphs" if self.compile_mode == "layer-autotune" else None
+            self._layer = torch.compile(transformer_layer, dynamic=True, mode=mode)
+        self._weights = [self._layer_weights(i) for i in range(self.num_layers)]
+
+    def _layer_weights(self, i: int) -> tuple[tuple[torch.Tensor, ...], tuple[float, float]]:
+        block = self.model.layers[i]
+        nxt = (self.model.layers[i + 1].self_attn_layer_norm if i + 1 < self.num_layers
+               else self.model.emb_layer_norm_after)
+        fin = block.final_layer_norm
+        return ((self.qkv_weight[i], self.qkv_bias[i], block.self_attn.out_proj.weight,
+                 block.self_attn.out_proj.bias, fin.weight, fin.bias, block.fc1.weight,
+                 block.fc1.bias, block.fc2.weight, block.fc2.bias, nxt.weight, nxt.bias),
+                (fin.eps, nxt.eps))
 
     def _fuse_qkv(self) -> None:
         for layer in self.model.layers:
@@ -152,23 +197,12 @@ class PackedESM2:
         if layer == 0:
             return x
 
-        layers = model.layers
-        first = layers[0].self_attn_layer_norm
+        first = model.layers[0].self_attn_layer_norm
         h = F.layer_norm(x, first.normalized_shape, first.weight, first.bias, first.eps)
         for i in range(layer):
-            block = layers[i]
-            attn = block.self_attn
-            # Attention: h is already self_attn_layer_norm(x).
-            qkv = F.linear(h, self.qkv_weight[i], self.qkv_bias[i])
-            q, k, v = self._split_qkv_rotary(qkv, cos, sin, self.heads, self.scaling)
-            o = self.attention.attend(q, k, v, cu_seqlens, max_len).reshape(total, -1)
-            norm = block.final_layer_norm
-            x, h = self._add_layer_norm(x, attn.out_proj(o), norm.weight, norm.bias, norm.eps)
-            # Feed-forward: h is final_layer_norm(x).
-            f = block.fc2(self._gelu(block.fc1(h)))
-            next_norm = (layers[i + 1].self_attn_layer_norm if i + 1 < self.num_layers
-                         else model.emb_layer_norm_after)
-            x, h = self._add_layer_norm(x, f, next_norm.weight, next_norm.bias, next_norm.eps)
+            weights, eps = self._weights[i]
+            x, h = self._layer(x, h, weights, eps, cos, sin, cu_seqlens, max_len, self.heads,
+                               self.scaling, self.attention.attend, **self._pieces)
         # After the last layer fair-esm applies emb_layer_norm_after; intermediate layers raw.
         return h if layer == self.num_layers else x
 
