@@ -122,3 +122,14 @@ def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path,
                            b.max_len, 2).numpy()
         want = fair_esm_means(reference, alphabet, seqs[:n_seqs], 2)
         assert np.abs(got - want).max() <= 1e-5
+
+
+def test_attention_backend_choice() -> None:
+    cpu = select_attention(torch.device("cpu"), torch.bfloat16)
+    assert cpu.name == "exact"  # the fast kernels are CUDA fp16/bf16 only
+    with pytest.raises(RuntimeError):
+        select_attention(torch.device("cpu"), torch.float32, prefer="torch_varlen")
+    from vnpd.attention import _torch_varlen_backend
+
+    backend = _torch_varlen_backend()  # this torch has the module; its signature is read
+    assert backend is not None and backend.name == "torch_varlen"
