@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -19,6 +22,7 @@ from structlog.testing import capture_logs
 
 from vnpd.inbox import (
     IGNORED_SUFFIXES,
+    MAX_NAME_BYTES,
     Candidate,
     ClaimError,
     InboxWatcher,
@@ -29,6 +33,7 @@ from vnpd.inbox import (
     submit_files,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 FASTA = b">s1 test\nMKTAYIAKQR\n>s2\nACDEFGHIK\n"
 
 
@@ -146,6 +151,50 @@ def test_scan_logs_each_skip_once_while_present(tmp_path: Path) -> None:
         (tmp_path / "d").mkdir()
         scan_inbox(tmp_path)
     assert [e["file"] for e in logs if e["event"] == "inbox_skip"] == ["d", "d"]
+
+
+def test_scan_skips_names_the_daemon_cannot_carry(tmp_path: Path) -> None:
+    """Undecodable bytes would crash the journal and the HDF5 attrs; long names overflow
+    NAME_MAX once the daemon adds its prefix or '.error.json'."""
+    _write(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.fasta")))
+    _write(tmp_path / ("n" * (MAX_NAME_BYTES - 6) + ".fasta"))  # exactly the limit: taken
+    _write(tmp_path / ("n" * (MAX_NAME_BYTES - 5) + ".fasta"))
+    _write(tmp_path / ("蛋" * (MAX_NAME_BYTES // 3 + 1)))  # 67 characters, 201 bytes
+    with capture_logs() as logs:
+        found = scan_inbox(tmp_path)
+        scan_inbox(tmp_path)
+    assert [c.path.name for c in found] == ["n" * (MAX_NAME_BYTES - 6) + ".fasta"]
+    skipped = {e["file"]: e["reason"] for e in logs if e["event"] == "inbox_skip"}
+    assert len(skipped) == 3, "each skipped once"
+    assert skipped["caf\\xe9.fasta"] == "file name is not valid UTF-8; rename it"
+    assert skipped["蛋" * (MAX_NAME_BYTES // 3 + 1)] == \
+        f"file name longer than {MAX_NAME_BYTES} bytes; rename it"
+
+
+def test_scan_skips_a_file_the_daemon_cannot_read() -> None:
+    """The daemon runs as its own user; a file saved with umask 077 by another user must
+    wait in the inbox (claimed, it could only fail). As root, the scan runs as nobody."""
+    inbox = Path(tempfile.mkdtemp(prefix="vnpd-unreadable-", dir="/tmp"))
+    try:
+        inbox.chmod(0o777)
+        _write(inbox / "open.fasta").chmod(0o644)
+        _write(inbox / "private.fasta").chmod(0o600)
+        script = ("import json, sys; from pathlib import Path; "
+                  "from structlog.testing import capture_logs; from vnpd.inbox import scan_inbox\n"
+                  "with capture_logs() as logs: found = scan_inbox(Path(sys.argv[1]))\n"
+                  "print(json.dumps([[c.path.name for c in found], logs]))")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+            if os.geteuid() == 0 else []
+        if as_nobody and shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot drop read permission")
+        out = subprocess.run([*as_nobody, sys.executable, "-c", script, str(inbox)],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+        found, logs = json.loads(out.stdout.strip().splitlines()[-1])
+        assert found == ["open.fasta"]
+        assert [(e["file"], e["reason"]) for e in logs if e["event"] == "inbox_skip"] == [
+            ("private.fasta", "not readable by the daemon (permission denied); make it readable")]
+    finally:
+        shutil.rmtree(inbox)
 
 
 def test_scan_sorts_by_mtime_then_name(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Writer contract (docs/INBOX.md): write the file elsewhere, or under a hidden nam
 ending in ``.part``/``.tmp``, then rename it into place; ``vnpd submit`` does exactly this.
 The daemon only takes regular files whose size, mtime and inode have not changed for
 ``settle_s``. Symlinks are never followed (nothing outside the inbox is read), FIFOs are
-never opened, directories are skipped.
+never opened, directories are skipped, and so are names the daemon could not carry
+through (not UTF-8, too long) and files it may not read.
 
 The watchdog observer only *wakes* the daemon; a scan of the directory is the truth,
 because file-system events can be lost (queue overflow, network filesystems).
@@ -35,6 +36,10 @@ from vnpd.publish import fsync_dir, unique_destination
 log = structlog.get_logger()
 
 IGNORED_SUFFIXES = (".part", ".tmp")
+MAX_NAME_BYTES = 200
+"""Longest inbox name taken (UTF-8 bytes). The daemon derives longer names from it: the
+claimed ``<job id>.<random>-<name>`` (+18) and ``failed/<name>.error.json`` (+11), and a
+file name may have at most 255 bytes (NAME_MAX)."""
 _COPY_CHUNK = 1 << 20
 # Reads of a file cannot change what a scan finds; waking on them would let any reader
 # (a backup, a user's `less`) spin the daemon's intake loop.
@@ -83,6 +88,29 @@ class ClaimError(Exception):
 _skipped: dict[tuple[str, str], str] = {}
 
 
+def name_problem(name: str) -> str | None:
+    """Why a candidate name cannot be taken by the daemon, or None if it can.
+
+    The name becomes a journal text, a log field, an HDF5 attribute (``source_name``)
+    and the base of longer file names, so it must be valid UTF-8 and short enough.
+
+    >>> [name_problem(n) for n in ("a b.fasta", "x" * 201)]
+    [None, 'file name longer than 200 bytes; rename it']
+    """
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
+        return "file name is not valid UTF-8; rename it"
+    if size > MAX_NAME_BYTES:
+        return f"file name longer than {MAX_NAME_BYTES} bytes; rename it"
+    return None
+
+
+def printable_name(name: str) -> str:
+    """``name`` for logs and messages: undecodable bytes shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
 def _skip_type(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
@@ -99,9 +127,11 @@ def scan_inbox(inbox: Path) -> list[Candidate]:
     """The claimable regular files directly in ``inbox``, sorted by (mtime_ns, name).
 
     Uses ``lstat`` only: a symlink is skipped, never followed; a FIFO is skipped and never
-    opened; directories, sockets and devices are skipped. Each skipped name is logged once
-    (``inbox_skip``) while it stays there. Entries that vanish mid-scan are left out. A
-    missing inbox yields ``[]`` and an ``inbox_missing`` warning; other OSErrors propagate.
+    opened; directories, sockets and devices are skipped; so are names that are not UTF-8
+    or too long (``name_problem``), and files the daemon may not read. Each skipped name
+    is logged once (``inbox_skip``) while it stays there. Entries that vanish mid-scan are
+    left out. A missing inbox yields ``[]`` and an ``inbox_missing`` warning; other
+    OSErrors propagate.
     """
     try:
         entries = list(os.scandir(inbox))
@@ -117,7 +147,10 @@ def scan_inbox(inbox: Path) -> list[Candidate]:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue  # removed or claimed between listing and lstat
-        why = _skip_type(st.st_mode)
+        why = _skip_type(st.st_mode) or name_problem(entry.name)
+        if why is None and not os.access(entry.path, os.R_OK):
+            # Claimed, it could only fail; left here, it is taken once its owner fixes it.
+            why = "not readable by the daemon (permission denied); make it readable"
         if why is None:
             out.append(Candidate(Path(entry.path), st.st_size, st.st_mtime_ns, st.st_ino,
                                  st.st_dev))
@@ -126,7 +159,7 @@ def scan_inbox(inbox: Path) -> list[Candidate]:
         key = (str(inbox), entry.name)
         if _skipped.get(key) != why:
             _skipped[key] = why
-            log.info("inbox_skip", file=entry.name, reason=why)
+            log.info("inbox_skip", file=printable_name(entry.name), reason=why)
     for key in [k for k in _skipped if k[0] == str(inbox) and k[1] not in skipped_now]:
         del _skipped[key]  # gone: log again if the name comes back
     out.sort(key=lambda c: (c.mtime_ns, c.path.name))
