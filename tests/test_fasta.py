@@ -105,6 +105,20 @@ def test_utf8_bom_is_skipped(tmp_path: Path) -> None:
     assert read_record_at(tmp_path / "in.fasta", 3).sequence == "MKV"
 
 
+def test_utf8_bom_at_a_line_start_is_skipped_for_concatenated_files(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    content = bom + b">a\nMKV\n" + bom + b">b\nLAA\n" + bom + b"GIV\n" + bom + b"\n"  # `cat` of BOM files
+    records = parse(write(tmp_path, content))
+    assert [(r.id, r.sequence, r.line) for r in records] == [("a", "MKV", 1), ("b", "LAAGIV", 3)]
+    assert [content[r.offset:r.offset + 1] for r in records] == [b">", b">"]
+    assert read_record_at(tmp_path / "in.fasta", records[1].offset).sequence == "LAAGIV"
+
+
+def test_utf8_bom_inside_a_line_is_an_error(tmp_path: Path) -> None:
+    err = parse_error(write(tmp_path, ">a\nMK\ufeffV\n"))
+    assert err.reason.startswith("non-ASCII character '\\ufeff' (U+FEFF) at position 3")
+
+
 def test_last_line_without_newline(tmp_path: Path) -> None:
     assert parse(write(tmp_path, ">a\nMKV\n>b\nLAA"))[1].sequence == "LAA"
 
@@ -199,10 +213,21 @@ def test_sequence_before_first_header_is_not_fasta(tmp_path: Path) -> None:
     assert err.reason.startswith("not FASTA") and err.line == 1
 
 
+@pytest.mark.parametrize(("text", "hint"), [
+    ("@read1\nACGT\n+\nIIII\n", "this looks like FASTQ"),
+    ("LOCUS       NC_001 5386 bp DNA\n", "this looks like GenBank"),
+    ("ID   HBA_HUMAN Reviewed; 142 AA.\n", "this looks like EMBL or UniProt text"),
+])
+def test_formats_mistaken_for_fasta_are_named(tmp_path: Path, text: str, hint: str) -> None:
+    err = parse_error(write(tmp_path, text))
+    assert err.reason.startswith("not FASTA: expected a '>' header line, found ")
+    assert f"({hint}" in err.reason and err.line == 1
+
+
 @pytest.mark.parametrize(("content", "line"), [
     (b">a\nMK\x00V\n", 2),
     (b">a\x00b\nMKV\n", 1),
-    (b"\x89HDF\r\n\x1a\n\x00\x00\x00", 3),
+    (b"\x7fELF\x02\x01\x01\x00", 1),
     (b">a\nMKV\n" * 2000 + b">b\nM\x00\n", 4002),  # past the first 8 KiB: found line by line
     (b">a\nMKV\n" * 2000 + b">b\x00\nM\n", 4001),
     (b"\n" * 9000 + b"\x00bc\n", 9001),
@@ -222,6 +247,15 @@ def test_compressed_file_is_rejected_with_how_to_decompress(tmp_path: Path,
     err = parse_error(write(tmp_path, compress(b">a\nMKV\n")))
     assert err.reason.startswith(f"the file is {name}-compressed; decompress it first")
     assert err.line == 1
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"PK\x03\x04\x14\x00\x00\x00", "the file is a zip archive; extract it first (unzip FILE)"),
+    (b"\x89HDF\r\n\x1a\n\x00\x00\x00", "the file is HDF5 (an embeddings output?), not FASTA"),
+])
+def test_archives_and_hdf5_are_named(tmp_path: Path, content: bytes, reason: str) -> None:
+    err = parse_error(write(tmp_path, content))
+    assert (err.reason, err.line) == (reason, 1)
 
 
 @pytest.mark.parametrize(("encoding", "bom", "name"), [

@@ -44,12 +44,23 @@ _NUCLEOTIDES = b"ACGTUN"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _VALID = bytes(int(bytes([c]).translate(_UPPER) in _ALLOWED) for c in range(256))  # either case
 
-# (magic, what, tool to undo it); longest first: the UTF-32-LE BOM starts with the UTF-16-LE one.
-_MAGIC = ((b"\x1f\x8b", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"), (b"\xfd7zXZ\x00", "xz", "unxz"),
-          (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"), (b"\xff\xfe\x00\x00", "UTF-32-LE", ""),
-          (b"\x00\x00\xfe\xff", "UTF-32-BE", ""), (b"\xff\xfe", "UTF-16-LE", ""),
-          (b"\xfe\xff", "UTF-16-BE", ""))
+_COMPRESSED = "the file is {}-compressed; decompress it first ({} FILE)"
+_ENCODED = "the file is {} encoded (byte-order mark); save it as ASCII or UTF-8"
+# (magic, why the file is refused); longest first: the UTF-32-LE BOM starts with the UTF-16-LE one.
+_MAGIC = ((b"\x1f\x8b", _COMPRESSED.format("gzip", "gunzip")),
+          (b"BZh", _COMPRESSED.format("bzip2", "bunzip2")),
+          (b"\xfd7zXZ\x00", _COMPRESSED.format("xz", "unxz")),
+          (b"\x28\xb5\x2f\xfd", _COMPRESSED.format("zstd", "unzstd")),
+          (b"PK\x03\x04", "the file is a zip archive; extract it first (unzip FILE)"),
+          (b"\x89HDF\r\n\x1a\n", "the file is HDF5 (an embeddings output?), not FASTA"),
+          (b"\xff\xfe\x00\x00", _ENCODED.format("UTF-32-LE")),
+          (b"\x00\x00\xfe\xff", _ENCODED.format("UTF-32-BE")),
+          (b"\xff\xfe", _ENCODED.format("UTF-16-LE")), (b"\xfe\xff", _ENCODED.format("UTF-16-BE")))
 _UTF8_BOM = b"\xef\xbb\xbf"
+# First-line prefixes of formats that users mistake for FASTA: named in the error.
+_OTHER_FORMATS = (("@", "this looks like FASTQ: vnpd embeds protein FASTA"),
+                  ("LOCUS ", "this looks like GenBank: convert it to FASTA"),
+                  ("ID   ", "this looks like EMBL or UniProt text: convert it to FASTA"))
 _HEAD_BYTES = 8192  # how much of the file start is checked for magic numbers and NULs
 _BINARY = "NUL byte: this is a binary file (or UTF-16/UTF-32 text without a byte-order mark), not FASTA"
 
@@ -237,11 +248,9 @@ class DuplicateIdChecker:
 
 def _check_file_start(head: bytes) -> int:
     """Reject compressed, UTF-16/32 and binary files by their first bytes; return where FASTA text starts."""
-    for magic, what, tool in _MAGIC:
+    for magic, why in _MAGIC:
         if head.startswith(magic):
-            raise FastaError(f"the file is {what}-compressed; decompress it first ({tool} FILE)" if tool
-                             else f"the file is {what} encoded (byte-order mark); save it as ASCII or UTF-8",
-                             line=1)
+            raise FastaError(why, line=1)
     # Binary formats often start with a text-like line; their NULs come soon after.
     if (nul := head.find(b"\0")) >= 0:
         raise FastaError(_BINARY, line=head.count(b"\n", 0, nul) + 1)
@@ -275,6 +284,12 @@ def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0
         if line_start:
             lineno += 1
             lead = chunk[0]
+            if lead == 0xEF and chunk.startswith(_UTF8_BOM):
+                # `cat a.fasta b.fasta` of files saved with a BOM puts one at a line start.
+                chunk, start = chunk[len(_UTF8_BOM):], start + len(_UTF8_BOM)
+                if not chunk:
+                    continue
+                lead = chunk[0]
             if lead == 62:  # '>'
                 if rec_id is not None:
                     yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset, star_line)
@@ -368,7 +383,8 @@ def _raise_not_fasta(line: bytes, lineno: int) -> NoReturn:
         raise FastaError(_BINARY, line=lineno)
     text = _decode_utf8(line, "text", None, lineno).strip()
     shown = text if len(text) <= 40 else text[:40] + "..."
-    raise FastaError(f"not FASTA: expected a '>' header line, found {shown!r}", line=lineno)
+    hint = next((f" ({what})" for prefix, what in _OTHER_FORMATS if text.startswith(prefix)), "")
+    raise FastaError(f"not FASTA: expected a '>' header line, found {shown!r}{hint}", line=lineno)
 
 
 def _raise_inner_star(position: int, rec_id: str, index: int, lineno: int) -> NoReturn:
