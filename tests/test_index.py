@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import random_sequences, write_fasta
 from vnpd.fasta import FastaError
-from vnpd.index import FileIndex, index_fasta, iter_windows
+from vnpd import index as index_module
+from vnpd.index import FileIndex, index_fasta, iter_indexed, iter_windows
 from vnpd.publish import sha256_file
 
 
@@ -33,6 +34,57 @@ def test_index_offsets_lengths_and_windows(tmp_path: Path) -> None:
     assert [w[0] for w in windows] == [3, 10, 17, 24, 31, 38]
     got = [r.sequence for _, records in windows for r in records]
     assert got == seqs[3:]
+
+
+def test_index_records_the_identity_of_the_file_it_describes(tmp_path: Path) -> None:
+    src = write_fasta(tmp_path / "a.fasta", random_sequences([5, 7], seed=1))
+    index = index_fasta(src)
+    st = src.stat()
+    assert (index.size, index.mtime_ns, index.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    index.save(tmp_path / "idx")
+    loaded = FileIndex.load(tmp_path / "idx")
+    assert (loaded.size, loaded.mtime_ns, loaded.inode) == (index.size, index.mtime_ns, index.inode)
+
+
+def test_file_written_while_being_indexed_is_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that still holds the file open appends while the daemon reads it."""
+    src = write_fasta(tmp_path / "a.fasta", random_sequences([5, 7], seed=1))
+
+    def writer_appends_then_hash(path: Path) -> str:
+        with open(path, "a") as fh:
+            fh.write(">late\nMKV\n")
+        return sha256_file(path)
+
+    monkeypatch.setattr(index_module, "sha256_file", writer_appends_then_hash)
+    with pytest.raises(FastaError, match="changed while it was being indexed; a writer"):
+        index_fasta(src)
+
+
+def test_file_changed_after_indexing_is_never_read_as_indexed(tmp_path: Path) -> None:
+    seqs = random_sequences([5, 7, 9], seed=1)
+    src = write_fasta(tmp_path / "a.fasta", seqs)
+    index = index_fasta(src)
+    assert [r.sequence for r in iter_indexed(src, index, 1)] == seqs[1:]
+    with open(src, "a") as fh:  # a stalled writer goes on after the claim
+        fh.write(">late\nMK1V\n")
+    for read in (lambda: list(iter_indexed(src, index)), lambda: list(iter_windows(src, index, 2))):
+        with pytest.raises(FastaError, match="changed after it was indexed"):
+            read()
+
+
+def test_index_without_identity_still_stops_at_the_last_indexed_record(tmp_path: Path) -> None:
+    """An index saved before size/mtime/inode were recorded: the bounds still hold."""
+    seqs = random_sequences([5, 7, 9], seed=1)
+    src = write_fasta(tmp_path / "a.fasta", seqs)
+    full = index_fasta(src)
+    index = FileIndex(full.num_records, full.offsets, full.lengths, full.sha256)
+    with open(src, "a") as fh:
+        fh.write(">late\nMK1V\n")
+    assert [r.sequence for r in iter_indexed(src, index)] == seqs  # the bad record is not read
+    src.write_bytes(src.read_bytes()[: int(full.offsets[2])])  # truncated before record #3
+    with pytest.raises(FastaError, match="ends before record #3"):
+        list(iter_indexed(src, index))
 
 
 def test_index_refuses_duplicates_before_any_compute(tmp_path: Path) -> None:
