@@ -7,10 +7,8 @@ copy has finished, and let a side thread send heartbeats. The heartbeat names th
 on the device and since when, so the parent can also enforce a per-batch deadline: a
 thread that keeps ticking proves nothing about a hung kernel.
 
-Test-only fault hook: ``VNPD_TEST_FAULT`` (never set in production) holds a comma list of
-``ACTION:RECORD_ID``; when a batch holds that record the worker acts: ``crash`` (SIGKILL
-itself), ``hang`` (stop working, heartbeats go on), ``oom`` (behave as a CUDA
-out-of-memory), ``sticky`` (behave as an illegal memory access: report and exit).
+Test-only fault hook: ``VNPD_TEST_FAULT`` (never set in production) makes the worker
+crash, hang, or fake an OOM or a sticky CUDA error on one record; see :mod:`vnpd.testhooks`.
 """
 
 from __future__ import annotations
@@ -28,29 +26,13 @@ import structlog
 
 from vnpd.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg, ResultMsg,
                            StopMsg, WorkerSpec)
+from vnpd.testhooks import SimulatedOOM, SimulatedStickyError, inject_fault, worker_faults
 
 log = structlog.get_logger()
 
 DEPTH = 2  # batches launched on the device at once
 STICKY_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
                   "CUDA error", "misaligned address", "an illegal instruction")
-
-
-class SimulatedOOM(RuntimeError):
-    """Raised by the test-only fault hook; handled exactly like a CUDA OOM."""
-
-
-class SimulatedStickyError(RuntimeError):
-    """Raised by the test-only fault hook; handled like an illegal memory access."""
-
-
-def parse_faults(text: str) -> dict[str, str]:
-    """``"crash:seq3,hang:seq9"`` -> ``{"seq3": "crash", "seq9": "hang"}``."""
-    faults: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        action, _, record = item.partition(":")
-        faults[record] = action
-    return faults
 
 
 class _Channel:
@@ -128,7 +110,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
                           time.monotonic() - started))
     threading.Thread(target=_heartbeats, args=(channel, state, spec.heartbeat_interval_s),
                      daemon=True, name="heartbeat").start()
-    faults = parse_faults(os.environ.get("VNPD_TEST_FAULT", ""))
+    faults = worker_faults()
     log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend)
     _serve(conn, channel, state, engine, faults)
     state.stop.set()
@@ -171,7 +153,7 @@ def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
             if not pending:
                 state.busy_batch, state.busy_since = msg.batch_id, launched
             try:
-                _inject_fault(msg, faults)
+                inject_fault(msg.ids, faults)
                 result = engine.submit(_as_batch(msg))
             except BaseException as exc:
                 _fail(channel, exc, msg.batch_id)
@@ -207,19 +189,3 @@ def _fail(channel: _Channel, exc: BaseException, batch_id: int | None) -> None:
     log.error("batch_failed", batch=batch_id, error=str(exc))
     channel.send(ErrorMsg("batch", str(exc), batch_id, traceback.format_exc()))
 
-
-def _inject_fault(msg: BatchMsg, faults: dict[str, str]) -> None:
-    if not faults:
-        return
-    for record in msg.ids:
-        action = faults.get(record)
-        if action == "crash":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "hang":
-            log.warning("test_fault_hang", record=record)
-            while True:
-                time.sleep(3600)
-        elif action == "oom":
-            raise SimulatedOOM(f"test fault: simulated CUDA out of memory on {record}")
-        elif action == "sticky":
-            raise SimulatedStickyError(f"test fault: simulated illegal memory access on {record}")
