@@ -196,6 +196,19 @@ def test_open_existing_after_close_continues(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_output(path)[0], tagged_rows(np.arange(6), 4))
 
 
+def test_a_finalized_file_says_so_after_a_reopen(tmp_path: Path) -> None:
+    """A daemon restarted after finalize must see it, so as not to compact twice."""
+    path = tmp_path / "f.h5"
+    out = filled_partial(path, 5, 4)
+    assert not out.finalized and not out.closed
+    out.finalize(META, quarantined=[1])
+    assert out.closed
+    again = PartialOutput.open_existing(path)
+    assert again.finalized and again.num_sequences == 4
+    again.close()
+    assert read_output(path)[1] == ["seq0", "seq2", "seq3", "seq4"]
+
+
 def test_open_existing_rejects_broken_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5 at all")
@@ -286,6 +299,16 @@ def test_verify_output_catches_incomplete_files(tmp_path: Path) -> None:
     out.finalize(META)
     with pytest.raises(IncompleteOutputError, match="lengths"):
         verify_output(unwritten)
+
+    no_ids = tmp_path / "no_ids.h5"  # rows and lengths written, ids never: "" reads
+    out = PartialOutput.create(no_ids, 3, 2, "float32")
+    out.write_rows(np.arange(3), np.ones((3, 2)))
+    out.write_ids_lengths(2, ["c"], np.arange(1))
+    out.write_ids_lengths(0, ["a", "b"], np.arange(2))
+    out.write_ids_lengths(1, [""], np.arange(1))  # as if row 1 had never been written
+    out.finalize(META)
+    with pytest.raises(IncompleteOutputError, match="empty"):
+        verify_output(no_ids)
 
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(finished("whole.h5").read_bytes()[:1000])

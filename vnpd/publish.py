@@ -18,8 +18,18 @@ Why the layout is what it is:
   contiguous. Full allocation reports a full disk at job start, and after it a write
   touches raw data only, never layout metadata, so a flushed file stays readable
   whenever the process dies.
-- Unwritten rows read as NaN (embeddings) and -1 (lengths); ``verify_output`` relies
-  on these fill values to find rows that were never written.
+- Unwritten rows read as NaN (embeddings), -1 (lengths) and "" (ids; FASTA ids are
+  never empty); ``verify_output`` relies on these fill values to find rows that were
+  never written.
+- ``ids`` are variable-length strings, kept in HDF5's global heap: writing them changes
+  file metadata, which a process killed between two flushes can leave dangling (an id
+  pointing into a heap collection that never reached the disk). The daemon therefore
+  writes ids (and lengths) only just before ``finalize``, from its input file, and a
+  job that resumes after a crash rewrites them all; during compute its partial file
+  receives embedding rows only.
+- ``finalize`` marks the file with its attributes (``schema_version`` last), so a
+  daemon restarted after it can tell that the file is complete (``finalized``) and
+  must not be finalized, or compacted, a second time.
 - Format bounds are ("v108", "v108"): "latest" sets a superblock flag that makes a file
   left by a killed process unopenable without ``h5clear``, which would defeat resuming.
   v108 still has dense attribute storage, so a long ``quarantined_ids`` list fits.
@@ -138,6 +148,15 @@ class PartialOutput:
             file.close()
             raise
         return cls(path, file)
+
+    @property
+    def closed(self) -> bool:
+        return self._f is None
+
+    @property
+    def finalized(self) -> bool:
+        """True once ``finalize`` has written the attributes (on an open file)."""
+        return "schema_version" in self._file().attrs
 
     def _file(self) -> h5py.File:
         if self._f is None:
@@ -329,8 +348,8 @@ def verify_output(path: Path) -> None:
 
     Complete means: the file opens; embeddings/ids/lengths exist with N rows each and the
     documented types; every root attribute is present and ``num_sequences`` == N; no
-    embedding is NaN and no length is negative (the fill values of unwritten rows).
-    Reads the embeddings in blocks, so memory stays bounded.
+    embedding is NaN, no length is negative and no id is empty (the fill values of
+    unwritten rows), and every id reads. Reads in blocks, so memory stays bounded.
     """
     try:
         f = h5py.File(path, "r")
@@ -351,6 +370,13 @@ def verify_output(path: Path) -> None:
                 raise IncompleteOutputError(f"{path}: NaN (unwritten?) rows from row {lo}")
             if (f["lengths"][lo:lo + step] < 0).any():
                 raise IncompleteOutputError(f"{path}: unwritten lengths from row {lo}")
+            try:
+                ids = f["ids"].asstr()[lo:lo + step]
+            except (OSError, UnicodeDecodeError) as exc:  # a dangling heap reference
+                raise IncompleteOutputError(f"{path}: ids from row {lo} do not read: "
+                                            f"{exc}") from exc
+            if any(not i for i in ids):
+                raise IncompleteOutputError(f"{path}: unwritten (empty) ids from row {lo}")
 
 
 def read_output(path: Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]:
