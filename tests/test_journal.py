@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vnpd.journal import Journal
+from vnpd.journal import Journal, QuarantineRow
 
 
 def test_batches_positions_and_state_survive_reopen(tmp_path: Path) -> None:
@@ -38,8 +38,10 @@ def test_attempts_split_and_quarantine(tmp_path: Path) -> None:
     halves = j.split_batch(job, no, [(np.array([5, 6]), 20), (np.array([7, 8]), 20)])
     assert sorted(p.positions.tolist() for p in j.pending_batches(job)) == [[5, 6], [7, 8]]
     (single,) = j.split_batch(job, halves[0], [(np.array([5]), 10)])[:1]
-    j.quarantine(job, single, 5, "s5: crash")
-    assert j.quarantined(job) == [(5, "s5: crash")]
+    # A part of a suspect batch is a suspect: the attempts go with the split.
+    assert {p.attempts for p in j.pending_batches(job)} == {2}
+    j.quarantine(job, single, 5, "s5", "crash")
+    assert j.quarantined(job) == [QuarantineRow(5, "s5", "crash")]
     assert [p.positions.tolist() for p in j.pending_batches(job)] == [[7, 8]]
 
 
@@ -55,3 +57,19 @@ def test_cache_key_lookup_and_reset(tmp_path: Path) -> None:
     j.reset_job(second)
     assert j.pending_batches(second) == [] and j.job(second).next_position == 0
     assert [r.id for r in j.unfinished_jobs()] == [second]
+
+
+def test_journal_without_the_record_column_is_upgraded(tmp_path: Path) -> None:
+    """A journal written before quarantined record ids were kept still opens and works."""
+    import sqlite3
+
+    db = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(db)
+    old.executescript("CREATE TABLE quarantine (job_id INTEGER NOT NULL, position INTEGER "
+                      "NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (job_id, position));"
+                      "INSERT INTO quarantine VALUES (1, 4, 's4: crash');")
+    old.close()
+    j = Journal(db)
+    assert j.quarantined(1) == [QuarantineRow(4, "", "s4: crash")]
+    j.quarantine(1, 0, 9, "s9", "hang")
+    assert j.quarantined(1)[1] == QuarantineRow(9, "s9", "hang")

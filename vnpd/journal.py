@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     job_id INTEGER NOT NULL,
     position INTEGER NOT NULL,
     reason TEXT NOT NULL,
+    record TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, position)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (cache_key, state);
@@ -74,6 +75,13 @@ class JobRow:
 
 
 @dataclass(frozen=True)
+class QuarantineRow:
+    position: int
+    record: str   # the record id, for the job summary
+    reason: str
+
+
+@dataclass(frozen=True)
 class BatchRow:
     job_id: int
     batch_no: int
@@ -91,6 +99,9 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(quarantine)")}
+        if "record" not in columns:  # a journal written before the column existed
+            self.db.execute("ALTER TABLE quarantine ADD COLUMN record TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self.db.close()
@@ -128,6 +139,10 @@ class Journal:
     def published_with_key(self, cache_key: str) -> JobRow | None:
         rows = self._jobs("WHERE cache_key=? AND state='done' ORDER BY id DESC", (cache_key,))
         return rows[0] if rows else None
+
+    def claimed_names(self) -> set[str]:
+        """File names in state/claimed/ that some job, finished or not, has recorded."""
+        return {Path(r[0]).name for r in self.db.execute("SELECT claimed_path FROM jobs")}
 
     def recent_jobs(self, limit: int = 50) -> list[JobRow]:
         return self._jobs("ORDER BY id DESC LIMIT ?", (limit,))
@@ -179,7 +194,10 @@ class Journal:
 
     def split_batch(self, job_id: int, batch_no: int,
                     parts: list[tuple[np.ndarray, int]]) -> list[int]:
-        """Replace a batch by smaller ones covering the same positions (one transaction)."""
+        """Replace a batch by smaller ones covering the same positions (one transaction).
+
+        Each part keeps the batch's attempts: a part of a suspect batch is a suspect.
+        """
         attempts = self.db.execute("SELECT attempts FROM batches WHERE job_id=? AND batch_no=?",
                                    (job_id, batch_no)).fetchone()[0]
         with self.db:
@@ -191,8 +209,8 @@ class Journal:
             self.db.executemany(
                 "INSERT INTO batches (job_id, batch_no, positions, tokens, attempts) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(job_id, no, np.asarray(p, dtype=np.int64).tobytes(), int(t),
-                  attempts if len(p) == 1 else 0) for no, (p, t) in zip(numbers, parts)])
+                [(job_id, no, np.asarray(p, dtype=np.int64).tobytes(), int(t), attempts)
+                 for no, (p, t) in zip(numbers, parts)])
         return numbers
 
     def pending_batches(self, job_id: int) -> list[BatchRow]:
@@ -221,14 +239,16 @@ class Journal:
         return job.next_position >= num_records
 
     # Quarantine ---------------------------------------------------------------------
-    def quarantine(self, job_id: int, batch_no: int, position: int, reason: str) -> None:
+    def quarantine(self, job_id: int, batch_no: int, position: int, record: str,
+                   reason: str) -> None:
+        """Quarantine the one sequence of batch ``batch_no``, which leaves the journal."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?)",
-                            (job_id, position, reason))
+            self.db.execute("INSERT OR REPLACE INTO quarantine (job_id, position, reason, record) "
+                            "VALUES (?, ?, ?, ?)", (job_id, position, reason, record))
             self.db.execute("DELETE FROM batches WHERE job_id=? AND batch_no=?", (job_id, batch_no))
 
-    def quarantined(self, job_id: int) -> list[tuple[int, str]]:
-        cur = self.db.execute("SELECT position, reason FROM quarantine WHERE job_id=? "
+    def quarantined(self, job_id: int) -> list[QuarantineRow]:
+        cur = self.db.execute("SELECT position, record, reason FROM quarantine WHERE job_id=? "
                               "ORDER BY position", (job_id,))
-        return [(int(p), str(r)) for p, r in cur.fetchall()]
+        return [QuarantineRow(int(p), str(i), str(r)) for p, i, r in cur.fetchall()]

@@ -6,9 +6,15 @@ them. :meth:`Scheduler.take_batch` serves jobs round-robin, so a one-sequence fi
 the next free slot instead of waiting behind a million-sequence file.
 
 Failures: a batch that OOMs is split in two (the device's budget was already lowered by
-the supervisor); a batch whose worker died with it counts an attempt in the journal, and
-after two attempts is split, down to single sequences; a single sequence that still
-fails is quarantined (``on_poison = "quarantine"``) or fails its job (``"fail"``).
+the supervisor). Any other failure (its worker died, hung or reported an error) counts an
+attempt in the journal and makes the batch a *suspect*. A worker dies with every batch it
+holds, up to three, and only one of them is to blame, so a suspect is sent only to a
+worker holding nothing else, and runs alone: if it fails again, the failure is its own.
+A suspect that fails alone is split into single sequences, each again a suspect; a
+single sequence that fails alone is poison: quarantined (``on_poison = "quarantine"``)
+or its job fails (``"fail"``). So a bystander is never quarantined for a neighbour's
+crash, and a poison record costs three worker deaths whatever its batch's size (one
+beside others, one with its batch alone, one alone), not two per halving.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from vnpd.packing import build_batch, pack_batches, tokens_for
 from vnpd.protocol import BatchMsg
 from vnpd.publish import PartialOutput
 from vnpd.supervisor import Dispatch
+from vnpd.testhooks import crash_at
 
 log = structlog.get_logger()
 
-POISON_ATTEMPTS = 2          # a batch whose worker died this often is split
+POISON_ATTEMPTS = 2          # failures before a single sequence can be poison (one alone)
 WINDOW_BATCHES = 8           # read a new window when fewer batches than this are queued
 WINDOW_MAX_RECORDS = 200_000
 
@@ -45,6 +52,7 @@ class QueuedBatch:
     positions: np.ndarray
     tokens: int
     msg_parts: tuple[np.ndarray, np.ndarray, int, tuple[str, ...]] | None = None
+    attempts: int = 0  # failures it was part of (journaled); > 0 makes it a suspect
 
 
 @dataclass
@@ -93,9 +101,12 @@ class Scheduler:
 
     # Jobs ---------------------------------------------------------------------------
     def add_job(self, job: ActiveJob) -> None:
-        """Start serving a job; its journaled unfinished batches are queued first."""
-        for row in self.journal.pending_batches(job.job_id):
-            job.queue.append(QueuedBatch(row.batch_no, row.positions, row.tokens))
+        """Start serving a job; its journaled unfinished batches are queued first,
+        suspects (batches that failed before the restart) at the very front."""
+        rows = self.journal.pending_batches(job.job_id)
+        for row in sorted(rows, key=lambda r: r.attempts == 0):
+            job.queue.append(QueuedBatch(row.batch_no, row.positions, row.tokens,
+                                         attempts=row.attempts))
         job.done_sequences, job.done_tokens = self.journal.progress(job.job_id)
         job.done_sequences += len(self.journal.quarantined(job.job_id))
         self.jobs[job.job_id] = job
@@ -115,7 +126,18 @@ class Scheduler:
         return sum(j.num_records - j.done_sequences for j in self.jobs.values())
 
     # Batch source -------------------------------------------------------------------
-    def take_batch(self, max_tokens: int) -> Dispatch | None:
+    def take_batch(self, max_tokens: int, alone: bool = True) -> Dispatch | None:
+        """The next batch for a worker with budget ``max_tokens``, or None.
+
+        ``alone``: the worker holds no other batch. A suspect (a batch that failed
+        before) is only handed to such a worker, as an exclusive dispatch. While one
+        waits, busy workers get nothing, so that one of them drains and takes it soon.
+        """
+        # Suspects are always first in their job's queue (see _after_failure, add_job).
+        suspect = next((j for j in self.jobs.values()
+                        if j.queue and j.queue[0].attempts and not j.failed), None)
+        if suspect is not None:
+            return self._take(suspect, max_tokens) if alone else None
         for _ in range(len(self._rr)):
             job_id = self._rr[0]
             self._rr.rotate(-1)
@@ -125,13 +147,16 @@ class Scheduler:
             if len(job.queue) < WINDOW_BATCHES:
                 self._read_window(job)
             if job.queue:
-                queued = job.queue.popleft()
-                if queued.tokens > max_tokens and len(queued.positions) > 1:
-                    # This device's budget is lower (it ran out of memory): split first.
-                    self._split(job, queued, "over device budget")
-                    queued = job.queue.popleft()
-                return self._dispatch(job, queued)
+                return self._take(job, max_tokens)
         return None
+
+    def _take(self, job: ActiveJob, max_tokens: int) -> Dispatch:
+        queued = job.queue.popleft()
+        if queued.tokens > max_tokens and len(queued.positions) > 1:
+            # This device's budget is lower (it ran out of memory): split first.
+            self._split(job, queued, "over device budget")
+            queued = job.queue.popleft()
+        return self._dispatch(job, queued)
 
     def _read_window(self, job: ActiveJob) -> None:
         if job.next_position >= job.num_records:
@@ -146,8 +171,9 @@ class Scheduler:
             if tokens >= target or len(records) >= WINDOW_MAX_RECORDS:
                 break
         stop = start + len(records)
+        # Ids and lengths are not written here but at finalize, from the input: ids are
+        # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
         lengths = np.asarray(job.index.lengths[start:stop])
-        job.partial.write_ids_lengths(start, [r.id for r in records], lengths)
         plan = pack_batches(lengths, self.max_tokens, self.truncation)
         cost = tokens_for(lengths, self.truncation)
         numbers = self.journal.add_batches(
@@ -166,7 +192,11 @@ class Scheduler:
         tokens, cu, max_len, ids = queued.msg_parts
         msg = BatchMsg(next(self._batch_ids), tokens, cu, max_len, ids)
         job.inflight.add(queued.batch_no)
-        return Dispatch((job.job_id, queued), msg, queued.tokens)
+        if queued.attempts:
+            log.info("batch_isolated", job=job.job_id, batch=queued.batch_no,
+                     sequences=len(queued.positions), attempts=queued.attempts)
+        return Dispatch((job.job_id, queued), msg, queued.tokens,
+                        exclusive=queued.attempts > 0)
 
     def _load_parts(self, job: ActiveJob, positions: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
@@ -215,6 +245,7 @@ class Scheduler:
             if not job.unflushed:
                 continue
             job.partial.flush()
+            crash_at("rows_flushed")
             self.journal.mark_done(job.job_id, job.unflushed)
             job.unflushed.clear()
             self._check_complete(job)
@@ -222,14 +253,14 @@ class Scheduler:
     def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None:
         job_id, queued = dispatch.key
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or queued.batch_no not in job.inflight:
             return
         job.inflight.discard(queued.batch_no)
-        attempts = self.journal.count_attempt(job_id, queued.batch_no)
+        queued.attempts = self.journal.count_attempt(job_id, queued.batch_no)
         if kind == "oom" and len(queued.positions) > 1:
-            self._split(job, queued, "out of memory", front=True)
+            self._split(job, queued, "out of memory")
         else:
-            self._retry_or_split(job, queued, attempts, f"{kind}: {message}")
+            self._after_failure(job, queued, dispatch.exclusive, f"{kind}: {message}")
 
     def batches_lost(self, dispatches: list[Dispatch], reason: str) -> None:
         for dispatch in dispatches:
@@ -241,35 +272,39 @@ class Scheduler:
             if reason == "shutdown":
                 job.queue.appendleft(queued)  # journaled as not done: resumes on restart
                 continue
-            attempts = self.journal.count_attempt(job_id, queued.batch_no)
-            self._retry_or_split(job, queued, attempts, reason)
+            queued.attempts = self.journal.count_attempt(job_id, queued.batch_no)
+            self._after_failure(job, queued, dispatch.exclusive, reason)
 
-    def _retry_or_split(self, job: ActiveJob, queued: QueuedBatch, attempts: int,
-                        reason: str) -> None:
-        if attempts < POISON_ATTEMPTS:
+    def _after_failure(self, job: ActiveJob, queued: QueuedBatch, alone: bool,
+                       reason: str) -> None:
+        """Retry as a suspect; or, when it failed alone, split it or quarantine it."""
+        if not alone or (len(queued.positions) == 1 and queued.attempts < POISON_ATTEMPTS):
+            # Beside other batches the blame is unknown: retry it alone, first in line.
             job.queue.appendleft(queued)
         elif len(queued.positions) > 1:
-            self._split(job, queued, reason, front=True)
+            # Its own failure: find the culprit among its sequences, each alone.
+            self._split(job, queued, reason, singles=True)
         else:
             self._poisoned(job, queued, reason)
 
     def _split(self, job: ActiveJob, queued: QueuedBatch, reason: str, *,
-               front: bool = True) -> None:
-        half = len(queued.positions) // 2
-        parts = [queued.positions[:half], queued.positions[half:]]
+               singles: bool = False) -> None:
+        """Replace ``queued`` by its halves (or its single sequences), first in line.
+
+        The parts keep its attempts: a part of a suspect is a suspect.
+        """
+        if singles:
+            parts = [queued.positions[i:i + 1] for i in range(len(queued.positions))]
+        else:
+            half = len(queued.positions) // 2
+            parts = [queued.positions[:half], queued.positions[half:]]
         lengths = job.index.lengths
-        numbers = self.journal.split_batch(
-            job.job_id, queued.batch_no,
-            [(p, int(tokens_for(np.asarray(lengths[p]), self.truncation).sum())) for p in parts])
+        tokens = [int(tokens_for(np.asarray(lengths[p]), self.truncation).sum()) for p in parts]
+        numbers = self.journal.split_batch(job.job_id, queued.batch_no, list(zip(parts, tokens)))
         log.warning("batch_split", job=job.job_id, batch=queued.batch_no, into=numbers,
                     sequences=len(queued.positions), reason=reason)
-        new = [QueuedBatch(no, p, int(tokens_for(np.asarray(lengths[p]),
-                                                  self.truncation).sum()))
-               for no, p in zip(numbers, parts)]
-        if front:
-            job.queue.extendleft(reversed(new))
-        else:
-            job.queue.extend(new)
+        job.queue.extendleft(reversed([QueuedBatch(no, p, t, attempts=queued.attempts)
+                                       for no, p, t in zip(numbers, parts, tokens)]))
 
     def _poisoned(self, job: ActiveJob, queued: QueuedBatch, reason: str) -> None:
         position = int(queued.positions[0])
@@ -283,7 +318,7 @@ class Scheduler:
                           f"worker ({reason}); on_poison = \"fail\"")
             self.on_job_complete(job)
             return
-        self.journal.quarantine(job.job_id, queued.batch_no, position, f"{record_id}: {reason}")
+        self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
         job.done_sequences += 1
         self._check_complete(job)
 

@@ -47,10 +47,11 @@ class Dispatch:
     msg: BatchMsg
     tokens: int
     sent: float = 0.0
+    exclusive: bool = False  # a suspect: its worker gets nothing else until it is done
 
 
 class WorkerEvents(Protocol):
-    def take_batch(self, max_tokens: int) -> Dispatch | None: ...
+    def take_batch(self, max_tokens: int, alone: bool) -> Dispatch | None: ...
     def batch_done(self, dispatch: Dispatch, rows: Any, device: str, seconds: float) -> None: ...
     def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None: ...
     def batches_lost(self, dispatches: list[Dispatch], reason: str) -> None: ...
@@ -272,7 +273,14 @@ class Supervisor:
             for handle in sorted(self.workers, key=lambda h: len(h.inflight)):
                 if handle.state != "ready" or len(handle.inflight) >= handle.credit:
                     continue
-                dispatch = self.events.take_batch(handle.max_tokens)
+                if handle.kill_reason is not None:
+                    # Being killed, or exiting after a sticky error (which already took
+                    # its batch out of ``inflight``): a batch sent now would die with it,
+                    # and look like it had failed alone.
+                    continue
+                if any(d.exclusive for d in handle.inflight.values()):
+                    continue  # a suspect runs alone, so that a failure is surely its own
+                dispatch = self.events.take_batch(handle.max_tokens, not handle.inflight)
                 if dispatch is None:
                     return sent
                 dispatch.sent = time.monotonic()
