@@ -25,21 +25,22 @@ from typing import Any
 import structlog
 
 from vnpd import __version__
+from vnpd.completion import JobCompletion, utc_now
 from vnpd.config import EX_CONFIG, Config, ConfigError, load_config, resolve_devices, validate_config
 from vnpd.fasta import FastaError
 from vnpd.inbox import ClaimError, InboxWatcher, SettleTracker, claim_file, scan_inbox
 from vnpd.index import FileIndex, index_fasta
-from vnpd.journal import Journal, JobRow
+from vnpd.journal import Journal
 from vnpd.log import configure_logging
 from vnpd.metrics import Metrics
 from vnpd.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.packing import tokens_for
 from vnpd.protocol import WorkerSpec
-from vnpd.publish import (IncompleteOutputError, OutputMeta, PartialOutput, output_name_for,
-                          publish_to_outbox, sha256_file, verify_output)
+from vnpd.publish import IncompleteOutputError, OutputMeta, PartialOutput
 from vnpd.scheduler import ActiveJob, Scheduler
 from vnpd.status import write_status
 from vnpd.supervisor import Supervisor
+from vnpd.testhooks import crash_at
 
 log = structlog.get_logger()
 
@@ -95,9 +96,11 @@ class Daemon:
             crash_budget=cfg.workers.crash_budget, crash_window_s=cfg.workers.crash_window_s,
             degraded_retry_s=cfg.workers.degraded_retry_s,
             credit=cfg.workers.batches_in_flight + 1, metrics=self.metrics)
+        self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
+                                        self.done_dir, self._output_meta)
         self.settle = SettleTracker(cfg.inbox.settle_s)
         self.indexing: set[int] = set()
-        self.publishing: set[int] = set()
+        self.publishing: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.attention_backend = ""
         self.layer = -1
@@ -156,10 +159,16 @@ class Daemon:
             exit_code = await self._shutdown(watcher)
         return exit_code
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
+
+    def _spawn_publish(self, job: ActiveJob) -> None:
+        task = self._spawn(self.completion.publish(job))
+        self.publishing.add(task)
+        task.add_done_callback(self.publishing.discard)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
@@ -179,12 +188,11 @@ class Daemon:
         log.info("draining", inflight=sum(len(h.inflight) for h in self.supervisor.workers))
         await self.supervisor.stop(DRAIN_TIMEOUT_S)  # results arriving meanwhile are written
         self.scheduler.commit()
-        for task in list(self.tasks):
-            if not task.get_coro().__qualname__.endswith("_publish_job"):
-                task.cancel()
-        pending_publish = [t for t in self.tasks if not t.done()]
-        if pending_publish:
-            await asyncio.wait(pending_publish, timeout=30)
+        for task in list(self.tasks - self.publishing):
+            task.cancel()
+        if self.publishing:
+            # A publish left unfinished here resumes after the restart (it is journaled).
+            await asyncio.wait(list(self.publishing), timeout=30)
         for job in list(self.scheduler.jobs.values()):
             job.partial.close()
         self.metrics.stop_server()
@@ -271,6 +279,7 @@ class Daemon:
             # by rename, so under the writer contract it is complete: take it as it is.
             claimed = exc.kept
         self.settle.forget(candidate.path)
+        crash_at("claimed")
         job_id = self.journal.add_job(name, claimed)
         log.info("job_claimed", job=job_id, file=name, bytes=candidate.size)
         self._start_indexing(job_id, name, claimed)
@@ -284,11 +293,12 @@ class Daemon:
             index = await asyncio.to_thread(index_fasta, claimed)
         except FastaError as exc:
             self.indexing.discard(job_id)
-            self._fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
+            self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
             return
         except OSError as exc:
             self.indexing.discard(job_id)
-            self._fail_job(job_id, name, claimed, {"reason": f"cannot read file: {exc}"}, str(exc))
+            self.completion.fail_job(job_id, name, claimed,
+                                     {"reason": f"cannot read file: {exc}"}, str(exc))
             return
         self.indexing.discard(job_id)
         index.save(self.jobs_dir / str(job_id) / "index")
@@ -296,13 +306,17 @@ class Daemon:
         key = self._cache_key(index.sha256)
         self.journal.set_indexed(job_id, index.sha256, key, index.num_records, total_tokens)
         previous = self.journal.published_with_key(key)
-        if previous is not None and previous.output and Path(previous.output).is_file():
-            await self._publish_duplicate(job_id, name, claimed, index, previous)
-            return
-        await self._activate(job_id, name, claimed, index, total_tokens, resume=False)
+        copy = previous is not None and bool(previous.output) and Path(previous.output).is_file()
+        if copy:
+            # Same content, same model settings, already published: copy, don't recompute.
+            await self.completion.copy_duplicate(job_id, previous, name)
+        await self._activate(job_id, name, claimed, index, total_tokens, resume=copy)
 
     async def _activate(self, job_id: int, name: str, claimed: Path, index: FileIndex,
                         total_tokens: int, *, resume: bool) -> None:
+        """Serve a job: resume its partial file (``resume``) or create one. A partial file
+        that is already finalized (a crash came before its publish, or it is the copy of
+        an identical earlier output) goes straight to publishing."""
         dim = await self._embed_dim()
         partial_path = self.jobs_dir / str(job_id) / "partial.h5"
         partial = None
@@ -311,12 +325,17 @@ class Daemon:
                 partial = PartialOutput.open_existing(partial_path)
             except IncompleteOutputError as exc:
                 log.warning("partial_unreadable_restarting_job", job=job_id, error=str(exc))
-                self.journal.reset_job(job_id)
         if partial is None:
+            if resume:  # rows the journal calls done are not on disk: compute them again
+                self.journal.reset_job(job_id)
             partial = await asyncio.to_thread(PartialOutput.create, partial_path,
                                               index.num_records, dim, self.cfg.model.output_dtype)
         job = ActiveJob(job_id, name, claimed, index, partial,
                         self.journal.job(job_id).next_position, total_tokens)
+        if partial.finalized:
+            self.journal.set_state(job_id, "publishing")
+            self._spawn_publish(job)
+            return
         self.scheduler.add_job(job)
         self.supervisor.changed.set()
 
@@ -333,6 +352,13 @@ class Daemon:
                     return h.embed_dim
             await asyncio.sleep(0.1)
 
+    async def _output_meta(self, job: ActiveJob) -> OutputMeta:
+        await self._embed_dim()  # the resolved layer and backend come from a ready worker
+        m = self.cfg.model
+        return OutputMeta(model=m.checkpoint, layer=self.layer, dtype=m.dtype,
+                          truncation=m.truncation, attention_backend=self.attention_backend,
+                          source_name=job.name, source_sha256=job.index.sha256)
+
     def _cache_key(self, sha256: str) -> str:
         m = self.cfg.model
         return json.dumps([sha256, m.checkpoint, m.layer, m.dtype, m.truncation, m.output_dtype])
@@ -340,18 +366,19 @@ class Daemon:
     # Resume -------------------------------------------------------------------------
     async def _resume_jobs(self) -> None:
         """Pick up every unfinished job of the journal, and claimed files it never recorded."""
-        known = set()
+        known = self.journal.claimed_names()
         for row in self.journal.unfinished_jobs():
-            known.add(row.claimed_path.name)
             log.info("job_resume", job=row.id, file=row.name, state=row.state)
-            if row.state == "publishing":
-                self._spawn(self._publish_job_row(row))
+            index_dir = self.jobs_dir / str(row.id) / "index"
+            published = self.completion.published_before_crash(row)
+            if published is not None:
+                self.completion.finish_done(row, published, int(row.total_tokens or 0), 0.0)
             elif not row.claimed_path.exists():
                 self.journal.set_state(row.id, "failed", error="claimed input file is missing")
-            elif row.state == "indexed" and (self.jobs_dir / str(row.id) / "index").exists():
-                index = FileIndex.load(self.jobs_dir / str(row.id) / "index")
-                await self._activate(row.id, row.name, row.claimed_path, index,
-                                     int(row.total_tokens or 0), resume=True)
+            elif row.state in ("indexed", "publishing") and index_dir.exists():
+                await self._activate(row.id, row.name, row.claimed_path,
+                                     FileIndex.load(index_dir), int(row.total_tokens or 0),
+                                     resume=True)
             else:
                 self.journal.reset_job(row.id)
                 self._start_indexing(row.id, row.name, row.claimed_path)
@@ -370,10 +397,13 @@ class Daemon:
                 shutil.rmtree(job_dir, ignore_errors=True)
                 log.info("stray_removed", path=str(job_dir))
             else:
-                for tmp in job_dir.glob("*.tmp*"):
+                # Temp copies, and compactions cut short (publish.PartialOutput._compact).
+                for tmp in [*job_dir.glob("*.tmp*"), *job_dir.glob(".*.compact-*")]:
                     tmp.unlink(missing_ok=True)
                     log.info("stray_removed", path=str(tmp))
         for tmp in self.cfg.paths.state.glob("*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        for tmp in self.cfg.paths.failed.glob(".*.error.json.tmp"):  # a half-written report
             tmp.unlink(missing_ok=True)
 
     # Completion ---------------------------------------------------------------------
@@ -383,102 +413,11 @@ class Daemon:
         self.last_progress = time.monotonic()
         if job.failed:
             job.partial.close()
-            self._fail_job(job.job_id, job.name, job.source, {"reason": job.failed}, job.failed)
+            self.completion.fail_job(job.job_id, job.name, job.source, {"reason": job.failed},
+                                     job.failed)
             return
         self.journal.set_state(job.job_id, "publishing")
-        self._spawn(self._publish_job(job))
-
-    async def _publish_job_row(self, row: JobRow) -> None:
-        """Finish a publish interrupted by a restart."""
-        if row.output and Path(row.output).is_file() and \
-                not (self.jobs_dir / str(row.id) / "partial.h5").exists():
-            self._finish_done(row.id, row.name, row.claimed_path, Path(row.output),
-                              row.num_records or 0, 0, 0.0)
-            return
-        index = FileIndex.load(self.jobs_dir / str(row.id) / "index")
-        partial = PartialOutput.open_existing(self.jobs_dir / str(row.id) / "partial.h5")
-        job = ActiveJob(row.id, row.name, row.claimed_path, index, partial, row.next_position,
-                        int(row.total_tokens or 0))
-        await self._publish_job(job)
-
-    async def _publish_job(self, job: ActiveJob) -> None:
-        quarantined = self.journal.quarantined(job.job_id)
-        await self._embed_dim()  # the resolved layer and backend come from a ready worker
-        meta = OutputMeta(model=self.cfg.model.checkpoint, layer=self.layer,
-                          dtype=self.cfg.model.dtype, truncation=self.cfg.model.truncation,
-                          attention_backend=self.attention_backend,
-                          source_name=job.name, source_sha256=job.index.sha256)
-        partial_path = job.partial.path
-        await asyncio.to_thread(job.partial.finalize, meta, quarantined=[p for p, _ in quarantined])
-        await asyncio.to_thread(verify_output, partial_path)
-        delay = 1.0
-        while True:
-            try:
-                dest = await asyncio.to_thread(publish_to_outbox, partial_path,
-                                               self.cfg.paths.outbox, output_name_for(job.name))
-                break
-            except OSError as exc:
-                # Disk full or unwritable outbox: keep the result, retry with backoff.
-                log.error("publish_retry", job=job.job_id, file=job.name, error=str(exc),
-                          retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.cfg.jobs.publish_retry_max_s)
-        self.journal.set_state(job.job_id, "publishing", output=str(dest))
-        elapsed = time.monotonic() - job.started
-        self._finish_done(job.job_id, job.name, job.source, dest, job.num_records,
-                          job.total_tokens, elapsed, quarantined=[r for _, r in quarantined])
-
-    def _finish_done(self, job_id: int, name: str, source: Path, dest: Path, sequences: int,
-                     tokens: int, seconds: float, quarantined: list[str] | None = None) -> None:
-        self.journal.set_state(job_id, "done", output=str(dest))
-        if source.exists():
-            if self.cfg.inbox.after_done == "delete":
-                source.unlink()
-            else:
-                os.replace(source, self.done_dir / source.name)
-        shutil.rmtree(self.jobs_dir / str(job_id), ignore_errors=True)
-        self.metrics.jobs_total.labels(outcome="published").inc()
-        self.metrics.last_publish_timestamp_seconds.set(time.time())
-        log.info("job_published", job=job_id, file=name, output=str(dest), sequences=sequences,
-                 tokens=tokens, seconds=round(seconds, 3),
-                 tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None,
-                 quarantined=quarantined or [])
-
-    async def _publish_duplicate(self, job_id: int, name: str, claimed: Path, index: FileIndex,
-                                 previous: JobRow) -> None:
-        """Same content, same model settings, already published: copy, don't recompute."""
-        tmp = self.jobs_dir / str(job_id) / "copy.h5"
-        await asyncio.to_thread(shutil.copyfile, previous.output or "", tmp)
-        await asyncio.to_thread(_retitle_output, tmp, name)
-        dest = await asyncio.to_thread(publish_to_outbox, tmp, self.cfg.paths.outbox,
-                                       output_name_for(name))
-        log.info("job_duplicate_content", job=job_id, file=name, same_as_job=previous.id,
-                 copied_from=previous.output)
-        self.metrics.jobs_total.labels(outcome="duplicate").inc()
-        self._finish_done(job_id, name, claimed, dest, index.num_records, 0, 0.0)
-
-    def _fail_job(self, job_id: int, name: str, source: Path, details: dict[str, Any],
-                  message: str) -> None:
-        """Move the input to failed/ with <name>.error.json; the daemon goes on."""
-        failed_dir = self.cfg.paths.failed
-        dest = failed_dir / name
-        i = 0
-        while dest.exists() or dest.with_name(dest.name + ".error.json").exists():
-            i += 1
-            dest = failed_dir / f"{name}.{i}"
-        sha = sha256_file(source) if source.exists() else None
-        report = {"file": name, "job": job_id, **details, "sha256": sha,
-                  "vnpd_version": __version__, "failed_utc": _utc_now()}
-        report_path = dest.with_name(dest.name + ".error.json")
-        tmp = report_path.with_name("." + report_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, report_path)
-        if source.exists():
-            os.replace(source, dest)
-        shutil.rmtree(self.jobs_dir / str(job_id), ignore_errors=True)
-        self.journal.set_state(job_id, "failed", error=message)
-        self.metrics.jobs_total.labels(outcome="failed").inc()
-        log.error("job_failed", job=job_id, file=name, moved_to=str(dest), error=message)
+        self._spawn_publish(job)
 
     # Status -------------------------------------------------------------------------
     async def _status_loop(self) -> None:
@@ -510,18 +449,7 @@ class Daemon:
                          "eta_s": round(remaining / rate, 1) if rate > 0 else None})
         for job_id in self.indexing:
             jobs.append({"job": job_id, "state": "indexing"})
-        return {"pid": os.getpid(), "version": __version__, "updated_utc": _utc_now(),
+        return {"pid": os.getpid(), "version": __version__, "updated_utc": utc_now(),
                 "started_unix": self.started, "stopped": final, "metrics": self.metrics_address,
                 "workers": [h.describe() for h in self.supervisor.workers], "jobs": jobs}
 
-
-def _retitle_output(path: Path, source_name: str) -> None:
-    import h5py
-
-    with h5py.File(path, "r+") as f:
-        f.attrs["source_name"] = source_name
-        f.attrs["created_utc"] = _utc_now()
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,195 @@
+"""How a job ends: published into the outbox exactly once, or moved to failed/.
+
+Each step below is journaled or idempotent, so the daemon may die between any two of
+them (tests/test_faults.py kills it at each with ``VNPD_TEST_CRASH_AT``) and the restart
+finishes the job with one output, never a second ``sample.1.h5``:
+
+1. **finalize** the partial file: ids and lengths from the input, then the attributes,
+   and quarantined rows dropped. A finalized file carries its attributes, so a restart
+   sees that and does not finalize (or compact) it twice.
+2. **verify** it: every row written, every id readable.
+3. **journal the output name** (state ``publishing``) before linking: a restart links to
+   that same name, where the link is idempotent, instead of picking a fresh one.
+4. **link** it into the outbox (:func:`vnpd.publish.publish_atomically`).
+5. **move the input** to done/ (or delete it) *before* marking the job done, so that a
+   done job never leaves a claimed file behind for the restart to take as a new job.
+6. **mark done**, remove the job's state, log the one-line summary.
+
+A full or unwritable disk (an OSError in steps 1-4) is retried with exponential backoff
+up to ``jobs.publish_retry_max_s``; the result waits in state/ meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import structlog
+
+from vnpd import __version__
+from vnpd.config import Config
+from vnpd.index import FileIndex, iter_windows
+from vnpd.journal import Journal, JobRow
+from vnpd.metrics import Metrics
+from vnpd.publish import (OutputMeta, PartialOutput, output_name_for, publish_atomically,
+                          sha256_file, unique_destination, verify_output)
+from vnpd.scheduler import ActiveJob
+from vnpd.testhooks import check_outbox_space, crash_at
+
+log = structlog.get_logger()
+
+IDS_WINDOW = 65536  # records re-read per step when writing ids at finalize
+
+
+def finalize_partial(partial: PartialOutput, source: Path, index: FileIndex, meta: OutputMeta,
+                     quarantined: list[int]) -> None:
+    """Write ids and lengths (read from ``source``), then finalize the partial file."""
+    for start, records in iter_windows(source, index, IDS_WINDOW):
+        partial.write_ids_lengths(start, [r.id for r in records],
+                                  index.lengths[start:start + len(records)])
+    partial.finalize(meta, quarantined=quarantined)
+
+
+class JobCompletion:
+    """Publishes finished jobs and fails bad ones; owned by the daemon's event loop."""
+
+    def __init__(self, cfg: Config, journal: Journal, metrics: Metrics, jobs_dir: Path,
+                 done_dir: Path, output_meta: Callable[[ActiveJob], Awaitable[OutputMeta]]
+                 ) -> None:
+        self.cfg, self.journal, self.metrics = cfg, journal, metrics
+        self.jobs_dir, self.done_dir = jobs_dir, done_dir
+        self.output_meta = output_meta  # waits for a ready worker (resolved layer, backend)
+
+    # Publish ------------------------------------------------------------------------
+    async def publish(self, job: ActiveJob) -> None:
+        """Steps 1-6 for a job whose rows are all written (or whose file is finalized)."""
+        quarantined = self.journal.quarantined(job.job_id)
+        delay = 1.0
+        while True:
+            try:
+                dest = await self._publish_once(job, [q.position for q in quarantined])
+                break
+            except FileExistsError:
+                continue  # another file took the journaled name: pick a free one
+            except OSError as exc:
+                # Disk full or unwritable outbox: keep the result, retry with backoff.
+                log.error("publish_retry", job=job.job_id, file=job.name, error=str(exc),
+                          retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.jobs.publish_retry_max_s)
+        self.finish_done(self.journal.job(job.job_id), dest, job.total_tokens,
+                         time.monotonic() - job.started)
+
+    async def _publish_once(self, job: ActiveJob, quarantined: list[int]) -> Path:
+        partial, outbox = job.partial, self.cfg.paths.outbox
+        if not partial.closed:
+            if partial.finalized:
+                partial.close()  # finalized before a crash: never compact it twice
+            else:
+                meta = await self.output_meta(job)
+                await asyncio.to_thread(finalize_partial, partial, job.source, job.index, meta,
+                                        quarantined)
+                crash_at("finalized")
+        row = self.journal.job(job.job_id)
+        dest = Path(row.output) if row.output else None
+        if dest is None or not _same_file(partial.path, dest):
+            await asyncio.to_thread(verify_output, partial.path)
+            if dest is None or os.path.lexists(dest):
+                dest = unique_destination(outbox, output_name_for(job.name))
+                self.journal.set_state(job.job_id, "publishing", output=str(dest))
+                crash_at("dest_journaled")
+            check_outbox_space(outbox)
+        # else: linked before a crash; publish_atomically only removes the state/ name.
+        await asyncio.to_thread(publish_atomically, partial.path, dest)
+        crash_at("linked")
+        return dest
+
+    def finish_done(self, row: JobRow, dest: Path, tokens: int, seconds: float) -> None:
+        """Steps 5 and 6: the output is in the outbox; retire the input and the job."""
+        source = row.claimed_path
+        if source.exists():
+            if self.cfg.inbox.after_done == "delete":
+                source.unlink()
+            else:
+                os.replace(source, self.done_dir / source.name)
+            crash_at("source_moved")
+        self.journal.set_state(row.id, "done", output=str(dest))
+        shutil.rmtree(self.jobs_dir / str(row.id), ignore_errors=True)
+        self.metrics.jobs_total.labels(outcome="published").inc()
+        self.metrics.last_publish_timestamp_seconds.set(time.time())
+        log.info("job_published", job=row.id, file=row.name, output=str(dest),
+                 sequences=row.num_records, tokens=tokens, seconds=round(seconds, 3),
+                 tokens_per_s=round(tokens / seconds, 1) if seconds > 0 and tokens else None,
+                 quarantined=[q.record for q in self.journal.quarantined(row.id)])
+
+    def published_before_crash(self, row: JobRow) -> Path | None:
+        """The output of a job that a crash stopped after step 4, else None."""
+        partial = self.jobs_dir / str(row.id) / "partial.h5"
+        if row.state == "publishing" and row.output and Path(row.output).is_file() \
+                and not partial.exists():
+            return Path(row.output)
+        return None
+
+    async def copy_duplicate(self, job_id: int, previous: JobRow, name: str) -> Path:
+        """Copy an earlier output of the same content as this job's finalized partial file.
+
+        The copy is built under a temp name and renamed into place, so a restart finds
+        either no partial file (and computes) or a finalized one (and publishes it).
+        """
+        partial = self.jobs_dir / str(job_id) / "partial.h5"
+        tmp = partial.with_name("copy.h5.tmp")
+        await asyncio.to_thread(shutil.copyfile, previous.output or "", tmp)
+        await asyncio.to_thread(_retitle_output, tmp, name)
+        os.replace(tmp, partial)
+        log.info("job_duplicate_content", job=job_id, file=name, same_as_job=previous.id,
+                 copied_from=previous.output)
+        self.metrics.jobs_total.labels(outcome="duplicate").inc()
+        return partial
+
+    # Fail ---------------------------------------------------------------------------
+    def fail_job(self, job_id: int, name: str, source: Path, details: dict[str, Any],
+                 message: str) -> None:
+        """Move the input to failed/ with <name>.error.json; the daemon goes on."""
+        failed_dir = self.cfg.paths.failed
+        dest = failed_dir / name
+        i = 0
+        while dest.exists() or dest.with_name(dest.name + ".error.json").exists():
+            i += 1
+            dest = failed_dir / f"{name}.{i}"
+        sha = sha256_file(source) if source.exists() else None
+        report = {"file": name, "job": job_id, **details, "sha256": sha,
+                  "vnpd_version": __version__, "failed_utc": utc_now()}
+        report_path = dest.with_name(dest.name + ".error.json")
+        tmp = report_path.with_name("." + report_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, report_path)
+        if source.exists():
+            os.replace(source, dest)
+        shutil.rmtree(self.jobs_dir / str(job_id), ignore_errors=True)
+        self.journal.set_state(job_id, "failed", error=message)
+        self.metrics.jobs_total.labels(outcome="failed").inc()
+        log.error("job_failed", job=job_id, file=name, moved_to=str(dest), error=message)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
+
+
+def _retitle_output(path: Path, source_name: str) -> None:
+    with h5py.File(path, "r+") as f:
+        f.attrs["source_name"] = source_name
+        f.attrs["created_utc"] = utc_now()
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
