@@ -153,9 +153,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", choices=list(WORKLOADS), required=True)
     ap.add_argument("--sequences", type=int, default=2000)
-    ap.add_argument("--runs", default="bfloat16:compiled:0,float16:compiled:0",
-                    help="engine runs, comma list of dtype:variant:budget; variant is compiled "
-                         "or eager (no torch.compile); budget 0 = sized from free memory")
+    ap.add_argument("--runs", default="bfloat16:fused:0,float16:fused:0",
+                    help="engine runs, comma list of dtype:variant:budget; variant is a "
+                         "VNPD_COMPILE_MODE (fused, ops, layer, layer-autotune), compiled "
+                         "(= ops) or eager (no compilation); budget 0 = sized from free memory")
     ap.add_argument("--skip-vanilla-fp16", action="store_true")
     ap.add_argument("--skip-vanilla", action="store_true",
                     help="engine runs only: no vanilla rows, no cosine (quick experiments)")
@@ -200,18 +201,23 @@ def main() -> None:
 
     for spec in args.runs.split(","):
         dtype, variant, budget = spec.split(":")
-        # variant: eager | compiled (= VNPD_COMPILE_MODE "ops") | layer | layer-autotune
+        # variant: eager | compiled (= VNPD_COMPILE_MODE "ops") | fused | layer | layer-autotune
         os.environ["VNPD_COMPILE_MODE"] = "ops" if variant == "compiled" else variant
-        # A fresh copy of the fp32 weights: the reference stays untouched.
-        engine = Engine(copy.deepcopy(model), model_name=args.workload,
-                        device=torch.device("cuda"), dtype=getattr(torch, dtype), layer=-1,
-                        max_tokens=int(budget), compile_kernels=(variant != "eager"))
-        t0 = time.perf_counter()
-        engine.warmup()
-        go = run_engine(engine, seqs, lengths)
-        go(limit=3)  # compile for the shapes of real batches
-        warm_s = time.perf_counter() - t0
-        seconds, out = time_it(go, warm=False)
+        try:
+            # A fresh copy of the fp32 weights: the reference stays untouched.
+            engine = Engine(copy.deepcopy(model), model_name=args.workload,
+                            device=torch.device("cuda"), dtype=getattr(torch, dtype), layer=-1,
+                            max_tokens=int(budget), compile_kernels=(variant != "eager"))
+            t0 = time.perf_counter()
+            engine.warmup()
+            go = run_engine(engine, seqs, lengths)
+            go(limit=3)  # compile for the shapes of real batches
+            warm_s = time.perf_counter() - t0
+            seconds, out = time_it(go, warm=False)
+        except Exception as exc:  # one broken variant must not cost the rest of the run
+            print(f"run {spec} failed: {exc!r}", flush=True)
+            torch.cuda.empty_cache()
+            continue
         cos = cosine(out, reference) if reference is not None else None
         rows.append(Row(f"vnpd {dtype} {variant} budget={engine.max_tokens}",
                         total_tokens, seconds, total_tokens / seconds,

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vnpd.model import make_test_model
+
+# The Triton kernels of the CUDA path (vnpd/kernels.py) run under Triton's interpreter on
+# machines without a GPU, so their tests and the "fused" forward run here too. It must be
+# set before any @triton.jit function is defined, hence here, before the tests import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 RARE = "XBUZO"

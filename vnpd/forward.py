@@ -21,13 +21,17 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
+import structlog
 import torch
 import torch.nn.functional as F
 
 from vnpd.attention import AttentionBackend
+
+log = structlog.get_logger()
 
 TOKEN_DROPOUT_SCALE = 1 - 0.15 * 0.8  # fair-esm: (1 - mask_ratio_train) / (1 - 0 observed)
 
@@ -106,7 +110,7 @@ def transformer_layer(x: torch.Tensor, h: torch.Tensor, w: tuple[torch.Tensor, .
     return add_norm(x, f, next_w, next_b, eps[1])
 
 
-COMPILE_MODES = ("ops", "layer", "layer-autotune")
+COMPILE_MODES = ("fused", "ops", "layer", "layer-autotune")
 
 
 class PackedESM2:
@@ -127,16 +131,27 @@ class PackedESM2:
         if compile_kernels is None:
             compile_kernels = device.type == "cuda" and os.environ.get("VNPD_COMPILE", "1") != "0"
         self.compiled = compile_kernels
-        # "ops" compiles the elementwise work between GEMMs (rotary+split, residual+LN,
-        # GELU) into one pass each; "layer" compiles the whole layer (GEMMs as cuBLAS
-        # calls); "layer-autotune" also lets inductor pick Triton GEMMs with fused
-        # epilogues. dynamic=True: the token count T varies by batch.
-        self.compile_mode = os.environ.get("VNPD_COMPILE_MODE", "ops") if compile_kernels else ""
+        # "fused" (the default): Triton kernels (vnpd/kernels.py) for the rotary (in
+        # place; q/k/v are read as views of the fused projection), residual+LN and GELU.
+        # "ops" compiles rotary+split, residual+LN and GELU with inductor, one pass
+        # each; "layer" compiles the whole layer (GEMMs as cuBLAS calls);
+        # "layer-autotune" also lets inductor pick Triton GEMMs with fused epilogues.
+        # dynamic=True: the token count T varies by batch.
+        self.compile_mode = os.environ.get("VNPD_COMPILE_MODE", "fused") if compile_kernels else ""
         if self.compile_mode and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"VNPD_COMPILE_MODE must be one of {COMPILE_MODES}")
         self._layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = transformer_layer
         self._pieces: dict[str, Callable[..., object]] = {}
-        if self.compile_mode == "ops":
+        if self.compile_mode == "fused" and importlib.util.find_spec("triton") is None:
+            log.warning("triton_missing", fallback="ops")  # torch's CUDA wheels ship it
+            self.compile_mode = "ops"
+        if self.compile_mode == "fused":
+            from vnpd import kernels  # Triton: CUDA machines only
+
+            self._pieces = {"split": kernels.rotate_qk_inplace,
+                            "add_norm": kernels.add_layer_norm,
+                            "act": kernels.gelu}
+        elif self.compile_mode == "ops":
             self._pieces = {"split": torch.compile(split_qkv_rotary, dynamic=True),
                             "add_norm": torch.compile(add_layer_norm, dynamic=True),
                             "act": torch.compile(gelu, dynamic=True)}
