@@ -33,8 +33,21 @@ class DaemonDirs:
         self.state, self.failed = self.root / "state", self.root / "failed"
 
 
+def _toml_items(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> str:
+    """``key = value`` lines for one section: the harness defaults, then ``overrides``."""
+    items = {**defaults, **(overrides or {})}
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in items.items())
+
+
 def write_config(dirs: DaemonDirs, model: Path, *, devices: tuple[str, ...] = ("cpu", "cpu"),
-                 extra: str = "", max_tokens: int = 2048) -> Path:
+                 extra: str = "", max_tokens: int = 2048, workers: dict[str, Any] | None = None,
+                 inbox: dict[str, Any] | None = None, jobs: dict[str, Any] | None = None) -> Path:
+    """Write ``config.toml`` for a test daemon. ``workers``, ``inbox`` and ``jobs`` add or
+    override keys of those sections (TOML forbids a section twice, so ``extra`` cannot)."""
+    worker_keys = _toml_items({"devices": list(devices), "heartbeat_interval_s": 0.5,
+                               "heartbeat_timeout_s": 20.0}, workers)
+    inbox_keys = _toml_items({"settle_s": 0.3, "rescan_interval_s": 2.0}, inbox)
+    jobs_section = f"[jobs]\n{_toml_items({}, jobs)}\n" if jobs else ""
     cfg = dirs.root / "config.toml"
     cfg.write_text(f"""
 [paths]
@@ -49,14 +62,12 @@ dtype = "float32"
 max_tokens_per_batch = {max_tokens}
 
 [workers]
-devices = {json.dumps(list(devices))}
-heartbeat_interval_s = 0.5
-heartbeat_timeout_s = 20.0
+{worker_keys}
 
 [inbox]
-settle_s = 0.3
-rescan_interval_s = 2.0
+{inbox_keys}
 
+{jobs_section}
 [metrics]
 listen = "127.0.0.1:0"
 
