@@ -21,3 +21,10 @@ if ! python -c 'import torch' >/dev/null 2>&1; then
   python -m pip install -q "torch==${VNPD_TORCH_VERSION:-2.13.0}"
 fi
 python -m pip install -q -e '.[test]'
+# The unit tests of systemd/vnpd.service need systemd-analyze (Debian's systemd package).
+# Best effort: without root or apt those tests skip and say why.
+if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; } \
+    >/dev/null 2>&1 || echo "setup: could not install systemd; the unit tests will skip" >&2
+fi
