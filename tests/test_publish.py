@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -207,6 +208,60 @@ def test_a_finalized_file_says_so_after_a_reopen(tmp_path: Path) -> None:
     assert again.finalized and again.num_sequences == 4
     again.close()
     assert read_output(path)[1] == ["seq0", "seq2", "seq3", "seq4"]
+
+
+def test_finalize_with_ids_from_the_caller(tmp_path: Path) -> None:
+    """The daemon's way: rows only in the partial file, ids and lengths given at the end."""
+    path = tmp_path / "d.h5"
+    out = PartialOutput.create(path, 5, 4, "float32")
+    out.write_rows(np.arange(5), tagged_rows(np.arange(5), 4))
+    with pytest.raises(ValueError, match="ids for 5 rows"):
+        out.finalize(META, ids=iter(["a", "b"]), lengths=np.arange(5))
+    with pytest.raises(ValueError, match="more ids"):
+        out.finalize(META, ids=iter("abcdef"), lengths=np.arange(5))
+    assert not out.finalized and not list(tmp_path.glob(".*compact*"))  # left as it was
+    out.finalize(META, quarantined=[3], ids=iter("abcde"), lengths=np.arange(5) + 10)
+    verify_output(path)
+    emb, ids, lengths, attrs = read_output(path)
+    assert ids == ["a", "b", "c", "e"] and attrs["quarantined_ids"] == ["d"]
+    assert lengths.tolist() == [10, 11, 12, 14]
+    np.testing.assert_array_equal(emb, tagged_rows(np.array([0, 1, 2, 4]), 4))
+
+
+def test_finalize_on_a_full_disk_fails_cleanly_and_can_run_again(tmp_path: Path) -> None:
+    """A real full filesystem (a small tmpfs; needs root): OSError ENOSPC, the partial
+    file untouched and no temp file left; once space is back, finalize succeeds."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(fs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path, n = fs / "p.h5", 6000
+        out = PartialOutput.create(path, n, 8, "float32")
+        out.write_rows(np.arange(n), tagged_rows(np.arange(n), 8))
+        out.flush()
+        before = path.read_bytes()
+        filler = fs / "filler"
+        with open(filler, "wb", buffering=0) as fh:
+            for size in (1 << 16, 1):
+                try:
+                    while True:
+                        fh.write(b"\0" * size)
+                except OSError:
+                    pass
+        ids = [f"record_{i}" for i in range(n)]
+        with pytest.raises(OSError) as failure:
+            out.finalize(META, ids=iter(ids), lengths=np.ones(n, dtype=np.int64))
+        assert failure.value.errno == errno.ENOSPC
+        assert path.read_bytes() == before and sorted(p.name for p in fs.iterdir()) == \
+            ["filler", "p.h5"]
+        filler.unlink()
+        out.finalize(META, ids=iter(ids), lengths=np.ones(n, dtype=np.int64))
+        verify_output(path)
+        assert read_output(path)[1] == ids
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], capture_output=True)
 
 
 def test_open_existing_rejects_broken_files(tmp_path: Path) -> None:

@@ -23,13 +23,12 @@ Why the layout is what it is:
   never written.
 - ``ids`` are variable-length strings, kept in HDF5's global heap: writing them changes
   file metadata, which a process killed between two flushes can leave dangling (an id
-  pointing into a heap collection that never reached the disk). The daemon therefore
-  writes ids (and lengths) only just before ``finalize``, from its input file, and a
-  job that resumes after a crash rewrites them all; during compute its partial file
-  receives embedding rows only.
-- ``finalize`` marks the file with its attributes (``schema_version`` last), so a
-  daemon restarted after it can tell that the file is complete (``finalized``) and
-  must not be finalized, or compacted, a second time.
+  pointing into a heap collection that never reached the disk), and which a full disk
+  can leave half-written. So the daemon's partial file receives embedding rows only,
+  and ``finalize`` gets the ids and lengths (read from the input) and writes the
+  output as a new file that replaces the partial one only once it is complete. A file
+  with attributes (``finalized``) is therefore complete, and a daemon restarted after
+  it must not finalize, or compact, it a second time.
 - Format bounds are ("v108", "v108"): "latest" sets a superblock flag that makes a file
   left by a killed process unopenable without ``h5clear``, which would defeat resuming.
   v108 still has dense attribute storage, so a long ``quarantined_ids`` list fits.
@@ -39,11 +38,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -65,6 +66,7 @@ _STR = h5py.string_dtype("utf-8")
 _BLOCK_BYTES = 32 << 20  # bounded memory when streaming rows (verify, compaction)
 
 log = structlog.get_logger(__name__)
+_attempts = itertools.count()  # names the temp file of each rebuild
 
 
 class IncompleteOutputError(ValueError):
@@ -225,14 +227,22 @@ class PartialOutput:
         self._file().flush()
         _fsync_file(self.path)
 
-    def finalize(self, meta: OutputMeta, *, quarantined: Sequence[int] = ()) -> None:
-        """Write the root attributes, drop the ``quarantined`` rows, fsync and close.
+    def finalize(self, meta: OutputMeta, *, quarantined: Sequence[int] = (),
+                 ids: Iterable[str] | None = None, lengths: np.ndarray | None = None) -> None:
+        """Make this a complete output: attributes written, ``quarantined`` rows dropped
+        (their ids go to ``quarantined_ids``); fsync and close.
 
-        Quarantined rows are removed by streaming the kept rows, in order, into a new
-        file beside this one (bounded memory) that then replaces it; their ids go to the
-        ``quarantined_ids`` attribute. Does not check that every row was written: call
-        ``verify_output`` before publishing. Raises ValueError on a bad position or
-        ``meta.layer`` < 0.
+        ``ids`` and ``lengths`` (all N, in row order) are for a file whose ids and
+        lengths were not written with ``write_ids_lengths``: the daemon passes them at
+        the end, read from its input (see the module doc).
+
+        With nothing to drop and no ``ids``, the attributes are written in place.
+        Otherwise the kept rows are streamed, in order, into a new file beside this one
+        (bounded memory), which is fsynced and renamed over it. This file is then never
+        changed in place: after a failure (a full disk raises OSError) it is as it was,
+        and a reopened file can be finalized again. Does not check that every row was
+        written: call ``verify_output``. Raises ValueError on a bad position, ids that
+        do not match the rows in number, or ``meta.layer`` < 0.
         """
         f = self._file()
         if meta.layer < 0:
@@ -240,41 +250,60 @@ class PartialOutput:
         drop = np.unique(np.asarray(quarantined, dtype=np.int64))
         if drop.size and (drop[0] < 0 or drop[-1] >= self.num_sequences):
             raise ValueError(f"quarantined positions outside 0..{self.num_sequences - 1}")
-        dropped_ids = [str(s) for s in f["ids"].asstr()[drop]] if drop.size else []
-        if not drop.size:
-            _write_attrs(f, meta, self.num_sequences, dropped_ids)
+        if not drop.size and ids is None:
+            _write_attrs(f, meta, self.num_sequences, [])
             self.close()
         else:
-            self._compact(meta, drop, dropped_ids)
+            self._rebuild(meta, drop, ids, lengths)
         log.info("output_finalized", path=str(self.path), source=meta.source_name,
                  num_sequences=self.num_sequences, quarantined=int(drop.size))
 
-    def _compact(self, meta: OutputMeta, drop: np.ndarray, dropped_ids: list[str]) -> None:
-        src = self._file()
-        kept = self.num_sequences - drop.size
-        tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}")
-        # Every kept row is written below, so the fill pass would be wasted I/O.
-        dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False)
+    def _rebuild(self, meta: OutputMeta, drop: np.ndarray, ids: Iterable[str] | None,
+                 lengths: np.ndarray | None) -> None:
+        src, n = self._file(), self.num_sequences
+        kept = n - drop.size
+        # A fresh name per attempt: a file whose write failed may stay open in HDF5.
+        tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}-{next(_attempts)}")
+        dst = None
         try:
-            keep = np.ones(self.num_sequences, dtype=bool)
+            # Every kept row is written below, so the fill pass would be wasted I/O.
+            dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False)
+            keep = np.ones(n, dtype=bool)
             keep[drop] = False
+            id_source = iter(ids) if ids is not None else None
+            dropped_ids: list[str] = []
             step = _block_rows(self.dim, np.dtype(self.output_dtype).itemsize)
             cursor = 0
-            for lo in range(0, self.num_sequences, step):
-                hi = min(lo + step, self.num_sequences)
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
                 mask = keep[lo:hi]
-                n = int(mask.sum())
-                dst["embeddings"][cursor:cursor + n] = src["embeddings"][lo:hi][mask]
-                dst["ids"][cursor:cursor + n] = src["ids"].asstr()[lo:hi][mask].tolist()
-                dst["lengths"][cursor:cursor + n] = src["lengths"][lo:hi][mask]
-                cursor += n
+                count = int(mask.sum())
+                block_ids = np.array(list(itertools.islice(id_source, hi - lo)) if id_source
+                                     else src["ids"].asstr()[lo:hi], dtype=object)
+                if block_ids.shape != (hi - lo,):
+                    raise ValueError(f"{lo + len(block_ids)} ids for {n} rows")
+                block_lengths = src["lengths"][lo:hi] if lengths is None else lengths[lo:hi]
+                dst["embeddings"][cursor:cursor + count] = src["embeddings"][lo:hi][mask]
+                dst["ids"][cursor:cursor + count] = block_ids[mask].tolist()
+                dst["lengths"][cursor:cursor + count] = np.asarray(block_lengths)[mask]
+                dropped_ids += [str(i) for i in block_ids[~mask]]
+                cursor += count
+            if id_source is not None and next(id_source, None) is not None:
+                raise ValueError(f"more ids than the {n} rows")
             _write_attrs(dst, meta, kept, dropped_ids)
             dst.close()
             _fsync_file(tmp)
-        except BaseException:
-            dst.close()
+        except BaseException as exc:
+            if dst is not None:
+                try:
+                    dst.close()
+                except Exception:  # noqa: BLE001 - a file whose flush failed does not close
+                    pass
             tmp.unlink(missing_ok=True)
-            raise
+            error = _as_write_error(exc, tmp) if isinstance(exc, Exception) else None
+            if error is None or error is exc:
+                raise
+            raise error from exc
         self.close()
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
@@ -288,6 +317,21 @@ class PartialOutput:
         self._f.close()
         self._f = None
         _fsync_file(self.path)
+
+
+def _as_write_error(exc: Exception, path: Path) -> OSError | None:
+    """``exc`` as the OSError that callers retry, if it is a failed write, else None.
+
+    h5py reports the file driver's failure (a full disk, say) as OSError, RuntimeError
+    or ValueError depending on the call; HDF5's message carries the errno.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"errno = (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, f"{os.strerror(code)}: cannot write {path}: {exc}")
 
 
 def _new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool) -> h5py.File:
