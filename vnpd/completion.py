@@ -15,8 +15,9 @@ finishes the job with one output, never a second ``sample.1.h5``:
    done job never leaves a claimed file behind for the restart to take as a new job.
 6. **mark done**, remove the job's state, log the one-line summary.
 
-A full or unwritable disk (an OSError in steps 1-4) is retried with exponential backoff
-up to ``jobs.publish_retry_max_s``; the result waits in state/ meanwhile.
+A full or unwritable disk (an OSError, or a journal that cannot grow) is retried with
+exponential backoff up to ``jobs.publish_retry_max_s`` (:func:`with_disk_retry`); the
+result waits in state/ meanwhile.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import structlog
@@ -36,7 +37,7 @@ import structlog
 from vnpd import __version__
 from vnpd.config import Config
 from vnpd.index import FileIndex, iter_windows
-from vnpd.journal import Journal, JobRow
+from vnpd.journal import DISK_ERRORS, Journal, JobRow
 from vnpd.metrics import Metrics
 from vnpd.publish import (OutputMeta, PartialOutput, output_name_for, publish_atomically,
                           sha256_file, unique_destination, verify_output)
@@ -46,15 +47,32 @@ from vnpd.testhooks import check_outbox_space, crash_at
 log = structlog.get_logger()
 
 IDS_WINDOW = 65536  # records re-read per step when writing ids at finalize
+T = TypeVar("T")
+
+
+async def with_disk_retry(step: Callable[[], Awaitable[T]], event: str, max_delay_s: float,
+                          **fields: Any) -> T:
+    """Run ``step`` until it succeeds, retrying disk errors with exponential backoff.
+
+    Each failure is logged as ``event`` (an error, with ``fields``, the error and the
+    delay); the delay doubles from 1 s up to ``max_delay_s``. ``step`` must be safe to
+    run again after a failure. Other exceptions propagate.
+    """
+    delay = 1.0
+    while True:
+        try:
+            return await step()
+        except DISK_ERRORS as exc:
+            log.error(event, error=str(exc), retry_in_s=delay, **fields)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
 
 
 def finalize_partial(partial: PartialOutput, source: Path, index: FileIndex, meta: OutputMeta,
                      quarantined: list[int]) -> None:
-    """Write ids and lengths (read from ``source``), then finalize the partial file."""
-    for start, records in iter_windows(source, index, IDS_WINDOW):
-        partial.write_ids_lengths(start, [r.id for r in records],
-                                  index.lengths[start:start + len(records)])
-    partial.finalize(meta, quarantined=quarantined)
+    """Finalize the partial file with its ids and lengths, read from ``source``."""
+    ids = (r.id for _, records in iter_windows(source, index, IDS_WINDOW) for r in records)
+    partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=index.lengths)
 
 
 class JobCompletion:
@@ -70,22 +88,16 @@ class JobCompletion:
     # Publish ------------------------------------------------------------------------
     async def publish(self, job: ActiveJob) -> None:
         """Steps 1-6 for a job whose rows are all written (or whose file is finalized)."""
-        quarantined = self.journal.quarantined(job.job_id)
-        delay = 1.0
-        while True:
-            try:
-                dest = await self._publish_once(job, [q.position for q in quarantined])
-                break
-            except FileExistsError:
-                continue  # another file took the journaled name: pick a free one
-            except OSError as exc:
-                # Disk full or unwritable outbox: keep the result, retry with backoff.
-                log.error("publish_retry", job=job.job_id, file=job.name, error=str(exc),
-                          retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.cfg.jobs.publish_retry_max_s)
-        self.finish_done(self.journal.job(job.job_id), dest, job.total_tokens,
-                         time.monotonic() - job.started)
+        quarantined = [q.position for q in self.journal.quarantined(job.job_id)]
+        max_delay = self.cfg.jobs.publish_retry_max_s
+        # Disk full or unwritable outbox: keep the result, retry with backoff.
+        dest = await with_disk_retry(lambda: self._publish_once(job, quarantined),
+                                     "publish_retry", max_delay, job=job.job_id, file=job.name)
+        seconds = time.monotonic() - job.started
+
+        async def finish() -> None:
+            self.finish_done(self.journal.job(job.job_id), dest, job.total_tokens, seconds)
+        await with_disk_retry(finish, "finish_retry", max_delay, job=job.job_id, file=job.name)
 
     async def _publish_once(self, job: ActiveJob, quarantined: list[int]) -> Path:
         partial, outbox = job.partial, self.cfg.paths.outbox
@@ -99,17 +111,23 @@ class JobCompletion:
                 crash_at("finalized")
         row = self.journal.job(job.job_id)
         dest = Path(row.output) if row.output else None
-        if dest is None or not _same_file(partial.path, dest):
-            await asyncio.to_thread(verify_output, partial.path)
+        if dest is not None and _same_file(partial.path, dest):
+            # Linked before a crash: publish_atomically only removes the state/ name.
+            await asyncio.to_thread(publish_atomically, partial.path, dest)
+            return dest
+        await asyncio.to_thread(verify_output, partial.path)
+        while True:
             if dest is None or os.path.lexists(dest):
                 dest = unique_destination(outbox, output_name_for(job.name))
                 self.journal.set_state(job.job_id, "publishing", output=str(dest))
                 crash_at("dest_journaled")
             check_outbox_space(outbox)
-        # else: linked before a crash; publish_atomically only removes the state/ name.
-        await asyncio.to_thread(publish_atomically, partial.path, dest)
-        crash_at("linked")
-        return dest
+            try:
+                await asyncio.to_thread(publish_atomically, partial.path, dest)
+            except FileExistsError:
+                continue  # another file took the name since: journal a free one
+            crash_at("linked")
+            return dest
 
     def finish_done(self, row: JobRow, dest: Path, tokens: int, seconds: float) -> None:
         """Steps 5 and 6: the output is in the outbox; retire the input and the job."""

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 import structlog
 
 from vnpd import __version__
-from vnpd.completion import JobCompletion, utc_now
+from vnpd.completion import JobCompletion, utc_now, with_disk_retry
 from vnpd.config import EX_CONFIG, Config, ConfigError, load_config, resolve_devices, validate_config
 from vnpd.fasta import FastaError
 from vnpd.inbox import ClaimError, InboxWatcher, SettleTracker, claim_file, scan_inbox
@@ -85,7 +86,8 @@ class Daemon:
         self.scheduler = Scheduler(self.journal, truncation=cfg.model.truncation,
                                    max_tokens=cfg.model.max_tokens_per_batch or 0,
                                    on_poison=cfg.jobs.on_poison,
-                                   on_job_complete=self._job_complete, metrics=self.metrics)
+                                   on_job_complete=self._job_complete, metrics=self.metrics,
+                                   disk_retry_max_s=cfg.jobs.publish_retry_max_s)
         self.supervisor = Supervisor(
             self._worker_specs(), self.scheduler,
             heartbeat_timeout_s=cfg.workers.heartbeat_timeout_s,
@@ -100,6 +102,7 @@ class Daemon:
                                         self.done_dir, self._output_meta)
         self.settle = SettleTracker(cfg.inbox.settle_s)
         self.indexing: set[int] = set()
+        self.unrecorded_claims = False  # a claim the journal could not record (disk full)
         self.publishing: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.attention_backend = ""
@@ -166,6 +169,12 @@ class Daemon:
         return task
 
     def _spawn_publish(self, job: ActiveJob) -> None:
+        try:
+            self.journal.set_state(job.job_id, "publishing")
+        except sqlite3.OperationalError as exc:
+            # A full disk. Harmless: the publish journals its output name (with retries),
+            # and until then a restart resumes the job, finds nothing left, and publishes.
+            log.error("journal_write_failed", job=job.job_id, error=str(exc))
         task = self._spawn(self.completion.publish(job))
         self.publishing.add(task)
         task.add_done_callback(self.publishing.discard)
@@ -191,12 +200,16 @@ class Daemon:
         for task in list(self.tasks - self.publishing):
             task.cancel()
         if self.publishing:
-            # A publish left unfinished here resumes after the restart (it is journaled).
-            await asyncio.wait(list(self.publishing), timeout=30)
+            # A publish left unfinished here (a full outbox, say) resumes after the restart:
+            # every step of it is journaled or idempotent.
+            _, unfinished = await asyncio.wait(list(self.publishing), timeout=30)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
         for job in list(self.scheduler.jobs.values()):
             job.partial.close()
         self.metrics.stop_server()
-        write_status(self.cfg.paths.state, self._status(final=True))
+        self._write_status(self._status(final=True))
         self.journal.close()
         code = getattr(self, "exit_code", 0)
         if self.supervisor.all_degraded():
@@ -248,6 +261,8 @@ class Daemon:
         await self._resume_jobs()
         while not self.stopping.is_set():
             self.wake.clear()
+            if self.unrecorded_claims:
+                self._recover_claimed(self.journal.claimed_names())
             if len(self.scheduler.jobs) + len(self.indexing) < self.cfg.jobs.max_active_jobs:
                 for candidate in self.settle.observe(scan_inbox(self.cfg.paths.inbox)):
                     if len(self.scheduler.jobs) + len(self.indexing) >= \
@@ -280,9 +295,20 @@ class Daemon:
             claimed = exc.kept
         self.settle.forget(candidate.path)
         crash_at("claimed")
-        job_id = self.journal.add_job(name, claimed)
-        log.info("job_claimed", job=job_id, file=name, bytes=candidate.size)
-        self._start_indexing(job_id, name, claimed)
+        job_id = self._record_claim(name, claimed)
+        if job_id is not None:
+            log.info("job_claimed", job=job_id, file=name, bytes=candidate.size)
+            self._start_indexing(job_id, name, claimed)
+
+    def _record_claim(self, name: str, claimed: Path) -> int | None:
+        """Journal a claimed file as a new job. On a full disk, None: the file waits in
+        state/claimed/ for :meth:`_recover_claimed`."""
+        try:
+            return self.journal.add_job(name, claimed)
+        except sqlite3.OperationalError as exc:
+            log.error("claim_journal_failed", file=name, claimed=str(claimed), error=str(exc))
+            self.unrecorded_claims = True
+            return None
 
     def _start_indexing(self, job_id: int, name: str, claimed: Path) -> None:
         self.indexing.add(job_id)
@@ -301,10 +327,14 @@ class Daemon:
                                      {"reason": f"cannot read file: {exc}"}, str(exc))
             return
         self.indexing.discard(job_id)
-        index.save(self.jobs_dir / str(job_id) / "index")
         total_tokens = int(tokens_for(index.lengths, self.cfg.model.truncation).sum())
         key = self._cache_key(index.sha256)
-        self.journal.set_indexed(job_id, index.sha256, key, index.num_records, total_tokens)
+
+        async def save() -> None:
+            await asyncio.to_thread(index.save, self.jobs_dir / str(job_id) / "index")
+            self.journal.set_indexed(job_id, index.sha256, key, index.num_records, total_tokens)
+        await with_disk_retry(save, "index_save_retry", self.cfg.jobs.publish_retry_max_s,
+                              job=job_id, file=name)
         previous = self.journal.published_with_key(key)
         copy = previous is not None and bool(previous.output) and Path(previous.output).is_file()
         if copy:
@@ -328,12 +358,14 @@ class Daemon:
         if partial is None:
             if resume:  # rows the journal calls done are not on disk: compute them again
                 self.journal.reset_job(job_id)
-            partial = await asyncio.to_thread(PartialOutput.create, partial_path,
-                                              index.num_records, dim, self.cfg.model.output_dtype)
+            # Allocated in full here, so a disk too full for the output is found now.
+            partial = await with_disk_retry(
+                lambda: asyncio.to_thread(PartialOutput.create, partial_path, index.num_records,
+                                          dim, self.cfg.model.output_dtype),
+                "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
         job = ActiveJob(job_id, name, claimed, index, partial,
                         self.journal.job(job_id).next_position, total_tokens)
         if partial.finalized:
-            self.journal.set_state(job_id, "publishing")
             self._spawn_publish(job)
             return
         self.scheduler.add_job(job)
@@ -382,10 +414,18 @@ class Daemon:
             else:
                 self.journal.reset_job(row.id)
                 self._start_indexing(row.id, row.name, row.claimed_path)
+        self._recover_claimed(known)
+
+    def _recover_claimed(self, known: set[str]) -> None:
+        """Register files in state/claimed/ that no job names (claimed just before a
+        crash, or while the journal could not be written)."""
+        self.unrecorded_claims = False
         for path in sorted(self.claimed_dir.iterdir()):
-            if path.name not in known:  # claimed, then crashed before the journal insert
-                name = path.name.split("-", 1)[1] if "-" in path.name else path.name
-                job_id = self.journal.add_job(name, path)
+            if path.name in known:
+                continue
+            name = path.name.split("-", 1)[1] if "-" in path.name else path.name
+            job_id = self._record_claim(name, path)
+            if job_id is not None:
                 log.info("job_recovered", job=job_id, file=name)
                 self._start_indexing(job_id, name, path)
 
@@ -416,14 +456,13 @@ class Daemon:
             self.completion.fail_job(job.job_id, job.name, job.source, {"reason": job.failed},
                                      job.failed)
             return
-        self.journal.set_state(job.job_id, "publishing")
         self._spawn_publish(job)
 
     # Status -------------------------------------------------------------------------
     async def _status_loop(self) -> None:
         while not self.stopping.is_set():
             status = self._status()
-            await asyncio.to_thread(write_status, self.cfg.paths.state, status)
+            await asyncio.to_thread(self._write_status, status)
             ready = sum(1 for w in status["workers"] if w["state"] == "ready")
             self.notifier.status(f"{len(status['jobs'])} jobs active, "
                                  f"{self.scheduler.queued_sequences()} sequences queued, "
@@ -435,6 +474,12 @@ class Daemon:
                 self.metrics.batches_inflight.labels(device=h.device).set(len(h.inflight))
             self.metrics.update_busy(time.time())
             await asyncio.sleep(1.0)
+
+    def _write_status(self, status: dict[str, Any]) -> None:
+        try:
+            write_status(self.cfg.paths.state, status)
+        except OSError as exc:  # a full disk: the snapshot is only for `vnpd status`
+            log.warning("status_write_failed", error=str(exc))
 
     def _status(self, final: bool = False) -> dict[str, Any]:
         jobs = []

@@ -58,6 +58,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (cache_key, state);
 """
 
 
+# What a full disk or an unwritable directory raises: OSError from files, and
+# sqlite3.OperationalError ("database or disk is full") from the journal.
+DISK_ERRORS = (OSError, sqlite3.OperationalError)
+
+
 @dataclass(frozen=True)
 class JobRow:
     id: int

@@ -20,6 +20,7 @@ beside others, one with its batch alone, one alone), not two per halving.
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import structlog
 
 from vnpd.fasta import FastaRecord, iter_fasta_from
 from vnpd.index import FileIndex
-from vnpd.journal import Journal
+from vnpd.journal import DISK_ERRORS, Journal
 from vnpd.packing import build_batch, pack_batches, tokens_for
 from vnpd.protocol import BatchMsg
 from vnpd.publish import PartialOutput
@@ -88,7 +89,7 @@ class Scheduler:
 
     def __init__(self, journal: Journal, *, truncation: int, max_tokens: int,
                  on_poison: str, on_job_complete: Callable[[ActiveJob], None],
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, disk_retry_max_s: float = 30.0) -> None:
         self.journal = journal
         self.truncation = truncation
         self.max_tokens = max_tokens
@@ -98,6 +99,10 @@ class Scheduler:
         self.jobs: dict[int, ActiveJob] = {}
         self._rr: deque[int] = deque()
         self._batch_ids = itertools.count(1)
+        # After a disk error (full disk), commits and window reads pause with backoff.
+        self.disk_retry_max_s = disk_retry_max_s
+        self._disk_delay = 0.0
+        self._disk_retry_at = 0.0
 
     # Jobs ---------------------------------------------------------------------------
     def add_job(self, job: ActiveJob) -> None:
@@ -154,12 +159,16 @@ class Scheduler:
         queued = job.queue.popleft()
         if queued.tokens > max_tokens and len(queued.positions) > 1:
             # This device's budget is lower (it ran out of memory): split first.
-            self._split(job, queued, "over device budget")
-            queued = job.queue.popleft()
+            try:
+                self._split(job, queued, "over device budget")
+                queued = job.queue.popleft()
+            except sqlite3.OperationalError as exc:  # a full disk: send it whole
+                log.error("journal_write_failed", job=job.job_id, batch=queued.batch_no,
+                          error=str(exc))
         return self._dispatch(job, queued)
 
     def _read_window(self, job: ActiveJob) -> None:
-        if job.next_position >= job.num_records:
+        if job.next_position >= job.num_records or time.monotonic() < self._disk_retry_at:
             return
         start = job.next_position
         target = WINDOW_BATCHES * self.max_tokens
@@ -176,8 +185,13 @@ class Scheduler:
         lengths = np.asarray(job.index.lengths[start:stop])
         plan = pack_batches(lengths, self.max_tokens, self.truncation)
         cost = tokens_for(lengths, self.truncation)
-        numbers = self.journal.add_batches(
-            job.job_id, [(local + start, int(cost[local].sum())) for local in plan], stop)
+        try:
+            numbers = self.journal.add_batches(
+                job.job_id, [(local + start, int(cost[local].sum())) for local in plan], stop)
+        except sqlite3.OperationalError as exc:
+            # A full disk: nothing was journaled or queued; the window is read again later.
+            self._disk_failed("window_read_failed", exc, job=job.job_id, start=start)
+            return
         for no, local in zip(numbers, plan):
             batch = build_batch(local + start, [records[i].sequence for i in local],
                                 self.truncation)
@@ -241,14 +255,28 @@ class Scheduler:
         batches, which are then recomputed; rows are never marked done before they are
         on disk.
         """
+        if time.monotonic() < self._disk_retry_at:
+            return
         for job in list(self.jobs.values()):
             if not job.unflushed:
                 continue
-            job.partial.flush()
-            crash_at("rows_flushed")
-            self.journal.mark_done(job.job_id, job.unflushed)
+            try:
+                job.partial.flush()
+                crash_at("rows_flushed")
+                self.journal.mark_done(job.job_id, job.unflushed)
+            except DISK_ERRORS as exc:
+                # A full disk: the batches stay pending, and a later commit tries again.
+                self._disk_failed("commit_failed", exc, job=job.job_id,
+                                  batches=len(job.unflushed))
+                return
+            self._disk_delay = 0.0
             job.unflushed.clear()
             self._check_complete(job)
+
+    def _disk_failed(self, event: str, exc: BaseException, **fields: Any) -> None:
+        self._disk_delay = min(max(1.0, 2 * self._disk_delay), self.disk_retry_max_s)
+        self._disk_retry_at = time.monotonic() + self._disk_delay
+        log.error(event, error=str(exc), retry_in_s=self._disk_delay, **fields)
 
     def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None:
         job_id, queued = dispatch.key
@@ -256,7 +284,7 @@ class Scheduler:
         if job is None or queued.batch_no not in job.inflight:
             return
         job.inflight.discard(queued.batch_no)
-        queued.attempts = self.journal.count_attempt(job_id, queued.batch_no)
+        self._count_attempt(job, queued)
         if kind == "oom" and len(queued.positions) > 1:
             self._split(job, queued, "out of memory")
         else:
@@ -272,20 +300,35 @@ class Scheduler:
             if reason == "shutdown":
                 job.queue.appendleft(queued)  # journaled as not done: resumes on restart
                 continue
-            queued.attempts = self.journal.count_attempt(job_id, queued.batch_no)
+            self._count_attempt(job, queued)
             self._after_failure(job, queued, dispatch.exclusive, reason)
+
+    def _count_attempt(self, job: ActiveJob, queued: QueuedBatch) -> None:
+        try:
+            queued.attempts = self.journal.count_attempt(job.job_id, queued.batch_no)
+        except sqlite3.OperationalError as exc:
+            queued.attempts += 1  # a full disk: counted in memory only, until a restart
+            log.error("journal_write_failed", job=job.job_id, batch=queued.batch_no,
+                      error=str(exc))
 
     def _after_failure(self, job: ActiveJob, queued: QueuedBatch, alone: bool,
                        reason: str) -> None:
         """Retry as a suspect; or, when it failed alone, split it or quarantine it."""
-        if not alone or (len(queued.positions) == 1 and queued.attempts < POISON_ATTEMPTS):
-            # Beside other batches the blame is unknown: retry it alone, first in line.
+        try:
+            if not alone or (len(queued.positions) == 1 and queued.attempts < POISON_ATTEMPTS):
+                # Beside other batches the blame is unknown: retry it alone, first in line.
+                job.queue.appendleft(queued)
+            elif len(queued.positions) > 1:
+                # Its own failure: find the culprit among its sequences, each alone.
+                self._split(job, queued, reason, singles=True)
+            else:
+                self._poisoned(job, queued, reason)
+        except sqlite3.OperationalError as exc:
+            # A full disk: the split or quarantine was rolled back; the batch, still
+            # pending in the journal, is retried as it is.
+            log.error("journal_write_failed", job=job.job_id, batch=queued.batch_no,
+                      error=str(exc))
             job.queue.appendleft(queued)
-        elif len(queued.positions) > 1:
-            # Its own failure: find the culprit among its sequences, each alone.
-            self._split(job, queued, reason, singles=True)
-        else:
-            self._poisoned(job, queued, reason)
 
     def _split(self, job: ActiveJob, queued: QueuedBatch, reason: str, *,
                singles: bool = False) -> None:
