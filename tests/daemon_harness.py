@@ -41,14 +41,16 @@ def _toml_items(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> s
 
 def write_config(dirs: DaemonDirs, model: Path, *, devices: tuple[str, ...] = ("cpu", "cpu"),
                  extra: str = "", max_tokens: int = 2048, workers: dict[str, Any] | None = None,
-                 inbox: dict[str, Any] | None = None, jobs: dict[str, Any] | None = None) -> Path:
-    """Write ``config.toml`` for a test daemon. ``workers``, ``inbox`` and ``jobs`` add or
-    override keys of those sections (TOML forbids a section twice, so ``extra`` cannot)."""
+                 inbox: dict[str, Any] | None = None, jobs: dict[str, Any] | None = None,
+                 path: Path | None = None) -> Path:
+    """Write ``config.toml`` (in ``dirs.root``, or at ``path``) for a test daemon.
+    ``workers``, ``inbox`` and ``jobs`` add or override keys of those sections (TOML
+    forbids a section twice, so ``extra`` cannot)."""
     worker_keys = _toml_items({"devices": list(devices), "heartbeat_interval_s": 0.5,
                                "heartbeat_timeout_s": 20.0}, workers)
     inbox_keys = _toml_items({"settle_s": 0.3, "rescan_interval_s": 2.0}, inbox)
     jobs_section = f"[jobs]\n{_toml_items({}, jobs)}\n" if jobs else ""
-    cfg = dirs.root / "config.toml"
+    cfg = path or dirs.root / "config.toml"
     cfg.write_text(f"""
 [paths]
 inbox = "{dirs.inbox}"
@@ -82,9 +84,10 @@ level = "debug"
 class Daemon:
     """A `vnpd run` subprocess with its JSON log captured to a file."""
 
-    def __init__(self, config: Path, dirs: DaemonDirs, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, dirs: DaemonDirs, env: dict[str, str] | None = None,
+                 log_dir: Path | None = None) -> None:
         self.config, self.dirs = config, dirs
-        self.log_path = dirs.root / f"daemon-{time.monotonic_ns()}.log"
+        self.log_path = (log_dir or dirs.root) / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "vnpd", "run", "--config", str(config)],

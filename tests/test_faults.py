@@ -20,6 +20,7 @@ that production never sets (docs/DAEMON.md, "Test-only fault hooks"):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -102,10 +103,12 @@ class Outcome:
     reader_checks: int = 0      # outbox files opened and verified by the concurrent reader
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    skipped: str = ""           # why the scenario could not run here (nothing was checked)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.wrong_rows or self.problems)
+        return not (self.lost or self.duplicated or self.wrong_rows or self.problems
+                    or self.skipped)
 
     def add(self, other: Outcome) -> None:
         for name in ("sequences", "quarantined", "lost", "duplicated", "wrong_rows",
@@ -282,18 +285,22 @@ class Run:
     """One scenario's daemon(s) in one directory, with the outbox reader running."""
 
     def __init__(self, root: Path, model: Path, *, workers: dict[str, Any] | None = None,
-                 jobs: dict[str, Any] | None = None, max_tokens: int = 1024) -> None:
-        self.dirs = DaemonDirs(root)
+                 jobs: dict[str, Any] | None = None, max_tokens: int = 1024,
+                 data_dir: Path | None = None) -> None:
+        """The daemon's directories go in ``data_dir`` (default ``root``); its config
+        and log files always in ``root``, as journald holds a real daemon's log."""
+        self.root = root
+        self.dirs = DaemonDirs(data_dir or root)
         root.mkdir(parents=True, exist_ok=True)
         self.config = write_config(self.dirs, model, max_tokens=max_tokens,
                                    workers={**FAST_WORKERS, **(workers or {})},
-                                   inbox=SETTLE, jobs=jobs)
+                                   inbox=SETTLE, jobs=jobs, path=root / "config.toml")
         self.reader = OutboxReader(self.dirs.outbox)
         self.daemons: list[Daemon] = []
         self.started = time.monotonic()
 
     def start(self, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(self.config, self.dirs, env=env)
+        daemon = Daemon(self.config, self.dirs, env=env, log_dir=self.root)
         self.daemons.append(daemon)
         if not self.reader.is_alive() and not self.reader.stop_event.is_set():
             self.reader.start()
@@ -732,6 +739,71 @@ def scenario_outbox_full(root: Path, model: Path, reference: Reference) -> Outco
     return run.finish(outcome, texts, reference)
 
 
+def scenario_disk_full(root: Path, model: Path, reference: Reference) -> Outcome:
+    """7b. A real full disk: the daemon's directories live on a small tmpfs, which a
+    filler file fills up, twice: (1) completely, while a job computes: commits and
+    window reads fail; (2) all but 1.5 MB, so that a job computes but its 5 MB output
+    cannot be written at publish. Each time the daemon stays up and logs what fails,
+    and once the filler is removed it publishes everything, exactly once. Needs root
+    (mount); skipped without it."""
+    outcome = Outcome("disk full (small tmpfs)")
+    fs = root / "fs"
+    fs.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(fs)],
+                      capture_output=True).returncode != 0:
+        outcome.skipped = "cannot mount a tmpfs here (needs root)"
+        return outcome
+    try:
+        run = Run(root, model, jobs={"publish_retry_max_s": 2.0}, data_dir=fs)
+        texts = {"compute.fasta": job_text(3000, seed=8, prefix="c"),
+                 "publish.fasta": job_text(20000, seed=9, prefix="p", lo=10, hi=30)}
+        filler = fs / "filler"
+        try:
+            daemon = run.start()
+            drop(run.dirs.inbox, "compute.fasta", texts["compute.fasta"])
+            daemon.wait_for(lambda: len(daemon.events("batch_done")) >= 10, 120, "10 batches")
+            _fill_up(filler, leave=0)
+            errors = ("commit_failed", "window_read_failed")
+            daemon.wait_for(lambda: [e for name in errors for e in daemon.events(name)], 60,
+                            "an error logged for the full disk")
+            time.sleep(3)  # the daemon must stay up while the disk stays full
+            filler.unlink()
+            daemon.wait_outputs(["compute.h5"], timeout=120)
+
+            drop(run.dirs.inbox, "publish.fasta", texts["publish.fasta"])
+            daemon.wait_for(lambda: [e for e in daemon.events("job_started")
+                                     if e["file"] == "publish.fasta"], 60, "the second job")
+            _fill_up(filler, leave=1_500_000)
+            retries = daemon.wait_for(lambda: [e for e in daemon.events("publish_retry")
+                                               if e["file"] == "publish.fasta"], 120,
+                                      "a publish retry on the nearly full disk")
+            if "No space left" not in retries[0]["error"]:
+                outcome.problems.append(f"publish_retry error {retries[0]['error']!r}")
+            filler.unlink()
+            daemon.wait_outputs(["publish.h5"], timeout=120)
+        except AssertionError as exc:
+            outcome.problems.append(str(exc)[:2000])
+        return run.finish(outcome, texts, reference)
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], capture_output=True)
+
+
+def _fill_up(path: Path, leave: int) -> None:
+    """Write ``path`` until its filesystem has ``leave`` bytes free, or none (ENOSPC)."""
+    stat = os.statvfs(path.parent)
+    size = max(0, stat.f_bavail * stat.f_frsize - leave)
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while size > 0:
+                size -= fh.write(b"\0" * min(size, 1 << 20))
+            if not leave:
+                while True:
+                    fh.write(b"\0" * 4096)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
 def _chattr(path: Path, flag: str) -> bool:
     return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
 
@@ -748,6 +820,7 @@ SCENARIOS: dict[str, Callable[[Path, Path, Reference], Outcome]] = {
     "all_devices_degraded": scenario_all_devices_degraded,
     "daemon_sigkill": scenario_daemon_sigkill,
     "outbox_full": scenario_outbox_full,
+    "disk_full": scenario_disk_full,
 }
 
 
@@ -756,5 +829,7 @@ SCENARIOS: dict[str, Callable[[Path, Path, Reference], Outcome]] = {
 def test_fault_scenario(name: str, tmp_path: Path, tiny_model: Path,
                         reference: Reference) -> None:
     outcome = SCENARIOS[name](tmp_path, tiny_model, reference)
+    if outcome.skipped:
+        pytest.skip(outcome.skipped)
     assert outcome.ok, outcome.report()
     assert outcome.sequences > 0 and outcome.lost == outcome.duplicated == 0
