@@ -342,6 +342,21 @@ def test_validate_creates_missing_dirs(tmp_path: Path):
         assert list(path.iterdir()) == []  # the write probe cleaned up
 
 
+def test_validate_never_writes_into_the_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only complete outputs may ever show in the outbox, not even a write probe: a
+    reader of the outbox saw `.vnpd-write-test-*` while a daemon started."""
+    cfg = usable_config(tmp_path)
+    probed: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: object, **kwargs: object) -> tuple[int, str]:
+        probed.append(str(kwargs.get("dir")))
+        return real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    validate_config(cfg, check_model=False)
+    assert str(cfg.paths.outbox) not in probed and str(cfg.paths.state) in probed
+
+
 def test_validate_unwritable_and_uncreatable_dirs(tmp_path: Path):
     cfg = usable_config(tmp_path)
     blocker = write(tmp_path / "a-file", "")

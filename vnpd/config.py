@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
@@ -525,7 +526,9 @@ def _check_paths(paths: PathsConfig) -> list[str]:
     devs: dict[str, int] = {}
     named = {f.name: getattr(paths, f.name) for f in dataclasses.fields(paths)}
     for key, path in named.items():
-        problem = _ensure_writable_dir(Path(path))
+        # Nothing but complete outputs may ever show in the outbox, not even a probe
+        # file for a moment (a user's pipeline may be reading it): ask access(2) there.
+        problem = _ensure_writable_dir(Path(path), probe=key != "outbox")
         if problem:
             problems.append(f"paths.{key} = {str(path)!r}: {problem}")
         else:
@@ -547,14 +550,20 @@ def _check_paths(paths: PathsConfig) -> list[str]:
     return problems
 
 
-def _ensure_writable_dir(path: Path) -> str | None:
-    """Create ``path`` if missing and prove it writable; return a problem or None."""
+def _ensure_writable_dir(path: Path, probe: bool = True) -> str | None:
+    """Create ``path`` if missing and prove it writable (with a probe file, or with
+    access(2) when ``probe`` is False); return a problem or None."""
     try:
         path.mkdir(mode=0o750, parents=True, exist_ok=True)
     except FileExistsError:
         return "exists but is not a directory"
     except OSError as e:
         return f"cannot create the directory: {e.strerror or e}"
+    if not probe:
+        effective = os.access in os.supports_effective_ids
+        if os.access(path, os.W_OK | os.X_OK, effective_ids=effective):
+            return None
+        return f"directory is not writable by uid {os.geteuid()}: {os.strerror(errno.EACCES)}"
     try:
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".vnpd-write-test-")
         os.close(fd)
