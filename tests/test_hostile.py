@@ -467,11 +467,6 @@ def check_left_alone(dirs: DaemonDirs, daemon: Daemon, outside: Path, cases: lis
         assert info.value.errno == errno.ENXIO
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vnpd/scheduler.py re-reads the claimed file with iter_fasta_from, which reads past the "
-    "indexed records and raises FastaError out of dispatch: task_crashed, exit 70, and the "
-    "same again after every restart. Fix: read through vnpd.index.iter_indexed and fail "
-    "the job on FastaError (see the hostile-input report)."))
 def test_writer_still_writing_after_the_claim_fails_its_job_not_the_daemon(
         tmp_path: Path, tiny_model: Path) -> None:
     """``cp`` straight into the inbox, stalled past settle_s: the file is claimed and

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from vnpd.fasta import FastaRecord, iter_fasta_from
-from vnpd.index import FileIndex
+from vnpd.fasta import FastaError, FastaRecord
+from vnpd.index import FileIndex, iter_indexed
 from vnpd.journal import DISK_ERRORS, Journal
 from vnpd.packing import build_batch, pack_batches, tokens_for
 from vnpd.protocol import BatchMsg
@@ -142,18 +142,33 @@ class Scheduler:
         suspect = next((j for j in self.jobs.values()
                         if j.queue and j.queue[0].attempts and not j.failed), None)
         if suspect is not None:
-            return self._take(suspect, max_tokens) if alone else None
+            return self._next_from(suspect, max_tokens) if alone else None
         for _ in range(len(self._rr)):
             job_id = self._rr[0]
             self._rr.rotate(-1)
             job = self.jobs[job_id]
             if job.failed:
                 continue
+            dispatch = self._next_from(job, max_tokens)
+            if dispatch is not None:
+                return dispatch
+        return None
+
+    def _next_from(self, job: ActiveJob, max_tokens: int) -> Dispatch | None:
+        """The job's next batch, reading a new window first when few are queued.
+
+        An input that no longer reads as it was indexed (its writer went on writing
+        after the claim) fails its job here, and only its job.
+        """
+        try:
             if len(job.queue) < WINDOW_BATCHES:
                 self._read_window(job)
-            if job.queue:
-                return self._take(job, max_tokens)
-        return None
+            return self._take(job, max_tokens) if job.queue else None
+        except FastaError as exc:
+            log.error("job_input_changed", job=job.job_id, file=job.name, error=str(exc))
+            job.failed = str(exc)
+            self.on_job_complete(job)
+            return None
 
     def _take(self, job: ActiveJob, max_tokens: int) -> Dispatch:
         queued = job.queue.popleft()
@@ -174,7 +189,7 @@ class Scheduler:
         target = WINDOW_BATCHES * self.max_tokens
         records: list[FastaRecord] = []
         tokens = 0
-        for record in iter_fasta_from(job.source, int(job.index.offsets[start]), start):
+        for record in iter_indexed(job.source, job.index, start):
             records.append(record)
             tokens += min(len(record.sequence), self.truncation) + 2
             if tokens >= target or len(records) >= WINDOW_MAX_RECORDS:
@@ -218,7 +233,7 @@ class Scheduler:
         lo, hi = int(positions.min()), int(positions.max())
         wanted = set(positions.tolist())
         found: dict[int, FastaRecord] = {}
-        for record in iter_fasta_from(job.source, int(job.index.offsets[lo]), lo):
+        for record in iter_indexed(job.source, job.index, lo):
             if record.index in wanted:
                 found[record.index] = record
             if record.index >= hi:
