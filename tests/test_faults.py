@@ -619,7 +619,7 @@ KILL_POINTS = (
     KillPoint("indexing a big file", event="job_claimed"),
     KillPoint("claimed, not journaled", crash_at="claimed"),
     KillPoint("early batches", after_batches=3),
-    KillPoint("mid-job", after_batches=150),
+    KillPoint("mid-job", after_batches=80),  # of ~170: the random delay must not reach the end
     KillPoint("rows flushed, batches not journaled", crash_at="rows_flushed"),
     KillPoint("finalized (compacted), not linked", crash_at="finalized", poison=True),
     KillPoint("output name journaled, not linked", crash_at="dest_journaled"),
