@@ -37,7 +37,8 @@ from vnpd.metrics import Metrics
 from vnpd.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.packing import tokens_for
 from vnpd.protocol import WorkerSpec
-from vnpd.publish import IncompleteOutputError, OutputMeta, PartialOutput
+from vnpd.publish import (IncompleteOutputError, OutputMeta, PartialOutput, fsync_dir,
+                          fsync_file)
 from vnpd.scheduler import ActiveJob, Scheduler
 from vnpd.status import write_status
 from vnpd.supervisor import Supervisor
@@ -331,7 +332,7 @@ class Daemon:
         key = self._cache_key(index.sha256)
 
         async def save() -> None:
-            await asyncio.to_thread(index.save, self.jobs_dir / str(job_id) / "index")
+            await asyncio.to_thread(_save_durably, index, self.jobs_dir / str(job_id) / "index")
             self.journal.set_indexed(job_id, index.sha256, key, index.num_records, total_tokens)
         await with_disk_retry(save, "index_save_retry", self.cfg.jobs.publish_retry_max_s,
                               job=job_id, file=name)
@@ -498,3 +499,12 @@ class Daemon:
                 "started_unix": self.started, "stopped": final, "metrics": self.metrics_address,
                 "workers": [h.describe() for h in self.supervisor.workers], "jobs": jobs}
 
+
+def _save_durably(index: FileIndex, directory: Path) -> None:
+    """Save a job's index and fsync it: the journal is about to call the job indexed,
+    and a restart after a power cut must find the files whole."""
+    index.save(directory)
+    for path in directory.iterdir():
+        fsync_file(path)
+    fsync_dir(directory)
+    fsync_dir(directory.parent)

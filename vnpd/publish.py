@@ -94,7 +94,8 @@ def _early_alloc() -> h5py.h5p.PropDCID:
     return dcpl
 
 
-def _fsync_file(path: Path, flags: int = os.O_RDONLY) -> None:
+def fsync_file(path: Path, flags: int = os.O_RDONLY) -> None:
+    """fsync a file (or, with O_DIRECTORY in ``flags``, a directory) by path."""
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
@@ -225,7 +226,7 @@ class PartialOutput:
     def flush(self) -> None:
         """Make every row written so far durable (HDF5 flush, then fsync)."""
         self._file().flush()
-        _fsync_file(self.path)
+        fsync_file(self.path)
 
     def finalize(self, meta: OutputMeta, *, quarantined: Sequence[int] = (),
                  ids: Iterable[str] | None = None, lengths: np.ndarray | None = None) -> None:
@@ -292,7 +293,7 @@ class PartialOutput:
                 raise ValueError(f"more ids than the {n} rows")
             _write_attrs(dst, meta, kept, dropped_ids)
             dst.close()
-            _fsync_file(tmp)
+            fsync_file(tmp)
         except BaseException as exc:
             if dst is not None:
                 try:
@@ -316,7 +317,7 @@ class PartialOutput:
         self._f.flush()
         self._f.close()
         self._f = None
-        _fsync_file(self.path)
+        fsync_file(self.path)
 
 
 def _as_write_error(exc: Exception, path: Path) -> OSError | None:
@@ -443,7 +444,7 @@ def read_output(path: Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory, so that names created or removed in it are durable."""
-    _fsync_file(path, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_file(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def publish_atomically(src: Path, dest: Path) -> Path:
@@ -457,7 +458,7 @@ def publish_atomically(src: Path, dest: Path) -> Path:
     and OSError (EXDEV) across filesystems. On filesystems without hard links it falls
     back to an existence check plus rename.
     """
-    _fsync_file(src)
+    fsync_file(src)
     try:
         os.link(src, dest)
     except FileExistsError:
