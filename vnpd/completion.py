@@ -36,7 +36,8 @@ import structlog
 
 from vnpd import __version__
 from vnpd.config import Config
-from vnpd.index import FileIndex, iter_windows
+from vnpd.fasta import FastaError
+from vnpd.index import FileIndex, iter_indexed
 from vnpd.journal import DISK_ERRORS, Journal, JobRow
 from vnpd.metrics import Metrics
 from vnpd.publish import (OutputMeta, PartialOutput, output_name_for, publish_atomically,
@@ -46,7 +47,6 @@ from vnpd.testhooks import check_outbox_space, crash_at
 
 log = structlog.get_logger()
 
-IDS_WINDOW = 65536  # records re-read per step when writing ids at finalize
 T = TypeVar("T")
 
 
@@ -70,8 +70,11 @@ async def with_disk_retry(step: Callable[[], Awaitable[T]], event: str, max_dela
 
 def finalize_partial(partial: PartialOutput, source: Path, index: FileIndex, meta: OutputMeta,
                      quarantined: list[int]) -> None:
-    """Finalize the partial file with its ids and lengths, read from ``source``."""
-    ids = (r.id for _, records in iter_windows(source, index, IDS_WINDOW) for r in records)
+    """Finalize the partial file with its ids and lengths, read from ``source``.
+
+    Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
+    """
+    ids = (r.id for r in iter_indexed(source, index))
     partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=index.lengths)
 
 
@@ -90,9 +93,18 @@ class JobCompletion:
         """Steps 1-6 for a job whose rows are all written (or whose file is finalized)."""
         quarantined = [q.position for q in self.journal.quarantined(job.job_id)]
         max_delay = self.cfg.jobs.publish_retry_max_s
-        # Disk full or unwritable outbox: keep the result, retry with backoff.
-        dest = await with_disk_retry(lambda: self._publish_once(job, quarantined),
-                                     "publish_retry", max_delay, job=job.job_id, file=job.name)
+        try:
+            # Disk full or unwritable outbox: keep the result, retry with backoff.
+            dest = await with_disk_retry(lambda: self._publish_once(job, quarantined),
+                                         "publish_retry", max_delay, job=job.job_id,
+                                         file=job.name)
+        except FastaError as exc:
+            # Its writer went on writing after the claim: the ids read now may not be
+            # those of the rows computed. The job fails, not the daemon.
+            log.error("job_input_changed", job=job.job_id, file=job.name, error=str(exc))
+            job.partial.close()
+            self.fail_job(job.job_id, job.name, job.source, exc.to_dict(), str(exc))
+            return
         seconds = time.monotonic() - job.started
 
         async def finish() -> None:

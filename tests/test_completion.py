@@ -1,0 +1,67 @@
+"""How a job ends (vnpd/completion.py), driven directly: real journal, index, partial
+file and outbox; no daemon. The crash points and full disks are in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import random_sequences, write_fasta
+from vnpd.completion import JobCompletion
+from vnpd.config import Config, PathsConfig
+from vnpd.index import index_fasta
+from vnpd.journal import Journal
+from vnpd.metrics import Metrics
+from vnpd.publish import OutputMeta, PartialOutput, read_output
+from vnpd.scheduler import ActiveJob
+
+
+def finished_job(tmp_path: Path, n: int = 30) -> tuple[JobCompletion, ActiveJob, Config]:
+    """A job whose rows are all written and committed, ready to publish."""
+    cfg = Config(paths=PathsConfig(*(tmp_path / d for d in ("inbox", "outbox", "state",
+                                                              "failed"))))
+    for d in (cfg.paths.outbox, cfg.paths.failed, cfg.paths.state / "done"):
+        d.mkdir(parents=True)
+    journal = Journal(cfg.paths.state / "journal.sqlite3")
+    source = write_fasta(cfg.paths.state / "claimed-a.fasta",
+                         random_sequences([20 + i for i in range(n)]), prefix="r")
+    job_id = journal.add_job("a.fasta", source)
+    index = index_fasta(source)
+    job_dir = cfg.paths.state / "jobs" / str(job_id)
+    job_dir.mkdir(parents=True)
+    partial = PartialOutput.create(job_dir / "partial.h5", n, 4, "float32")
+    partial.write_rows(np.arange(n), np.ones((n, 4)))
+    partial.flush()
+
+    async def meta(job: ActiveJob) -> OutputMeta:
+        return OutputMeta("m", 1, "float32", 1022, "exact", job.name, job.index.sha256)
+    completion = JobCompletion(cfg, journal, Metrics(), cfg.paths.state / "jobs",
+                               cfg.paths.state / "done", meta)
+    return completion, ActiveJob(job_id, "a.fasta", source, index, partial, n, 0), cfg
+
+
+def test_publish_writes_the_ids_from_the_input(tmp_path: Path) -> None:
+    completion, job, cfg = finished_job(tmp_path)
+    asyncio.run(completion.publish(job))
+    _, ids, lengths, attrs = read_output(cfg.paths.outbox / "a.h5")
+    assert ids == [f"r{i}" for i in range(30)] and lengths.tolist() == list(range(20, 50))
+    assert completion.journal.job(job.job_id).state == "done"
+    assert not job.source.exists() and (cfg.paths.state / "done" / job.source.name).exists()
+
+
+def test_an_input_changed_after_indexing_fails_its_job_at_publish(tmp_path: Path) -> None:
+    """Its writer went on writing after the claim: the ids read at finalize could be
+    another file's, so the job goes to failed/ (and the daemon goes on)."""
+    completion, job, cfg = finished_job(tmp_path)
+    with open(job.source, "a") as writer:
+        writer.write(">late\nMKV\n")
+    asyncio.run(completion.publish(job))
+    assert list(cfg.paths.outbox.iterdir()) == []
+    report = json.loads((cfg.paths.failed / "a.fasta.error.json").read_text())
+    assert "changed after it was indexed" in report["reason"]
+    assert (cfg.paths.failed / "a.fasta").exists()
+    assert completion.journal.job(job.job_id).state == "failed"
