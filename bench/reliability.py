@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.test_faults import (KILL_POINTS, SCENARIOS, Outcome, Reference,  # noqa: E402
-                               run_kill_point)
+from tests.test_faults import (KILL_POINTS, OUTCOME_COUNTS, SCENARIOS, Outcome,  # noqa: E402
+                               Reference, run_kill_point)
 from vnpd.log import configure_logging  # noqa: E402
 from vnpd.model import make_test_model  # noqa: E402
 
@@ -69,8 +69,7 @@ class Row:
     def add(self, outcome: Outcome, run: int) -> None:
         self.runs += 1
         self.clean += outcome.ok
-        for key in ("sequences", "lost", "duplicated", "wrong_rows", "quarantined",
-                    "reader_checks"):
+        for key in OUTCOME_COUNTS:
             setattr(self, key, getattr(self, key) + getattr(outcome, key))
         self.seconds.append(outcome.seconds)
         self.problems += [f"run {run}: {p[:500]}" for p in outcome.problems]
@@ -88,8 +87,7 @@ def markdown(rows: list[Row]) -> str:
                      f"| {mean:.1f}, {max(r.seconds, default=0):.1f} |")
     total = Row("**all**")
     for r in rows:
-        for key in ("runs", "clean", "sequences", "lost", "duplicated", "wrong_rows",
-                    "quarantined", "reader_checks"):
+        for key in ("runs", "clean", *OUTCOME_COUNTS):
             setattr(total, key, getattr(total, key) + getattr(r, key))
     lines.append(f"| **all** | {total.runs} | {total.clean} | {total.sequences} | {total.lost} "
                  f"| {total.duplicated} | {total.wrong_rows} | {total.quarantined} | "

@@ -90,6 +90,11 @@ def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Ref
 
 
 # What a scenario reports ----------------------------------------------------------------
+# The counts that add up over scenarios and runs (bench/reliability.py sums them too).
+OUTCOME_COUNTS = ("sequences", "quarantined", "lost", "duplicated", "wrong_rows",
+                  "reader_checks")
+
+
 @dataclass
 class Outcome:
     """Sequence accounting of one scenario run; ``ok`` when nothing is wrong."""
@@ -111,8 +116,7 @@ class Outcome:
                     or self.skipped)
 
     def add(self, other: Outcome) -> None:
-        for name in ("sequences", "quarantined", "lost", "duplicated", "wrong_rows",
-                     "reader_checks"):
+        for name in OUTCOME_COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.problems += other.problems
 
