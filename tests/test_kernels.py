@@ -22,11 +22,13 @@ ULPS = 1 if DEVICE == "cuda" else 2
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: ULPS * 2 ** -7, torch.float16: ULPS * 2 ** -10}
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                 fp32_tolerance: float = TOLERANCE[torch.float32]) -> None:
     assert not got.isnan().any(), "an element was not written"
     scale = want.float().abs().clamp(min=1.0)
     err = ((got.float() - want.float()).abs() / scale).max().item()
-    assert err <= TOLERANCE[dtype], f"max relative error {err} for {dtype}"
+    tol = fp32_tolerance if dtype == torch.float32 else TOLERANCE[dtype]
+    assert err <= tol, f"max relative error {err} for {dtype}"
 
 
 def packed_positions(lengths: list[int]) -> tuple[torch.Tensor, int]:
@@ -82,9 +84,11 @@ def test_add_layer_norm_matches_torch(dtype: torch.dtype, rows: int, dim: int) -
 @pytest.mark.parametrize("shape", [(1, 7), (33, 256), (5000,)])
 def test_gelu_is_exact_erf_gelu(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     x = (3 * torch.randn(shape, device=DEVICE)).to(dtype)
-    assert_close(gelu(x), forward.gelu(x), dtype)  # F.gelu(approximate="none")
+    # In fp32, 1 + erf(x) cancels for x < -2, so erf implementations a few units apart
+    # (libdevice, torch's, the interpreter's) differ by up to ~1.2e-6 absolute there.
+    assert_close(gelu(x), forward.gelu(x), dtype, 4e-6)  # F.gelu(approximate="none")
     erf_form = x.double() * 0.5 * (1.0 + torch.erf(x.double() / 2 ** 0.5))  # esm.modules.gelu
-    assert_close(gelu(x), erf_form.to(dtype), dtype)
+    assert_close(gelu(x), erf_form.to(dtype), dtype, 4e-6)
 
 
 def test_kernels_refuse_layouts_they_cannot_read() -> None:
