@@ -97,7 +97,8 @@ class Engine:
         self.embed_dim: int = model.embed_dim
         self.num_layers: int = model.num_layers
         model = model.to(device=device, dtype=dtype)
-        backend = select_attention(device, dtype, prefer=attention)
+        backend = select_attention(device, dtype, prefer=attention,
+                                   head_dim=model.embed_dim // model.attention_heads)
         self.packed = PackedESM2(model, backend, compile_kernels=compile_kernels)
         self.attention_backend = backend.name
         self.max_tokens = max_tokens or auto_token_budget(device, self.embed_dim, dtype)
