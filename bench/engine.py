@@ -154,9 +154,11 @@ def main() -> None:
     ap.add_argument("--workload", choices=list(WORKLOADS), required=True)
     ap.add_argument("--sequences", type=int, default=2000)
     ap.add_argument("--runs", default="bfloat16:fused:0,float16:fused:0",
-                    help="engine runs, comma list of dtype:variant:budget; variant is a "
-                         "VNPD_COMPILE_MODE (fused, ops, layer, layer-autotune), compiled "
-                         "(= ops) or eager (no compilation); budget 0 = sized from free memory")
+                    help="engine runs, comma list of dtype:variant:budget[:attention]; variant "
+                         "is a VNPD_COMPILE_MODE (fused, ops, layer, layer-autotune), compiled "
+                         "(= ops) or eager (no compilation); budget 0 = sized from free memory; "
+                         "attention forces a backend (cudnn, torch_varlen, flash_attn), "
+                         "else the engine's own choice")
     ap.add_argument("--skip-vanilla-fp16", action="store_true")
     ap.add_argument("--skip-vanilla", action="store_true",
                     help="engine runs only: no vanilla rows, no cosine (quick experiments)")
@@ -200,14 +202,15 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     for spec in args.runs.split(","):
-        dtype, variant, budget = spec.split(":")
+        dtype, variant, budget, *forced = spec.split(":")
         # variant: eager | compiled (= VNPD_COMPILE_MODE "ops") | fused | layer | layer-autotune
         os.environ["VNPD_COMPILE_MODE"] = "ops" if variant == "compiled" else variant
         try:
             # A fresh copy of the fp32 weights: the reference stays untouched.
             engine = Engine(copy.deepcopy(model), model_name=args.workload,
                             device=torch.device("cuda"), dtype=getattr(torch, dtype), layer=-1,
-                            max_tokens=int(budget), compile_kernels=(variant != "eager"))
+                            max_tokens=int(budget), compile_kernels=(variant != "eager"),
+                            attention=forced[0] if forced else None)
             t0 = time.perf_counter()
             engine.warmup()
             go = run_engine(engine, seqs, lengths)
@@ -219,7 +222,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             continue
         cos = cosine(out, reference) if reference is not None else None
-        rows.append(Row(f"vnpd {dtype} {variant} budget={engine.max_tokens}",
+        rows.append(Row(f"vnpd {dtype} {variant} {engine.attention_backend} "
+                        f"budget={engine.max_tokens}",
                         total_tokens, seconds, total_tokens / seconds,
                         min_cosine=float(cos.min()) if cos is not None else None,
                         mean_cosine=float(cos.mean()) if cos is not None else None))
@@ -233,10 +237,10 @@ def main() -> None:
     for r in rows:
         r.ratio_vs_fp32 = r.tok_s / base
         r.flop_fraction = r.tok_s * fpt / peak
-    print(f"\n{'run':<44} {'tok/s':>10} {'x fp32':>7} {'FLOP%':>6} {'min cos':>9}")
+    print(f"\n{'run':<56} {'tok/s':>10} {'x fp32':>7} {'FLOP%':>6} {'min cos':>9}")
     for r in rows:
         cos = f"{r.min_cosine:.6f}" if r.min_cosine is not None else "ref"
-        print(f"{r.name:<44} {r.tok_s:>10,.0f} {r.ratio_vs_fp32:>7.2f} "
+        print(f"{r.name:<56} {r.tok_s:>10,.0f} {r.ratio_vs_fp32:>7.2f} "
               f"{100 * r.flop_fraction:>5.1f}% {cos:>9}")
     if args.json:
         with open(args.json, "w") as f:

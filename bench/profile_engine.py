@@ -56,7 +56,7 @@ def time_cuda(fn, repeats: int = 10, warmup: int = 2) -> float:
 
 
 def ceilings(dim: int, tokens: int, batch: tuple[torch.Tensor, torch.Tensor, int],
-             heads: int) -> dict[str, float]:
+             heads: int, attention: str | None = None) -> dict[str, float]:
     """TFLOP/s of each GEMM alone, attention alone, and copy bandwidth (GB/s)."""
     out: dict[str, float] = {}
     x = torch.randn(tokens, 4 * dim, device="cuda", dtype=torch.bfloat16)
@@ -75,7 +75,7 @@ def ceilings(dim: int, tokens: int, batch: tuple[torch.Tensor, torch.Tensor, int
     hd = dim // heads
     q, k, v = (torch.randn(tok.shape[0], heads, hd, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
-    backend = select_attention(torch.device("cuda"), torch.bfloat16)
+    backend = select_attention(torch.device("cuda"), torch.bfloat16, prefer=attention)
     s = time_cuda(lambda: backend.attend(q, k, v, cu, max_len))
     lens = (cu[1:] - cu[:-1]).double()
     flops = 4 * float((lens ** 2).sum()) * dim
@@ -120,6 +120,8 @@ def main() -> None:
                     help="comma list of eager | ops | layer | layer-autotune; a mode may "
                          "carry inductor settings as mode+key=value+key=value")
     ap.add_argument("--no-ceilings", action="store_true")
+    ap.add_argument("--attention", default=None,
+                    help="force an attention backend (cudnn, torch_varlen, flash_attn)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -141,7 +143,7 @@ def main() -> None:
     print(f"{args.workload}: batches of {tokens} tokens; {torch.cuda.get_device_name()}",
           flush=True)
     if not args.no_ceilings:
-        c = ceilings(arch["dim"], tokens, batches[0], arch["heads"])
+        c = ceilings(arch["dim"], tokens, batches[0], arch["heads"], args.attention)
         report["ceilings"] = c
         print(json.dumps(c, indent=1), flush=True)
         gemm_ms = sum(c[f"gemm_{n}_ms"] for n in ("qkv", "out_proj", "fc1", "fc2"))
@@ -155,7 +157,8 @@ def main() -> None:
         model = ESM2(num_layers=arch["layers"], embed_dim=arch["dim"],
                      attention_heads=arch["heads"], alphabet=alphabet).eval()
     model = model.to(torch.bfloat16)
-    backend = select_attention(torch.device("cuda"), torch.bfloat16)
+    backend = select_attention(torch.device("cuda"), torch.bfloat16, prefer=args.attention)
+    report["attention"] = backend.name
     results = {}
     for spec in args.modes.split(","):
         mode, *settings = spec.split("+")
