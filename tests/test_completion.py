@@ -65,3 +65,52 @@ def test_an_input_changed_after_indexing_fails_its_job_at_publish(tmp_path: Path
     assert "changed after it was indexed" in report["reason"]
     assert (cfg.paths.failed / "a.fasta").exists()
     assert completion.journal.job(job.job_id).state == "failed"
+
+
+def test_two_failures_of_one_name_at_once_get_two_destinations(tmp_path: Path) -> None:
+    completion, first, cfg = finished_job(tmp_path)
+    second_source = write_fasta(cfg.paths.state / "claimed-b.fasta", ["MKV"], prefix="s")
+    second = completion.journal.add_job("a.fasta", second_source)
+
+    async def both() -> None:
+        await asyncio.gather(
+            completion.fail_job(first.job_id, "a.fasta", first.source, {"reason": "x"}, "x"),
+            completion.fail_job(second, "a.fasta", second_source, {"reason": "y"}, "y"))
+    asyncio.run(both())
+    reports = {json.loads(p.read_text())["job"]: p for p in cfg.paths.failed.glob("*.error.json")}
+    assert set(reports) == {first.job_id, second}
+    moved = {p.name for p in cfg.paths.failed.iterdir() if not p.name.endswith(".json")}
+    assert moved == {"a.fasta", "a.fasta.1"}
+    assert (cfg.paths.failed / "a.fasta.1").read_text() != (cfg.paths.failed / "a.fasta").read_text()
+    assert {completion.journal.job(j).state for j in (first.job_id, second)} == {"failed"}
+
+
+def test_failing_a_large_file_leaves_the_event_loop_free(tmp_path: Path) -> None:
+    """The refused file is hashed for its report in a thread: a 1 GiB file (sparse, so it
+    costs no disk) must not stop the loop, which also serves heartbeats and the inbox."""
+    completion, job, cfg = finished_job(tmp_path)
+    big = cfg.paths.state / "claimed-big.fasta"
+    with open(big, "wb") as fh:
+        fh.truncate(1 << 30)
+    job_id = completion.journal.add_job("big.fasta", big)
+
+    async def run() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        worst, last, done = 0.0, loop.time(), asyncio.Event()
+
+        async def tick() -> None:
+            nonlocal worst, last
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                worst, last = max(worst, loop.time() - last), loop.time()
+        ticker = asyncio.create_task(tick())
+        start = loop.time()
+        await completion.fail_job(job_id, "big.fasta", big, {"reason": "binary"}, "binary")
+        took = loop.time() - start
+        done.set()
+        await ticker
+        return worst, took
+    worst, took = asyncio.run(run())
+    report = json.loads((cfg.paths.failed / "big.fasta.error.json").read_text())
+    assert report["sha256"] and (cfg.paths.failed / "big.fasta").stat().st_size == 1 << 30
+    assert worst < 0.25 and worst < took / 2, f"loop stalled {worst:.2f}s of {took:.2f}s"

@@ -87,6 +87,7 @@ class JobCompletion:
         self.cfg, self.journal, self.metrics = cfg, journal, metrics
         self.jobs_dir, self.done_dir = jobs_dir, done_dir
         self.output_meta = output_meta  # waits for a ready worker (resolved layer, backend)
+        self.failing: set[Path] = set()  # failed/ destinations being written now
 
     # Publish ------------------------------------------------------------------------
     async def publish(self, job: ActiveJob) -> None:
@@ -103,7 +104,7 @@ class JobCompletion:
             # those of the rows computed. The job fails, not the daemon.
             log.error("job_input_changed", job=job.job_id, file=job.name, error=str(exc))
             job.partial.close()
-            self.fail_job(job.job_id, job.name, job.source, exc.to_dict(), str(exc))
+            await self.fail_job(job.job_id, job.name, job.source, exc.to_dict(), str(exc))
             return
         seconds = time.monotonic() - job.started
 
@@ -184,28 +185,53 @@ class JobCompletion:
         return partial
 
     # Fail ---------------------------------------------------------------------------
-    def fail_job(self, job_id: int, name: str, source: Path, details: dict[str, Any],
-                 message: str) -> None:
-        """Move the input to failed/ with <name>.error.json; the daemon goes on."""
+    async def fail_job(self, job_id: int, name: str, source: Path, details: dict[str, Any],
+                       message: str) -> None:
+        """Move the input to failed/ with <name>.error.json; the daemon goes on.
+
+        The hash and the moves run in a thread, since a refused file may be large; a full
+        or unwritable disk is retried with backoff, as a publish is.
+        """
         failed_dir = self.cfg.paths.failed
         dest = failed_dir / name
         i = 0
-        while dest.exists() or dest.with_name(dest.name + ".error.json").exists():
+        while (dest in self.failing or dest.exists()
+               or dest.with_name(dest.name + ".error.json").exists()):
             i += 1
             dest = failed_dir / f"{name}.{i}"
-        sha = sha256_file(source) if source.exists() else None
-        report = {"file": name, "job": job_id, **details, "sha256": sha,
-                  "vnpd_version": __version__, "failed_utc": utc_now()}
-        report_path = dest.with_name(dest.name + ".error.json")
-        tmp = report_path.with_name("." + report_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, report_path)
-        if source.exists():
-            os.replace(source, dest)
+        max_delay = self.cfg.jobs.publish_retry_max_s
+        self.failing.add(dest)  # two failures of one name at once get two destinations
+        try:
+            await with_disk_retry(
+                lambda: asyncio.to_thread(_move_to_failed, job_id, name, source, dest, details),
+                "fail_retry", max_delay, job=job_id, file=name)
+        finally:
+            self.failing.discard(dest)
         shutil.rmtree(self.jobs_dir / str(job_id), ignore_errors=True)
-        self.journal.set_state(job_id, "failed", error=message)
+
+        async def journal() -> None:
+            self.journal.set_state(job_id, "failed", error=message)
+        await with_disk_retry(journal, "fail_journal_retry", max_delay, job=job_id, file=name)
         self.metrics.jobs_total.labels(outcome="failed").inc()
         log.error("job_failed", job=job_id, file=name, moved_to=str(dest), error=message)
+
+
+def _move_to_failed(job_id: int, name: str, source: Path, dest: Path,
+                    details: dict[str, Any]) -> None:
+    """Write ``dest``.error.json (with the input's SHA-256), then move the input to
+    ``dest``. Safe to run again: both steps replace what an earlier try left."""
+    report: dict[str, Any] = {"file": name, "job": job_id, **details, "sha256": None}
+    try:
+        report["sha256"] = sha256_file(source) if source.exists() else None
+    except OSError as exc:  # unreadable: the report says so, and the move still happens
+        report["sha256_error"] = str(exc)
+    report.update(vnpd_version=__version__, failed_utc=utc_now())
+    report_path = dest.with_name(dest.name + ".error.json")
+    tmp = report_path.with_name("." + report_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, report_path)
+    if source.exists():
+        os.replace(source, dest)
 
 
 def _same_file(a: Path, b: Path) -> bool:

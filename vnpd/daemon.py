@@ -320,12 +320,12 @@ class Daemon:
             index = await asyncio.to_thread(index_fasta, claimed)
         except FastaError as exc:
             self.indexing.discard(job_id)
-            self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
+            await self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
             return
         except OSError as exc:
             self.indexing.discard(job_id)
-            self.completion.fail_job(job_id, name, claimed,
-                                     {"reason": f"cannot read file: {exc}"}, str(exc))
+            await self.completion.fail_job(job_id, name, claimed,
+                                           {"reason": f"cannot read file: {exc}"}, str(exc))
             return
         self.indexing.discard(job_id)
         total_tokens = int(tokens_for(index.lengths, self.cfg.model.truncation).sum())
@@ -454,8 +454,8 @@ class Daemon:
         self.last_progress = time.monotonic()
         if job.failed:
             job.partial.close()
-            self.completion.fail_job(job.job_id, job.name, job.source, {"reason": job.failed},
-                                     job.failed)
+            self._spawn(self.completion.fail_job(job.job_id, job.name, job.source,
+                                                 {"reason": job.failed}, job.failed))
             return
         self._spawn_publish(job)
 
