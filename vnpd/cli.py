@@ -127,7 +127,8 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
-    from vnpd.config import ConfigError, load_config, validate_config
+    from vnpd.config import ConfigError, load_config
+    from vnpd.preflight import validate_config
 
     try:
         cfg = load_config(args.config)

@@ -27,7 +27,7 @@ import structlog
 
 from vnpd import __version__
 from vnpd.completion import JobCompletion, utc_now, with_disk_retry
-from vnpd.config import EX_CONFIG, Config, ConfigError, load_config, resolve_devices, validate_config
+from vnpd.config import EX_CONFIG, Config, ConfigError, load_config
 from vnpd.fasta import FastaError
 from vnpd.inbox import ClaimError, InboxWatcher, SettleTracker, claim_file, scan_inbox
 from vnpd.index import FileIndex, index_fasta
@@ -36,6 +36,7 @@ from vnpd.log import configure_logging
 from vnpd.metrics import Metrics
 from vnpd.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.packing import tokens_for
+from vnpd.preflight import resolve_devices, validate_config
 from vnpd.protocol import WorkerSpec
 from vnpd.publish import (IncompleteOutputError, OutputMeta, PartialOutput, fsync_dir,
                           fsync_file)
