@@ -402,8 +402,9 @@ def scenario_worker_sigstop(root: Path, model: Path, reference: Reference) -> Ou
         if kill[0]["reason"] != "heartbeat":
             outcome.problems.append(f"kill reason {kill[0]['reason']!r}, not 'heartbeat'")
         # Detection takes heartbeat_timeout_s, plus one supervisor check (0.25 s), plus
-        # this test's own 0.1 s polling of the log file.
-        if detected_s > timeout_s + 1.5:
+        # this test's own 0.1 s polling of the log file; the rest of the 3 s margin is for
+        # a loaded CI machine (the kill reason above already tells heartbeat from others).
+        if detected_s > timeout_s + 3.0:
             outcome.problems.append(f"detected after {detected_s:.1f} s (timeout {timeout_s})")
         daemon.wait_outputs(["stopped.h5"], timeout=180)
         if not [e for e in daemon.events("worker_died") if e.get("pid") == pid]:
