@@ -99,3 +99,7 @@ def test_vnpd_attention_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> Non
             select_attention(DEVICE, torch.bfloat16)
     monkeypatch.setenv("VNPD_ATTENTION", "")  # empty: the automatic choice
     assert select_attention(torch.device("cpu"), torch.float32).name == "exact"
+    # The daemon's config loader reads VNPD_<SECTION>_<KEY>; this variable is not one.
+    from vnpd.config import load_config
+
+    load_config(None, env={"VNPD_ATTENTION": "cudnn"})
