@@ -81,7 +81,7 @@ class OutputMeta:
     layer: int              # resolved non-negative layer index
     dtype: str              # compute dtype, e.g. "bfloat16"
     truncation: int
-    attention_backend: str  # e.g. "flash_attn", "torch_varlen", "exact"
+    attention_backend: str  # "flash_attn", "cudnn", "torch_varlen" or "exact"
     source_name: str        # input file's name
     source_sha256: str
     pooling: str = "mean"
