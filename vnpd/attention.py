@@ -113,9 +113,14 @@ def _cudnn_backend(device: torch.device) -> AttentionBackend | None:
     except Exception:  # not installed, or a build that does not match this CUDA
         return None
 
+    last: list[torch.Tensor] = []  # [cu, padded] of the batch in hand
+
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                max_len: int) -> torch.Tensor:
-        padded = pad_cu_seqlens(cu, plan_bucket(cu.shape[0] - 1, 16))
+        # Every layer of a batch passes the same cu_seqlens tensor: pad it once per batch.
+        if not last or last[0] is not cu:
+            last[:] = [cu, pad_cu_seqlens(cu, plan_bucket(cu.shape[0] - 1, 16))]
+        padded = last[1]
         span = plan_bucket(max_len, 64)
         return sdpa(q, k, v, scale=1.0, cu_seqlens_q=padded, cu_seqlens_kv=padded,
                     max_seqlen_q=span, max_seqlen_kv=span)
