@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vnpd import forward
-from vnpd.kernels import add_layer_norm, gelu, rotate_qk_inplace
+from vnpd.kernels import add_layer_norm, gelu, layer_norm, rotate_qk_inplace
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 must agree to rounding; a half-precision result may differ by one unit in the last
@@ -81,6 +81,23 @@ def test_add_layer_norm_matches_torch(dtype: torch.dtype, rows: int, dim: int) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (37, 96), (5, 1280), (3, 2560)])
+def test_layer_norm_alone_matches_torch_and_leaves_x(dtype: torch.dtype, rows: int,
+                                                     dim: int) -> None:
+    """The norm-only kernel (the residual add happened in the GEMM), offset rows included."""
+    x = (3 + torch.randn(rows, dim, device=DEVICE)).to(dtype)
+    before = x.clone()
+    weight = (1 + 0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
+    bias = (0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
+    want = torch.nn.functional.layer_norm(x, (dim,), weight, bias, 1e-5)
+    for per_program, warps in ((None, None), (1, 16), (2, 4), (4, 2)):  # default and others
+        got = layer_norm(x, weight, bias, 1e-5, rows=per_program, num_warps=warps)
+        assert_close(got, want, dtype)
+        assert got.dtype == dtype
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 7), (33, 256), (5000,)])
 def test_gelu_is_exact_erf_gelu(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     x = (3 * torch.randn(shape, device=DEVICE)).to(dtype)
@@ -89,6 +106,7 @@ def test_gelu_is_exact_erf_gelu(dtype: torch.dtype, shape: tuple[int, ...]) -> N
     assert_close(gelu(x), forward.gelu(x), dtype, 4e-6)  # F.gelu(approximate="none")
     erf_form = x.double() * 0.5 * (1.0 + torch.erf(x.double() / 2 ** 0.5))  # esm.modules.gelu
     assert_close(gelu(x), erf_form.to(dtype), dtype, 4e-6)
+    assert torch.equal(gelu(x, block=4096, num_warps=8), gelu(x))  # launch settings only
 
 
 def test_kernels_refuse_layouts_they_cannot_read() -> None:
@@ -97,6 +115,8 @@ def test_kernels_refuse_layouts_they_cannot_read() -> None:
         gelu(x.t())
     with pytest.raises(ValueError):
         add_layer_norm(x.t().contiguous().t(), x, x[0], x[0], 1e-5)
+    with pytest.raises(ValueError):
+        layer_norm(x.t(), x[0], x[0], 1e-5)
     positions, total = packed_positions([4])
     cos, sin = forward.rotary_tables(positions, 16)
     with pytest.raises(ValueError):

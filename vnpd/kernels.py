@@ -16,6 +16,10 @@ The residual add and the layer norm after it are one kernel too (one read of x a
 the update, one write of x and of the normalised row), with fair-esm's rounding: the sum
 is rounded to the compute dtype before it is normalised, statistics are fp32.
 
+Where the residual add happens inside the GEMM (vnpd/cublaslt.py adds it in cuBLASLt's
+epilogue), the layer norm runs alone: one read of the row, one write of the normalised
+row.
+
 The exact erf GELU of the FFN is a plain elementwise kernel: inductor's dynamic-shape
 version of it ran at two thirds of memory bandwidth on the 4·D activation.
 
@@ -26,6 +30,7 @@ Example::
 
     q, k, v = rotate_qk_inplace(qkv, cos, sin, heads=40, scaling=0.125)  # (T, H, hd) views
     x, h = add_layer_norm(x, delta, weight, bias, 1e-5)                  # x + delta, LN(x)
+    h = layer_norm(x, weight, bias, 1e-5)                                # LN(x)
     y = gelu(fc1_out)                                                    # exact erf GELU
 """
 
@@ -81,42 +86,72 @@ def rotate_qk_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h
 
 
 @triton.jit
-def _add_layer_norm_kernel(x_ptr, delta_ptr, out_ptr, norm_ptr, weight_ptr, bias_ptr, dim, eps,
-                           BLOCK: tl.constexpr):
-    # One program per token row.
-    row = tl.program_id(0).to(tl.int64)
+def _add_layer_norm_kernel(x_ptr, delta_ptr, out_ptr, norm_ptr, weight_ptr, bias_ptr, total,
+                           dim, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr, ADD: tl.constexpr):
+    # ROWS token rows per program. Without ADD: the norm of x alone (delta/out unused).
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < dim
-    offsets = row * dim + cols
-    x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
-    delta = tl.load(delta_ptr + offsets, mask=mask).to(tl.float32)
-    # Round the sum to the stored dtype first: the next layer's residual and this norm
-    # both see that rounded value, as in fair-esm.
-    summed = (x + delta).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offsets, summed, mask=mask)
-    s = summed.to(tl.float32)
-    mean = tl.sum(s, axis=0) / dim
-    centered = tl.where(mask, s - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / dim
+    mask = (rows < total)[:, None] & (cols < dim)[None, :]
+    offsets = rows[:, None] * dim + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        delta = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        # Round the sum to the stored dtype first: the next layer's residual and this norm
+        # both see that rounded value, as in fair-esm.
+        summed = (x + delta).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offsets, summed, mask=mask)
+        s = summed.to(tl.float32)
+    else:
+        s = x
+    mean = tl.sum(s, axis=1) / dim
+    centered = tl.where(mask, s - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / dim
     rstd = 1.0 / tl.sqrt(var + eps)
-    weight = tl.load(weight_ptr + cols, mask=mask).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=mask).to(tl.float32)
-    tl.store(norm_ptr + offsets, (centered * rstd * weight + bias).to(norm_ptr.dtype.element_ty),
-             mask=mask)
+    weight = tl.load(weight_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+    normed = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+    tl.store(norm_ptr + offsets, normed.to(norm_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_norm(x: torch.Tensor, delta: torch.Tensor, out: torch.Tensor, norm: torch.Tensor,
+                 weight: torch.Tensor, bias: torch.Tensor, eps: float, add: bool,
+                 rows: int = 1, num_warps: int | None = None) -> None:
+    total, dim = x.shape
+    if total:
+        block = triton.next_power_of_2(dim)
+        warps = num_warps or min(16, max(4, rows * block // 256))
+        _add_layer_norm_kernel[(triton.cdiv(total, rows),)](
+            x, delta, out, norm, weight, bias, total, dim, eps, BLOCK=block, ROWS=rows,
+            ADD=add, num_warps=warps)
 
 
 def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, LayerNorm(x + delta)) for contiguous (T, D) tensors, in one pass."""
-    total, dim = x.shape
     if not (x.is_contiguous() and delta.is_contiguous()):
         raise ValueError("add_layer_norm needs contiguous (T, D) inputs")
     out, norm = torch.empty_like(x), torch.empty_like(x)
-    if total:
-        block = triton.next_power_of_2(dim)
-        _add_layer_norm_kernel[(total,)](x, delta, out, norm, weight, bias, dim, eps,
-                                         BLOCK=block, num_warps=min(16, max(4, block // 256)))
+    _launch_norm(x, delta, out, norm, weight, bias, eps, add=True)
     return out, norm
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """LayerNorm of a contiguous (T, D) tensor, statistics in fp32 (as ``F.layer_norm``).
+
+    ``rows`` per program and ``num_warps`` are launch settings; the defaults are the
+    fastest measured on the H100 (bench/experiments/norm_kernels.py): for D = 2560, two
+    rows and 4 warps (2.8 TB/s, against 2.2 for one row and 16 warps); for D = 1280, one
+    row and 2 warps.
+    """
+    if not x.is_contiguous():
+        raise ValueError("layer_norm needs a contiguous (T, D) input")
+    wide = triton.next_power_of_2(x.shape[-1]) >= 4096
+    rows = rows or (2 if wide else 1)
+    num_warps = num_warps or (4 if wide else 2)
+    norm = torch.empty_like(x)
+    _launch_norm(x, x, x, norm, weight, bias, eps, add=False, rows=rows, num_warps=num_warps)
+    return norm
 
 
 @triton.jit
@@ -129,13 +164,16 @@ def _gelu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact erf GELU (``esm.modules.gelu``) of a contiguous tensor, computed in fp32."""
+def gelu(x: torch.Tensor, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
+    """Exact erf GELU (``esm.modules.gelu``) of a contiguous tensor, computed in fp32.
+
+    ``block`` and ``num_warps`` are launch settings; the defaults were the fastest on the
+    H100 for both the 3B and 650M FFN widths (bench/experiments/norm_kernels.py).
+    """
     if not x.is_contiguous():
         raise ValueError("gelu needs a contiguous tensor")
     out = torch.empty_like(x)
-    block = 4096
     if x.numel():
         _gelu_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block,
-                                                       num_warps=8)
+                                                       num_warps=num_warps)
     return out
