@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=2000)
     ap.add_argument("--runs", default="bfloat16:fused:0,float16:fused:0",
                     help="engine runs, comma list of dtype:variant:budget[:attention]; variant "
-                         "is a VNPD_COMPILE_MODE (fused, ops, layer, layer-autotune), compiled "
+                         "is a VNPD_COMPILE_MODE (fused, fused-torch-gemm, ops, layer, layer-autotune), compiled "
                          "(= ops) or eager (no compilation); budget 0 = sized from free memory; "
                          "attention forces a backend (cudnn, torch_varlen, flash_attn), "
                          "else the engine's own choice")
@@ -203,7 +203,8 @@ def main() -> None:
 
     for spec in args.runs.split(","):
         dtype, variant, budget, *forced = spec.split(":")
-        # variant: eager | compiled (= VNPD_COMPILE_MODE "ops") | fused | layer | layer-autotune
+        # variant: eager | compiled (= VNPD_COMPILE_MODE "ops") | fused | fused-torch-gemm |
+        # layer | layer-autotune
         os.environ["VNPD_COMPILE_MODE"] = "ops" if variant == "compiled" else variant
         try:
             # A fresh copy of the fp32 weights: the reference stays untouched.
@@ -223,7 +224,7 @@ def main() -> None:
             continue
         cos = cosine(out, reference) if reference is not None else None
         rows.append(Row(f"vnpd {dtype} {variant} {engine.attention_backend} "
-                        f"budget={engine.max_tokens}",
+                        f"gemm={engine.packed.gemm} budget={engine.max_tokens}",
                         total_tokens, seconds, total_tokens / seconds,
                         min_cosine=float(cos.min()) if cos is not None else None,
                         mean_cosine=float(cos.mean()) if cos is not None else None))

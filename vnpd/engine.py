@@ -104,7 +104,7 @@ class Engine:
         self.max_tokens = max_tokens or auto_token_budget(device, self.embed_dim, dtype)
         log.info("engine_ready", model=model_name, device=str(device), dtype=str(dtype).split(".")[-1],
                  layer=self.layer, max_tokens=self.max_tokens, attention=self.attention_backend,
-                 compiled=self.packed.compiled)
+                 compiled=self.packed.compiled, gemm=self.packed.gemm)
 
     @classmethod
     def load(cls, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",

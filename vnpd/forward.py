@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -81,6 +82,17 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def linear_add_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                    add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_layer_norm,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection added to the residual stream, then normalised: (x', LN(x')).
+
+    x' = x + (y Wᵀ + b), the projection rounded to the compute dtype first, as fair-esm.
+    """
+    return add_norm(x, F.linear(y, weight, bias), ln_weight, ln_bias, eps)
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact erf GELU, as ``esm.modules.gelu``."""
     return F.gelu(x, approximate="none")
@@ -91,7 +103,8 @@ def transformer_layer(x: torch.Tensor, h: torch.Tensor, w: tuple[torch.Tensor, .
                       cu_seqlens: torch.Tensor, max_len: int, heads: int, scaling: float,
                       attend: Callable[..., torch.Tensor],
                       split: Callable[..., tuple[torch.Tensor, ...]] = split_qkv_rotary,
-                      add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_layer_norm,
+                      proj_add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+                      = linear_add_norm,
                       act: Callable[[torch.Tensor], torch.Tensor] = gelu,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ESM-2 layer on packed tokens, fair-esm's TransformerLayer.forward step by step.
@@ -99,18 +112,19 @@ def transformer_layer(x: torch.Tensor, h: torch.Tensor, w: tuple[torch.Tensor, .
     ``h`` is this layer's self_attn_layer_norm(x); returns (x', LN_next(x')) where LN_next
     is the next layer's self_attn_layer_norm (or emb_layer_norm_after after the last).
     ``w`` = (qkv_w, qkv_b, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b,
-    next_w, next_b); ``eps`` = (final_layer_norm eps, next norm eps).
+    next_w, next_b); ``eps`` = (final_layer_norm eps, next norm eps). ``proj_add_norm``
+    may update ``x`` in place (the fused CUDA path adds the residual inside the GEMM).
     """
     qkv_w, qkv_b, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, next_w, next_b = w
     total = x.shape[0]
     q, k, v = split(F.linear(h, qkv_w, qkv_b), cos, sin, heads, scaling)
     o = attend(q, k, v, cu_seqlens, max_len).reshape(total, -1)
-    x, h = add_norm(x, F.linear(o, out_w, out_b), ln_w, ln_b, eps[0])
-    f = F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
-    return add_norm(x, f, next_w, next_b, eps[1])
+    x, h = proj_add_norm(x, o, out_w, out_b, ln_w, ln_b, eps[0])
+    f = act(F.linear(h, fc1_w, fc1_b))
+    return proj_add_norm(x, f, fc2_w, fc2_b, next_w, next_b, eps[1])
 
 
-COMPILE_MODES = ("fused", "ops", "layer", "layer-autotune")
+COMPILE_MODES = ("fused", "fused-torch-gemm", "ops", "layer", "layer-autotune")
 
 
 class PackedESM2:
@@ -132,7 +146,10 @@ class PackedESM2:
             compile_kernels = device.type == "cuda" and os.environ.get("VNPD_COMPILE", "1") != "0"
         self.compiled = compile_kernels
         # "fused" (the default): Triton kernels (vnpd/kernels.py) for the rotary (in
-        # place; q/k/v are read as views of the fused projection), residual+LN and GELU.
+        # place; q/k/v are read as views of the fused projection), the layer norms and
+        # GELU, with the residual adds inside cuBLASLt's GEMM epilogue (vnpd/cublaslt.py).
+        # "fused-torch-gemm": the same kernels with torch's GEMMs, the residual add in the
+        # layer-norm kernel (the fallback when cuBLASLt cannot be called).
         # "ops" compiles rotary+split, residual+LN and GELU with inductor, one pass
         # each; "layer" compiles the whole layer (GEMMs as cuBLAS calls);
         # "layer-autotune" also lets inductor pick Triton GEMMs with fused epilogues.
@@ -140,20 +157,28 @@ class PackedESM2:
         self.compile_mode = os.environ.get("VNPD_COMPILE_MODE", "fused") if compile_kernels else ""
         if self.compile_mode and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"VNPD_COMPILE_MODE must be one of {COMPILE_MODES}")
+        self.gemm = "torch"  # or "cublaslt": who runs the residual GEMMs
         self._layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = transformer_layer
         self._pieces: dict[str, Callable[..., object]] = {}
-        if self.compile_mode == "fused" and importlib.util.find_spec("triton") is None:
+        if self.compile_mode.startswith("fused") and importlib.util.find_spec("triton") is None:
             log.warning("triton_missing", fallback="ops")  # torch's CUDA wheels ship it
             self.compile_mode = "ops"
-        if self.compile_mode == "fused":
+        if self.compile_mode.startswith("fused"):
             from vnpd import kernels  # Triton: CUDA machines only
 
-            self._pieces = {"split": kernels.rotate_qk_inplace,
-                            "add_norm": kernels.add_layer_norm,
-                            "act": kernels.gelu}
+            self._pieces = {"split": kernels.rotate_qk_inplace, "act": kernels.gelu,
+                            "proj_add_norm": functools.partial(
+                                linear_add_norm, add_norm=kernels.add_layer_norm)}
+            if self.compile_mode == "fused":
+                fused = _cublaslt_add_norm(device, next(model.parameters()).dtype)
+                if fused is not None:
+                    self._pieces["proj_add_norm"] = fused
+                    self.gemm = "cublaslt"
         elif self.compile_mode == "ops":
             self._pieces = {"split": torch.compile(split_qkv_rotary, dynamic=True),
-                            "add_norm": torch.compile(add_layer_norm, dynamic=True),
+                            "proj_add_norm": functools.partial(
+                                linear_add_norm,
+                                add_norm=torch.compile(add_layer_norm, dynamic=True)),
                             "act": torch.compile(gelu, dynamic=True)}
         elif self.compile_mode:
             mode = "max-autotune-no-cudagraphs" if self.compile_mode == "layer-autotune" else None
@@ -220,6 +245,33 @@ class PackedESM2:
                                self.scaling, self.attention.attend, **self._pieces)
         # After the last layer fair-esm applies emb_layer_norm_after; intermediate layers raw.
         return h if layer == self.num_layers else x
+
+
+def _cublaslt_add_norm(device: torch.device, dtype: torch.dtype
+                       ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """``proj_add_norm`` with the residual add in cuBLASLt's epilogue, or None (logged)
+    when cuBLASLt cannot be called here or disagrees with torch's math on a small case."""
+    if device.type != "cuda":
+        return None  # CPU (the tests run the Triton kernels under the interpreter there)
+    from vnpd import cublaslt, kernels
+
+    try:
+        lt = cublaslt.CublasLt(device)
+    except Exception as exc:  # no libcublasLt in the process, or a symbol missing
+        problem: str | None = f"{type(exc).__name__}: {exc}"[:300]
+    else:
+        problem = cublaslt.agrees_with_torch(lt, dtype)
+    if problem:
+        log.warning("cublaslt_rejected", reason=problem, fallback="fused-torch-gemm")
+        return None
+
+    def proj_add_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = lt.linear(y, weight, bias, residual=x)  # x += y Wᵀ + b, in place
+        return x, kernels.layer_norm(x, ln_weight, ln_bias, eps)
+
+    return proj_add_norm
 
 
 def mean_pool_residues(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
