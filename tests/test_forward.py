@@ -105,7 +105,7 @@ def test_half_precision_on_cpu_stays_close(tiny_model: Path, dtype: torch.dtype)
     assert cos.min() > 0.999
 
 
-@pytest.mark.parametrize("mode", ["fused", "ops", "layer"])
+@pytest.mark.parametrize("mode", ["fused", "fused-torch-gemm", "ops", "layer"])
 def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiled paths used on GPUs compute the same function (inductor on CPU; the
@@ -119,6 +119,8 @@ def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path,
     packed = PackedESM2(ours.to(device), select_attention(device, torch.float32),
                         compile_kernels=True)
     assert packed.compile_mode == mode
+    # The residual add runs inside cuBLASLt's GEMM epilogue only where cuBLASLt exists.
+    assert packed.gemm == ("cublaslt" if mode == "fused" and device.type == "cuda" else "torch")
     seqs = random_sequences([1, 30, 1100, 7], seed=13)
     for n_seqs in (len(seqs), 2):  # two token counts: the compiled code is shape-dynamic
         b = build_batch(np.arange(n_seqs), seqs[:n_seqs])
