@@ -111,7 +111,8 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     threading.Thread(target=_heartbeats, args=(channel, state, spec.heartbeat_interval_s),
                      daemon=True, name="heartbeat").start()
     faults = worker_faults()
-    log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend)
+    log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend,
+             gemm=engine.packed.gemm)
     _serve(conn, channel, state, engine, faults)
     state.stop.set()
     log.info("worker_exit", batches_done=state.batches_done)
