@@ -16,8 +16,9 @@ from vnpd.config import Config, PathsConfig
 from vnpd.index import index_fasta
 from vnpd.journal import Journal
 from vnpd.metrics import Metrics
-from vnpd.publish import OutputMeta, PartialOutput, read_output
+from vnpd.publish import OutputMeta, PartialOutput
 from vnpd.scheduler import ActiveJob
+from vnpd.verify import read_output
 
 
 def finished_job(tmp_path: Path, n: int = 30) -> tuple[JobCompletion, ActiveJob, Config]:

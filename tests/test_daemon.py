@@ -24,7 +24,7 @@ from tests.test_forward import fair_esm_means
 from vnpd.embed import embed_file
 from vnpd.engine import Engine
 from vnpd.model import load_esm2
-from vnpd.publish import read_output, verify_output
+from vnpd.verify import read_output, verify_output
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -14,7 +14,7 @@ from tests.test_forward import fair_esm_means
 from vnpd import __version__
 from vnpd.embed import ProgressBar
 from vnpd.model import load_esm2
-from vnpd.publish import sha256_file
+from vnpd.outbox import sha256_file
 
 
 def run_embed(*args: str) -> subprocess.CompletedProcess[str]:

@@ -41,7 +41,8 @@ import pytest
 
 from tests.conftest import random_sequences
 from tests.daemon_harness import Daemon, DaemonDirs, drop, fasta_text, write_config
-from vnpd.publish import IncompleteOutputError, output_name_for, read_output, verify_output
+from vnpd.outbox import output_name_for
+from vnpd.verify import IncompleteOutputError, read_output, verify_output
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -47,7 +47,7 @@ from tests.conftest import random_sequences
 from tests.daemon_harness import REPO, Daemon, DaemonDirs, write_config
 from tests.test_daemon import embed_reference
 from vnpd.inbox import MAX_NAME_BYTES
-from vnpd.publish import read_output, verify_output
+from vnpd.verify import read_output, verify_output
 
 pytestmark = pytest.mark.timeout(600)
 

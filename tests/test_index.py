@@ -15,7 +15,7 @@ from tests.conftest import random_sequences, write_fasta
 from vnpd.fasta import FastaError
 from vnpd import index as index_module
 from vnpd.index import FileIndex, index_fasta, iter_indexed, iter_windows
-from vnpd.publish import sha256_file
+from vnpd.outbox import sha256_file
 
 
 def test_index_offsets_lengths_and_windows(tmp_path: Path) -> None:

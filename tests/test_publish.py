@@ -1,4 +1,5 @@
-"""Tests for vnpd.publish: partial HDF5 outputs, finalize, verify and atomic publish."""
+"""Tests for vnpd.publish, vnpd.verify and vnpd.outbox: partial HDF5 outputs, finalize, verify
+and atomic publish."""
 
 from __future__ import annotations
 
@@ -18,23 +19,17 @@ import numpy as np
 import pytest
 
 import vnpd
-from vnpd import publish
-from vnpd.publish import (
-    REQUIRED_ATTRS,
-    SCHEMA_VERSION,
-    IncompleteOutputError,
-    OutputMeta,
-    PartialOutput,
+from vnpd import verify
+from vnpd.outbox import (
     fsync_dir,
     output_name_for,
     publish_atomically,
     publish_to_outbox,
-    read_output,
     sha256_file,
     unique_destination,
-    verify_output,
-    write_embeddings_file,
 )
+from vnpd.publish import SCHEMA_VERSION, OutputMeta, PartialOutput, write_embeddings_file
+from vnpd.verify import REQUIRED_ATTRS, IncompleteOutputError, read_output, verify_output
 
 REPO = Path(__file__).resolve().parents[1]
 META = OutputMeta(model="esm2_t6_8M_UR50D", layer=6, dtype="bfloat16", truncation=1022,
@@ -144,7 +139,7 @@ def test_write_rows_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def test_quarantine_compaction_keeps_alignment(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(publish, "_BLOCK_BYTES", 16 * 4 * 7)  # 7-row blocks: many blocks
+    monkeypatch.setattr(verify, "_BLOCK_BYTES", 16 * 4 * 7)  # 7-row blocks: many blocks
     n, dim = 50, 16
     path = tmp_path / "q.h5"
     dropped = [0, 13, 14, 27, 49]
@@ -375,7 +370,8 @@ CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
     import numpy as np
-    from vnpd.publish import OutputMeta, PartialOutput, publish_atomically
+    from vnpd.outbox import publish_atomically
+    from vnpd.publish import OutputMeta, PartialOutput
     partial, dest, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     n, dim = 4000, 64
     out = PartialOutput.create(partial, n, dim, "float32")

@@ -10,7 +10,7 @@ finishes the job with one output, never a second ``sample.1.h5``:
 2. **verify** it: every row written, every id readable.
 3. **journal the output name** (state ``publishing``) before linking: a restart links to
    that same name, where the link is idempotent, instead of picking a fresh one.
-4. **link** it into the outbox (:func:`vnpd.publish.publish_atomically`).
+4. **link** it into the outbox (:func:`vnpd.outbox.publish_atomically`).
 5. **move the input** to done/ (or delete it) *before* marking the job done, so that a
    done job never leaves a claimed file behind for the restart to take as a new job.
 6. **mark done**, remove the job's state, log the one-line summary.
@@ -40,10 +40,11 @@ from vnpd.fasta import FastaError
 from vnpd.index import FileIndex, iter_indexed
 from vnpd.journal import DISK_ERRORS, Journal, JobRow
 from vnpd.metrics import Metrics
-from vnpd.publish import (OutputMeta, PartialOutput, output_name_for, publish_atomically,
-                          sha256_file, unique_destination, verify_output)
+from vnpd.outbox import output_name_for, publish_atomically, sha256_file, unique_destination
+from vnpd.publish import OutputMeta, PartialOutput
 from vnpd.scheduler import ActiveJob
 from vnpd.testhooks import check_outbox_space, crash_at
+from vnpd.verify import verify_output
 
 log = structlog.get_logger()
 

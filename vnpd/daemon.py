@@ -35,15 +35,16 @@ from vnpd.journal import Journal
 from vnpd.log import configure_logging
 from vnpd.metrics import Metrics
 from vnpd.notify import Notifier, WatchdogPinger, scrub_notify_env
+from vnpd.outbox import fsync_dir, fsync_file
 from vnpd.packing import tokens_for
 from vnpd.preflight import resolve_devices, validate_config
 from vnpd.protocol import WorkerSpec
-from vnpd.publish import (IncompleteOutputError, OutputMeta, PartialOutput, fsync_dir,
-                          fsync_file)
+from vnpd.publish import OutputMeta, PartialOutput
 from vnpd.scheduler import ActiveJob, Scheduler
 from vnpd.status import write_status
 from vnpd.supervisor import Supervisor
 from vnpd.testhooks import crash_at
+from vnpd.verify import IncompleteOutputError
 
 log = structlog.get_logger()
 

@@ -23,8 +23,9 @@ import structlog
 
 from vnpd.engine import Engine, PendingResult
 from vnpd.index import index_fasta, iter_windows
+from vnpd.outbox import fsync_dir
 from vnpd.packing import build_batch, pack_batches, tokens_for
-from vnpd.publish import OutputMeta, PartialOutput, fsync_dir
+from vnpd.publish import OutputMeta, PartialOutput
 
 log = structlog.get_logger()
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from vnpd.publish import fsync_dir, unique_destination
+from vnpd.outbox import fsync_dir, unique_destination
 
 log = structlog.get_logger()
 

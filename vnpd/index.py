@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from vnpd.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta, iter_fasta_from
-from vnpd.publish import sha256_file
+from vnpd.outbox import sha256_file
 
 _CHUNK = 65536
 _WRITER_HINT = ("a writer still had it open: write files elsewhere (or under a .part name) "

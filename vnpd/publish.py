@@ -1,4 +1,6 @@
-"""Output HDF5 files: fill a partial file in state/, finalize it, publish it atomically.
+"""Output HDF5 files: fill a partial file in state/ and finalize it.
+
+``vnpd.verify`` checks a finished file and ``vnpd.outbox`` publishes it atomically.
 
 Example::
 
@@ -36,41 +38,29 @@ Why the layout is what it is:
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import itertools
 import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
 import structlog
 
 from vnpd import __version__
+from vnpd.outbox import fsync_dir, fsync_file
+from vnpd.verify import (OUTPUT_DTYPES, IncompleteOutputError, _block_rows, _check_datasets,
+                         verify_output)
 
 SCHEMA_VERSION = 1
-OUTPUT_DTYPES = ("float32", "float16")
-REQUIRED_ATTRS = ("model", "layer", "dtype", "pooling", "truncation", "attention_backend",
-                  "vnpd_version", "source_name", "source_sha256", "num_sequences",
-                  "created_utc", "quarantined_ids", "schema_version")
-# One FASTA suffix is stripped from an input name to make the output name; any other
-# suffix is kept, so "a.dat" and "a.seq2" do not both become "a.h5".
-FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".ffn", ".fsa", ".mpfa",
-                  ".pep", ".txt")
 _LIBVER = ("v108", "v108")
 _STR = h5py.string_dtype("utf-8")
-_BLOCK_BYTES = 32 << 20  # bounded memory when streaming rows (verify, compaction)
 
 log = structlog.get_logger(__name__)
 _attempts = itertools.count()  # names the temp file of each rebuild
-
-
-class IncompleteOutputError(ValueError):
-    """An HDF5 file is unreadable, inconsistent or not completely written."""
 
 
 @dataclass(frozen=True)
@@ -93,18 +83,6 @@ def _early_alloc() -> h5py.h5p.PropDCID:
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     return dcpl
 
-
-def fsync_file(path: Path, flags: int = os.O_RDONLY) -> None:
-    """fsync a file (or, with O_DIRECTORY in ``flags``, a directory) by path."""
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _block_rows(dim: int, itemsize: int) -> int:
-    return max(1, _BLOCK_BYTES // max(1, dim * itemsize))
 
 
 class PartialOutput:
@@ -370,163 +348,6 @@ def _write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
     attrs.create("quarantined_ids", data=np.array(quarantined_ids, dtype=object),
                  shape=(len(quarantined_ids),), dtype=_STR)
     attrs["schema_version"] = np.int64(SCHEMA_VERSION)
-
-
-def _check_datasets(f: h5py.File, path: Path) -> int:
-    """Check the three datasets exist with consistent shapes and types; return N."""
-    for name in ("embeddings", "ids", "lengths"):
-        if not isinstance(f.get(name), h5py.Dataset):
-            raise IncompleteOutputError(f"{path}: dataset {name!r} missing")
-    emb, ids, lengths = f["embeddings"], f["ids"], f["lengths"]
-    if emb.ndim != 2 or str(emb.dtype) not in OUTPUT_DTYPES:
-        raise IncompleteOutputError(f"{path}: embeddings is {emb.dtype} {emb.shape}")
-    n = emb.shape[0]
-    if ids.shape != (n,) or h5py.check_string_dtype(ids.dtype) is None:
-        raise IncompleteOutputError(f"{path}: ids is {ids.dtype} {ids.shape}, expected ({n},)")
-    if lengths.shape != (n,) or lengths.dtype != np.int32:
-        raise IncompleteOutputError(f"{path}: lengths is {lengths.dtype} {lengths.shape}")
-    return int(n)
-
-
-def verify_output(path: Path) -> None:
-    """Raise IncompleteOutputError (a ValueError) unless ``path`` is a complete output.
-
-    Complete means: the file opens; embeddings/ids/lengths exist with N rows each and the
-    documented types; every root attribute is present and ``num_sequences`` == N; no
-    embedding is NaN, no length is negative and no id is empty (the fill values of
-    unwritten rows), and every id reads. Reads in blocks, so memory stays bounded.
-    """
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise IncompleteOutputError(f"{path}: cannot open: {exc}") from exc
-    with f:
-        n = _check_datasets(f, path)
-        missing = [key for key in REQUIRED_ATTRS if key not in f.attrs]
-        if missing:
-            raise IncompleteOutputError(f"{path}: attributes missing: {missing}")
-        if int(f.attrs["num_sequences"]) != n:
-            raise IncompleteOutputError(
-                f"{path}: num_sequences={f.attrs['num_sequences']} but {n} rows")
-        emb = f["embeddings"]
-        step = _block_rows(emb.shape[1], emb.dtype.itemsize)
-        for lo in range(0, n, step):
-            if np.isnan(emb[lo:lo + step]).any():
-                raise IncompleteOutputError(f"{path}: NaN (unwritten?) rows from row {lo}")
-            if (f["lengths"][lo:lo + step] < 0).any():
-                raise IncompleteOutputError(f"{path}: unwritten lengths from row {lo}")
-            try:
-                ids = f["ids"].asstr()[lo:lo + step]
-            except (OSError, UnicodeDecodeError) as exc:  # a dangling heap reference
-                raise IncompleteOutputError(f"{path}: ids from row {lo} do not read: "
-                                            f"{exc}") from exc
-            if any(not i for i in ids):
-                raise IncompleteOutputError(f"{path}: unwritten (empty) ids from row {lo}")
-
-
-def read_output(path: Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]:
-    """Read a whole output file: (embeddings, ids, lengths, attrs) with plain Python attrs.
-
-    For tests and tools; loads everything into memory.
-    """
-    with h5py.File(path, "r") as f:
-        embeddings = f["embeddings"][:]
-        ids = [str(s) for s in f["ids"].asstr()[:]]
-        lengths = f["lengths"][:]
-        attrs: dict[str, Any] = {}
-        for key, value in f.attrs.items():
-            if isinstance(value, np.ndarray):
-                attrs[key] = [str(v) for v in value]
-            else:
-                attrs[key] = value.item() if isinstance(value, np.generic) else value
-    return embeddings, ids, lengths, attrs
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that names created or removed in it are durable."""
-    fsync_file(path, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def publish_atomically(src: Path, dest: Path) -> Path:
-    """Move the finished file ``src`` to ``dest`` (same filesystem) without overwriting.
-
-    ``src`` is fsynced, then hard-linked to ``dest`` (an atomic create that fails if
-    ``dest`` exists), the directory fsynced, and ``src`` unlinked. A crash at any instant
-    leaves either no ``dest`` or the complete file there. If a crash came between link
-    and unlink, calling again finishes the job. Raises FileExistsError if ``dest`` is
-    another file (see ``unique_destination``), FileNotFoundError if ``src`` is gone,
-    and OSError (EXDEV) across filesystems. On filesystems without hard links it falls
-    back to an existence check plus rename.
-    """
-    fsync_file(src)
-    try:
-        os.link(src, dest)
-    except FileExistsError:
-        if not os.path.samefile(src, dest):
-            raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        # No hard links here: a rename could replace a file created in the instant
-        # after this check; the daemon owns the outbox, so that window is accepted.
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
-        os.rename(src, dest)
-    fsync_dir(dest.parent)
-    if src.exists():
-        src.unlink()
-        fsync_dir(src.parent)
-    log.info("output_published", path=str(dest))
-    return dest
-
-
-def unique_destination(outbox: Path, name: str) -> Path:
-    """``outbox/name`` if free, else the first free ``stem.1.h5``, ``stem.2.h5``, ...
-
-    Another writer may take the name before it is used: ``publish_to_outbox`` retries.
-    """
-    candidate = outbox / name
-    stem, suffix = Path(name).stem, Path(name).suffix
-    i = 0
-    while os.path.lexists(candidate):
-        i += 1
-        candidate = outbox / f"{stem}.{i}{suffix}"
-    return candidate
-
-
-def publish_to_outbox(src: Path, outbox: Path, name: str) -> Path:
-    """Publish ``src`` into ``outbox`` under ``name`` or a numbered variant; return it."""
-    while True:
-        try:
-            return publish_atomically(src, unique_destination(outbox, name))
-        except FileExistsError:
-            continue  # lost a race for that name; pick the next free one
-
-
-def output_name_for(source_name: str) -> str:
-    """The output file name for an input file name.
-
-    One known FASTA suffix (``FASTA_SUFFIXES``, any case) is replaced by ``.h5``; any
-    other suffix is kept. "sample.fasta" -> "sample.h5", "x.fa.txt" -> "x.fa.h5",
-    "reads.dat" -> "reads.dat.h5", "sample" -> "sample.h5", ".fa" -> ".fa.h5".
-    """
-    name = Path(source_name).name
-    if not name:
-        raise ValueError(f"no file name in {source_name!r}")
-    lower = name.lower()
-    for suffix in FASTA_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)] + ".h5"
-    return name + ".h5"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_embeddings_file(path: Path, embeddings: np.ndarray, ids: Sequence[str],
