@@ -232,7 +232,7 @@ class Intake:
                 shutil.rmtree(job_dir, ignore_errors=True)
                 log.info("stray_removed", path=str(job_dir))
             else:
-                # Temp copies, and compactions cut short (publish.PartialOutput._compact).
+                # Temp copies, and compactions cut short (publish.PartialOutput._rebuild).
                 for tmp in [*job_dir.glob("*.tmp*"), *job_dir.glob(".*.compact-*")]:
                     tmp.unlink(missing_ok=True)
                     log.info("stray_removed", path=str(tmp))
