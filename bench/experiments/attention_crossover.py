@@ -15,27 +15,22 @@ alone: the engines were within noise of each other on both workloads (650M 365-3
 
     PYTHONPATH=. python bench/experiments/attention_crossover.py --json $OUT/crossover.json
 """
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.getcwd())
 import torch
 
+from bench.experiments.common import experiment_args, rounded, save
 from bench.profile_engine import time_cuda
 from vnpd.attention import select_attention
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=131072)
-    ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args, res = experiment_args(rows=[])
     dev = torch.device("cuda")
     backends = {name: select_attention(dev, torch.bfloat16, prefer=name)
                 for name in ("cudnn", "torch_varlen")}
-    res: dict = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": []}
     for heads in (40, 20):
         for length in (32, 64, 96, 128, 170, 192, 256, 320, 384, 512, 1024):
             n = args.tokens // length
@@ -48,11 +43,8 @@ def main() -> None:
                     lambda: backend.attend(q, k, v, cu, length), repeats=20) * 1e3
             row["cudnn_speedup"] = row["torch_varlen_ms"] / row["cudnn_ms"]
             res["rows"].append(row)
-            print(json.dumps({k_: round(v_, 3) if isinstance(v_, float) else v_
-                              for k_, v_ in row.items()}), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+            print(rounded(row), flush=True)
+    save(args, res)
 
 
 if __name__ == "__main__":

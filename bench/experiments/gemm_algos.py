@@ -19,7 +19,6 @@ out-projection step took 2.87-3.18 ms against 3.11-3.31 ms, fc2 9.89-11.6 agains
 
     PYTHONPATH=. python bench/experiments/gemm_algos.py --json $OUT/gemm_epilogues_lt.json
 """
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, os.getcwd())
 import torch
 import torch.nn.functional as F
 
+from bench.experiments.common import experiment_args, rounded, save
 from bench.profile_engine import time_cuda
 from vnpd import kernels
 from vnpd.cublaslt import EPILOGUE_GELU_BIAS, CublasLt
@@ -36,14 +36,10 @@ SHAPES = {"out": (2560, 2560), "fc2": (10240, 2560)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=131072)
-    ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args, res = experiment_args()
     dev = torch.device("cuda")
     lt = CublasLt(dev)
     m = args.tokens
-    res: dict = {"device": torch.cuda.get_device_name(), "tokens": m}
 
     x = torch.randn(4096, 2560, device=dev, dtype=torch.float32)
     w = torch.randn(1024, 2560, device=dev, dtype=torch.float32) * 0.03
@@ -82,12 +78,8 @@ def main() -> None:
             lambda: kernels.add_layer_norm(x, delta, g, ln_b, 1e-5)) * 1e3
         row["ln_alone_ms"] = time_cuda(lambda: kernels.layer_norm(x, g, ln_b, 1e-5)) * 1e3
         res[name] = row
-        print(name, json.dumps({k_: (round(v, 3) if isinstance(v, float) else
-                                     [round(t, 3) for t in v]) for k_, v in row.items()}),
-              flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+        print(name, rounded(row), flush=True)
+    save(args, res)
 
 
 if __name__ == "__main__":

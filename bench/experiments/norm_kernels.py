@@ -13,25 +13,20 @@ warps, 1.89 against 1.94 ms on the 3B width. Both became the defaults (vnpd/kern
 
     PYTHONPATH=. python bench/experiments/norm_kernels.py --json $OUT/norm_kernels.json
 """
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.getcwd())
 import torch
 
+from bench.experiments.common import experiment_args, save
 from bench.profile_engine import time_cuda
 from vnpd import kernels
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=131072)
-    ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args, res = experiment_args(norm={}, gelu={})
     m = args.tokens
-    res: dict = {"device": torch.cuda.get_device_name(), "tokens": m, "norm": {}, "gelu": {}}
     for dim in (2560, 1280):
         x = torch.randn(m, dim, device="cuda", dtype=torch.bfloat16) + 3
         w = torch.rand(dim, device="cuda", dtype=torch.bfloat16) + 0.5
@@ -70,9 +65,7 @@ def main() -> None:
     t = time_cuda(lambda: copy_dst.copy_(copy_src), repeats=20)
     res["copy_tb_s"] = 2 * (1 << 30) / t / 1e12
     print(f"copy {res['copy_tb_s']:.2f} TB/s", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    save(args, res)
 
 
 if __name__ == "__main__":
