@@ -1,7 +1,7 @@
 """Daemon end-to-end benchmark: drop FASTA files into a running `vnpd run`, time to publish.
 
 In one run, on the same data:
-1. engine only: the workload through :class:`vnpd.engine.Engine` in this process (the
+1. engine only: the workload through :class:`vnpd.compute.engine.Engine` in this process (the
    ceiling the daemon is compared with);
 2. for each device set given (e.g. ``cuda:0`` then ``cuda:0,cuda:1``): a fresh daemon is
    started and left to load its models; then the files are dropped (rename into the inbox)
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.engine import WORKLOADS, make_sequences, run_engine, workload_lengths  # noqa: E402
-from vnpd.engine import Engine  # noqa: E402
-from vnpd.model import save_esm2_checkpoint  # noqa: E402
-from vnpd.packing import tokens_for  # noqa: E402
+from vnpd.compute.engine import Engine  # noqa: E402
+from vnpd.compute.families.esm2_checkpoint import save_esm2_checkpoint  # noqa: E402
+from vnpd.compute.packing import tokens_for  # noqa: E402
 
 
 def write_checkpoint(workload: str, out: Path) -> Path:

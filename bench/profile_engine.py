@@ -32,9 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.engine import WORKLOADS, make_sequences, workload_lengths  # noqa: E402
-from vnpd.attention import select_attention  # noqa: E402
-from vnpd.forward import PackedESM2  # noqa: E402
-from vnpd.packing import build_batch, pack_batches  # noqa: E402
+from vnpd.compute.attention import select_attention  # noqa: E402
+from vnpd.compute.families.esm2 import PackedESM2  # noqa: E402
+from vnpd.compute.packing import build_batch, pack_batches  # noqa: E402
 
 GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas", "triton_tem")
 ATTN_MARKERS = ("flash", "fmha", "attention")

@@ -68,7 +68,7 @@ echo "== published outputs"
 python - "$RUN/outbox" <<'PY'
 import sys
 from pathlib import Path
-from vnpd.verify import read_output
+from vnpd.output.verify import read_output
 for path in sorted(Path(sys.argv[1]).iterdir()):
     emb, ids, lengths, attrs = read_output(path)
     print(f"{path.name}: embeddings {emb.shape} {emb.dtype}, first id {ids[0]!r}, "

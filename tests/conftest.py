@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vnpd.model import make_test_model
+from vnpd.compute.families.esm2_checkpoint import make_test_model
 
-# The Triton kernels of the CUDA path (vnpd/kernels.py) run under Triton's interpreter on
+# The Triton kernels of the CUDA path (vnpd/compute/kernels.py) run under Triton's interpreter on
 # machines without a GPU, so their tests and the "fused" forward run here too. It must be
 # set before any @triton.jit function is defined, hence here, before the tests import.
 if not torch.cuda.is_available():

@@ -255,7 +255,7 @@ def test_config_to_dict_is_json_ready(tmp_path: Path):
 
 
 def test_config_and_preflight_never_import_torch():
-    code = ("import sys, vnpd.config as c, vnpd.preflight as p; c.load_config(None, env={}); "
+    code = ("import sys, vnpd.config as c, vnpd.daemon.preflight as p; c.load_config(None, env={}); "
             "p.resolve_devices(['cpu']); p.visible_gpu_count({'PATH': ''}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

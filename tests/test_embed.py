@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 
 from tests.conftest import random_sequences, write_fasta
-from tests.test_forward import fair_esm_means
+from tests.compute.families.test_esm2 import fair_esm_means
 from vnpd import __version__
 from vnpd.embed import ProgressBar
-from vnpd.model import load_esm2
-from vnpd.outbox import sha256_file
+from vnpd.compute.families.esm2_checkpoint import load_esm2
+from vnpd.output.outbox import sha256_file
 
 
 def run_embed(*args: str) -> subprocess.CompletedProcess[str]:

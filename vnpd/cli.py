@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from vnpd.embed import embed_file
-    from vnpd.engine import Engine
-    from vnpd.fasta import FastaError
-    from vnpd.model import CheckpointError, ModelNotFoundError
+    from vnpd.compute.engine import Engine
+    from vnpd.inputs.fasta import FastaError
+    from vnpd.compute.families.esm2_checkpoint import CheckpointError, ModelNotFoundError
 
     configure_logging("auto", args.log_level, stream=sys.stderr)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -102,7 +102,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from vnpd.model import make_test_model
+    from vnpd.compute.families.esm2_checkpoint import make_test_model
 
     configure_logging("auto", "warning", stream=sys.stderr)
     ckpt, reg = make_test_model(args.output, layers=args.layers, dim=args.dim,
@@ -114,7 +114,7 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
-    from vnpd.model import fetch_model
+    from vnpd.compute.families.esm2_checkpoint import fetch_model
 
     configure_logging("auto", "info", stream=sys.stderr)
     try:
@@ -128,7 +128,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
     from vnpd.config import ConfigError, load_config
-    from vnpd.preflight import validate_config
+    from vnpd.daemon.preflight import validate_config
 
     try:
         cfg = load_config(args.config)
@@ -141,7 +141,7 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vnpd.daemon import run_daemon
+    from vnpd.daemon.app import run_daemon
 
     overrides: dict[str, object] = {}
     if args.devices:
@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from vnpd.config import ConfigError, load_config
-    from vnpd.inbox import submit_files
+    from vnpd.daemon.inbox import submit_files
 
     configure_logging("auto", "warning", stream=sys.stderr)
     try:
@@ -174,7 +174,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from vnpd.config import ConfigError, load_config
-    from vnpd.status import format_status, read_status
+    from vnpd.daemon.status import format_status, read_status
 
     try:
         cfg = load_config(args.config)

@@ -3,7 +3,7 @@
 Every setting is ``<section>.<key>``. The environment names it ``VNPD_<SECTION>_<KEY>``
 (``VNPD_MODEL_DTYPE=float16``); the CLI passes ``{"model.dtype": "float16"}``.
 :func:`load_config` checks syntax, types and ranges and touches nothing on disk;
-``vnpd.preflight.validate_config`` then checks the machine (directories, GPUs, model
+``vnpd.daemon.preflight.validate_config`` then checks the machine (directories, GPUs, model
 file). Both raise :class:`ConfigError` listing every problem; the CLI exits
 :data:`EX_CONFIG` on it. Nothing here imports torch or initialises CUDA.
 
@@ -166,7 +166,7 @@ def load_config(path: Path | None, *, env: Mapping[str, str] | None = None,
     environment; ``None`` values are skipped (an unset CLI flag). Relative paths resolve
     against the file's directory (file) or the working directory (env, overrides).
     Raises :class:`ConfigError` listing every syntax, type, name and range problem.
-    Reads nothing but ``path``; the machine is checked by ``vnpd.preflight.validate_config``.
+    Reads nothing but ``path``; the machine is checked by ``vnpd.daemon.preflight.validate_config``.
     """
     problems: list[str] = []
     values = {s: dataclasses.asdict(cls()) for s, cls in SECTIONS.items()}
@@ -267,7 +267,7 @@ def _set(values: dict, origins: dict[str, str], section: str, key: str, raw: obj
 
 
 def _is_path_spec(spec: str) -> bool:
-    # Same rule as vnpd.model.is_path_spec, repeated so that loading a config does not
+    # Same rule as vnpd.compute.families.esm2_checkpoint.is_path_spec, repeated so that loading a config does not
     # import torch.
     return spec.endswith(".pt") or os.sep in spec or "/" in spec
 

@@ -21,11 +21,11 @@ from typing import TextIO
 
 import structlog
 
-from vnpd.engine import Engine, PendingResult
-from vnpd.index import index_fasta, iter_windows
-from vnpd.outbox import fsync_dir
-from vnpd.packing import build_batch, pack_batches, tokens_for
-from vnpd.publish import OutputMeta, PartialOutput
+from vnpd.compute.engine import Engine, PendingResult
+from vnpd.inputs.index import index_fasta, iter_windows
+from vnpd.output.outbox import fsync_dir
+from vnpd.compute.packing import build_batch, pack_batches, tokens_for
+from vnpd.output.hdf5 import OutputMeta, PartialOutput
 
 log = structlog.get_logger()
 
@@ -66,7 +66,7 @@ def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "flo
                in_flight: int = 2, progress: ProgressBar | None = None) -> int:
     """Embed every record of ``src`` into ``out`` atomically; returns the sequence count.
 
-    Raises :class:`vnpd.fasta.FastaError` (before any compute) for invalid input; ``out``
+    Raises :class:`vnpd.inputs.fasta.FastaError` (before any compute) for invalid input; ``out``
     is then untouched.
     """
     started = time.monotonic()

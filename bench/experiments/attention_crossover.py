@@ -23,7 +23,7 @@ import torch
 
 from bench.experiments.common import experiment_args, rounded, save
 from bench.profile_engine import time_cuda
-from vnpd.attention import select_attention
+from vnpd.compute.attention import select_attention
 
 
 def main() -> None:

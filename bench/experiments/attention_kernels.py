@@ -15,8 +15,8 @@ import torch
 from torch.profiler import profile, ProfilerActivity
 from bench.engine import workload_lengths, make_sequences
 from bench.profile_engine import time_cuda
-from vnpd.packing import pack_batches, build_batch
-from vnpd.attention import select_attention
+from vnpd.compute.packing import pack_batches, build_batch
+from vnpd.compute.attention import select_attention
 
 res = {}
 fa2 = select_attention(torch.device("cuda"), torch.bfloat16, prefer="torch_varlen")

@@ -2,7 +2,7 @@
 
 1. Is cuBLASLt's GELU epilogue the exact erf GELU (DESIGN requires erf) or tanh's?
 2. The residual add: torch's F.linear + our add+LN kernel, against cuBLASLt with the
-   residual read in the epilogue + the norm-only kernel (vnpd/cublaslt.py), per shape.
+   residual read in the epilogue + the norm-only kernel (vnpd/compute/cublaslt.py), per shape.
 
 An earlier version of this script (results in
 bench/results/2026-11-23-h100-gemm-candidates.json, GPU clocks and power in
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from bench.experiments.common import experiment_args, rounded, save
 from bench.profile_engine import time_cuda
-from vnpd import kernels
-from vnpd.cublaslt import EPILOGUE_GELU_BIAS, CublasLt
+from vnpd.compute import kernels
+from vnpd.compute.cublaslt import EPILOGUE_GELU_BIAS, CublasLt
 
 SHAPES = {"out": (2560, 2560), "fc2": (10240, 2560)}
 

@@ -17,8 +17,8 @@ import torch, triton, triton.language as tl
 import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 from bench.profile_engine import time_cuda
-from vnpd import kernels
-from vnpd.forward import rotary_tables
+from vnpd.compute import kernels
+from vnpd.compute.families.esm2 import rotary_tables
 
 @triton.jit
 def _pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):

@@ -9,7 +9,7 @@ This times rows per program x warps for the norm, and block x warps for the GELU
 Findings (bench/results/2026-11-23-h100-norm-kernels.json): the norm at D = 2560 went
 from 0.61 ms (1 row, 16 warps) to 0.48 ms with 2 rows and 4 warps (2.8 TB/s); at D = 1280
 1 row and 2 warps was fastest (0.27 against 0.31 ms). GELU: 2048-element blocks with 4
-warps, 1.89 against 1.94 ms on the 3B width. Both became the defaults (vnpd/kernels.py).
+warps, 1.89 against 1.94 ms on the 3B width. Both became the defaults (vnpd/compute/kernels.py).
 
     PYTHONPATH=. python bench/experiments/norm_kernels.py --json $OUT/norm_kernels.json
 """
@@ -21,7 +21,7 @@ import torch
 
 from bench.experiments.common import experiment_args, save
 from bench.profile_engine import time_cuda
-from vnpd import kernels
+from vnpd.compute import kernels
 
 
 def main() -> None:

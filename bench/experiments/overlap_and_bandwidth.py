@@ -14,8 +14,8 @@ import torch, triton
 import torch.nn.functional as F
 from bench.engine import workload_lengths, make_sequences, WORKLOADS
 from bench.profile_engine import time_cuda
-from vnpd.packing import pack_batches, build_batch
-from vnpd.attention import select_attention, exact_attention, AttentionBackend
+from vnpd.compute.packing import pack_batches, build_batch
+from vnpd.compute.attention import select_attention, exact_attention, AttentionBackend
 
 OUT = os.environ.get("OUT", "/tmp")
 print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__, flush=True)
@@ -72,7 +72,7 @@ for workload in ("3b-uniprot", "650m-orf"):
         report[f"attn_{workload}_{i}"] = row
 
 # GELU bandwidth
-from vnpd import kernels
+from vnpd.compute import kernels
 x = torch.randn(131072, 10240, device="cuda", dtype=torch.bfloat16)
 nbytes = 2 * x.numel() * 2
 g = {}
@@ -91,7 +91,7 @@ del x, out, big, dst
 # Engine: single stream vs two streams, FA2 vs cuDNN
 from esm.data import Alphabet
 from esm.model.esm2 import ESM2
-from vnpd.forward import PackedESM2
+from vnpd.compute.families.esm2 import PackedESM2
 arch = WORKLOADS["3b-uniprot"]
 torch.manual_seed(0)
 with torch.device("cuda"):

@@ -1,0 +1,123 @@
+"""The on-disk index: one validating pass, 16 bytes per record, memory-mapped back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import random_sequences, write_fasta
+from vnpd.inputs.fasta import FastaError
+from vnpd.inputs import index as index_module
+from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, iter_windows
+from vnpd.output.outbox import sha256_file
+
+
+def test_index_offsets_lengths_and_windows(tmp_path: Path) -> None:
+    seqs = random_sequences([5, 1500, 1, 300] * 10, seed=2)
+    src = write_fasta(tmp_path / "a.fasta", seqs)
+    index = index_fasta(src)
+    assert index.num_records == 40 and index.sha256 == sha256_file(src)
+    assert index.lengths.tolist() == [len(s) for s in seqs]
+    raw = src.read_bytes()
+    assert all(raw[o:o + 1] == b">" for o in index.offsets.tolist())
+    index.save(tmp_path / "idx")
+    loaded = FileIndex.load(tmp_path / "idx")
+    assert isinstance(loaded.offsets, np.memmap)
+    np.testing.assert_array_equal(loaded.offsets, index.offsets)
+    windows = list(iter_windows(src, loaded, 7, start=3))
+    assert [w[0] for w in windows] == [3, 10, 17, 24, 31, 38]
+    got = [r.sequence for _, records in windows for r in records]
+    assert got == seqs[3:]
+
+
+def test_index_records_the_identity_of_the_file_it_describes(tmp_path: Path) -> None:
+    src = write_fasta(tmp_path / "a.fasta", random_sequences([5, 7], seed=1))
+    index = index_fasta(src)
+    st = src.stat()
+    assert (index.size, index.mtime_ns, index.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    index.save(tmp_path / "idx")
+    loaded = FileIndex.load(tmp_path / "idx")
+    assert (loaded.size, loaded.mtime_ns, loaded.inode) == (index.size, index.mtime_ns, index.inode)
+
+
+def test_file_written_while_being_indexed_is_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that still holds the file open appends while the daemon reads it."""
+    src = write_fasta(tmp_path / "a.fasta", random_sequences([5, 7], seed=1))
+
+    def writer_appends_then_hash(path: Path) -> str:
+        with open(path, "a") as fh:
+            fh.write(">late\nMKV\n")
+        return sha256_file(path)
+
+    monkeypatch.setattr(index_module, "sha256_file", writer_appends_then_hash)
+    with pytest.raises(FastaError, match="changed while it was being indexed; a writer"):
+        index_fasta(src)
+
+
+def test_file_changed_after_indexing_is_never_read_as_indexed(tmp_path: Path) -> None:
+    seqs = random_sequences([5, 7, 9], seed=1)
+    src = write_fasta(tmp_path / "a.fasta", seqs)
+    index = index_fasta(src)
+    assert [r.sequence for r in iter_indexed(src, index, 1)] == seqs[1:]
+    with open(src, "a") as fh:  # a stalled writer goes on after the claim
+        fh.write(">late\nMK1V\n")
+    for read in (lambda: list(iter_indexed(src, index)), lambda: list(iter_windows(src, index, 2))):
+        with pytest.raises(FastaError, match="changed after it was indexed"):
+            read()
+
+
+def test_index_without_identity_still_stops_at_the_last_indexed_record(tmp_path: Path) -> None:
+    """An index saved before size/mtime/inode were recorded: the bounds still hold."""
+    seqs = random_sequences([5, 7, 9], seed=1)
+    src = write_fasta(tmp_path / "a.fasta", seqs)
+    full = index_fasta(src)
+    index = FileIndex(full.num_records, full.offsets, full.lengths, full.sha256)
+    with open(src, "a") as fh:
+        fh.write(">late\nMK1V\n")
+    assert [r.sequence for r in iter_indexed(src, index)] == seqs  # the bad record is not read
+    src.write_bytes(src.read_bytes()[: int(full.offsets[2])])  # truncated before record #3
+    with pytest.raises(FastaError, match="ends before record #3"):
+        list(iter_indexed(src, index))
+
+
+def test_index_refuses_duplicates_before_any_compute(tmp_path: Path) -> None:
+    src = tmp_path / "d.fasta"
+    src.write_text(">a\nMKV\n>b\nMKV\n>a\nMKV\n")
+    with pytest.raises(FastaError) as err:
+        index_fasta(src)
+    assert err.value.record_id == "a" and err.value.line == 5
+
+
+def test_parent_memory_stays_bounded_for_millions_of_records(tmp_path: Path) -> None:
+    """3M records: indexing in a fresh process must not grow its memory by more than
+    ~16 bytes per record plus buffers (the index itself is 48 MB for 3M records)."""
+    n = 3_000_000
+    src = tmp_path / "many.fasta"
+    with open(src, "w") as f:
+        block = "".join(f">r{i}\nMKVLAG\n" for i in range(100_000))
+        for k in range(n // 100_000):
+            f.write(block.replace(">r", f">b{k}_"))
+    script = textwrap.dedent(f"""
+        import json, resource
+        from pathlib import Path
+        import vnpd.inputs.index, vnpd.daemon.scheduler, vnpd.daemon.app  # everything the parent imports
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        idx = vnpd.inputs.index.index_fasta(Path({str(src)!r}))
+        idx.save(Path({str(tmp_path / 'idx')!r}))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"n": idx.num_records, "before_kb": before, "after_kb": after}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == n
+    growth_mb = (result["after_kb"] - result["before_kb"]) / 1024
+    # 16 B/record index + 8 B/record id hashes, with growth slack: far below 1 GB.
+    assert growth_mb < 250, f"indexing {n} records grew the process by {growth_mb:.0f} MB"

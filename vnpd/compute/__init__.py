@@ -1,0 +1,1 @@
+"""The engine: tokens in, pooled representations out. Never imports daemon code."""

@@ -1,0 +1,1 @@
+"""Model families: checkpoint format, alphabet and packed forward, one module each."""

@@ -1,0 +1,1 @@
+"""`vnpd run`: inbox, journal, jobs, scheduling, completion, status and metrics."""

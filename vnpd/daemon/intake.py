@@ -1,0 +1,252 @@
+"""The daemon's intake: claim settled inbox files, index them, and start their jobs.
+
+The inbox is scanned (watch events only wake the loop up); a file that has settled is
+renamed into ``state/claimed/`` and journaled as a job, then indexed in a thread. Its
+partial output is created (or, on a resume, reopened) and the job goes to the scheduler.
+At start, every unfinished job in the journal resumes, and claimed files the journal
+never recorded are taken as new jobs.
+
+Example::
+
+    intake = Intake(cfg, journal, scheduler, supervisor, completion,
+                    claimed_dir=state / "claimed", jobs_dir=state / "jobs",
+                    stopping=stopping, wake=wake, spawn=spawn,
+                    spawn_publish=spawn_publish, embed_dim=embed_dim)
+    intake.remove_stray_files()   # before anything runs
+    spawn(intake.run())           # resume, then claim until ``stopping`` is set
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from vnpd.daemon.completion import JobCompletion, with_disk_retry
+from vnpd.config import Config
+from vnpd.inputs.fasta import FastaError
+from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
+from vnpd.inputs.index import FileIndex, index_fasta
+from vnpd.daemon.journal import Journal
+from vnpd.output.outbox import fsync_dir, fsync_file
+from vnpd.compute.packing import tokens_for
+from vnpd.output.hdf5 import PartialOutput
+from vnpd.daemon.scheduler import ActiveJob, Scheduler
+from vnpd.workers.local import Supervisor
+from vnpd.faults import crash_at
+from vnpd.output.verify import IncompleteOutputError
+
+log = structlog.get_logger()
+
+
+class Intake:
+    """Takes files from the inbox to the scheduler; owned by the daemon's event loop.
+
+    The daemon owns the tasks: ``spawn`` starts one that it tracks, ``spawn_publish``
+    sends a job whose partial file is already finalized to publishing, and ``embed_dim``
+    waits for a ready worker's embedding width. ``indexing`` (the jobs being indexed)
+    is read by the daemon's status.
+    """
+
+    def __init__(self, cfg: Config, journal: Journal, scheduler: Scheduler,
+                 supervisor: Supervisor, completion: JobCompletion, *, claimed_dir: Path,
+                 jobs_dir: Path, stopping: asyncio.Event, wake: asyncio.Event,
+                 spawn: Callable[[Any], asyncio.Task[Any]],
+                 spawn_publish: Callable[[ActiveJob], None],
+                 embed_dim: Callable[[], Awaitable[int]]) -> None:
+        self.cfg, self.journal, self.completion = cfg, journal, completion
+        self.scheduler, self.supervisor = scheduler, supervisor
+        self.claimed_dir, self.jobs_dir = claimed_dir, jobs_dir
+        self.stopping, self.wake = stopping, wake
+        self._spawn, self._spawn_publish, self._embed_dim = spawn, spawn_publish, embed_dim
+        self.settle = SettleTracker(cfg.inbox.settle_s)
+        self.indexing: set[int] = set()
+        self.unrecorded_claims = False  # a claim the journal could not record (disk full)
+
+    # Claim and index ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Resume unfinished jobs, then claim settled files until ``stopping`` is set."""
+        await self._resume_jobs()
+        while not self.stopping.is_set():
+            self.wake.clear()
+            if self.unrecorded_claims:
+                self._recover_claimed(self.journal.claimed_names())
+            if len(self.scheduler.jobs) + len(self.indexing) < self.cfg.jobs.max_active_jobs:
+                for candidate in self.settle.observe(scan_inbox(self.cfg.paths.inbox)):
+                    if len(self.scheduler.jobs) + len(self.indexing) >= \
+                            self.cfg.jobs.max_active_jobs:
+                        break
+                    self._claim(candidate)
+            # Events only wake us up; the scan is the truth (events can be lost).
+            timeout = self.cfg.inbox.settle_s / 2 if self.settle.pending() else \
+                self.cfg.inbox.rescan_interval_s
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(0.05, timeout))
+            except TimeoutError:
+                pass
+
+    def _claim(self, candidate: Any) -> None:
+        name = candidate.path.name
+        job_id = self.journal.next_job_id()
+        try:
+            # The random part keeps the name unique even if a crash left a claimed file
+            # whose id the journal hands out again.
+            claimed = claim_file(candidate, self.claimed_dir,
+                                 f"{job_id:08d}.{uuid.uuid4().hex[:8]}-{name}")
+        except ClaimError as exc:
+            log.warning("claim_failed", file=name, reason=exc.reason, detail=exc.detail)
+            self.settle.forget(candidate.path)
+            if exc.kept is None:
+                return
+            # Another file was renamed over the settled one during the claim; it arrived
+            # by rename, so under the writer contract it is complete: take it as it is.
+            claimed = exc.kept
+        self.settle.forget(candidate.path)
+        crash_at("claimed")
+        job_id = self._record_claim(name, claimed)
+        if job_id is not None:
+            log.info("job_claimed", job=job_id, file=name, bytes=candidate.size)
+            self._start_indexing(job_id, name, claimed)
+
+    def _record_claim(self, name: str, claimed: Path) -> int | None:
+        """Journal a claimed file as a new job. On a full disk, None: the file waits in
+        state/claimed/ for :meth:`_recover_claimed`."""
+        try:
+            return self.journal.add_job(name, claimed)
+        except sqlite3.OperationalError as exc:
+            log.error("claim_journal_failed", file=name, claimed=str(claimed), error=str(exc))
+            self.unrecorded_claims = True
+            return None
+
+    def _start_indexing(self, job_id: int, name: str, claimed: Path) -> None:
+        self.indexing.add(job_id)
+        self._spawn(self._index_job(job_id, name, claimed))
+
+    async def _index_job(self, job_id: int, name: str, claimed: Path) -> None:
+        try:
+            index = await asyncio.to_thread(index_fasta, claimed)
+        except FastaError as exc:
+            self.indexing.discard(job_id)
+            await self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
+            return
+        except OSError as exc:
+            self.indexing.discard(job_id)
+            await self.completion.fail_job(job_id, name, claimed,
+                                           {"reason": f"cannot read file: {exc}"}, str(exc))
+            return
+        self.indexing.discard(job_id)
+        total_tokens = int(tokens_for(index.lengths, self.cfg.model.truncation).sum())
+        key = self._cache_key(index.sha256)
+
+        async def save() -> None:
+            await asyncio.to_thread(_save_durably, index, self.jobs_dir / str(job_id) / "index")
+            self.journal.set_indexed(job_id, index.sha256, key, index.num_records, total_tokens)
+        await with_disk_retry(save, "index_save_retry", self.cfg.jobs.publish_retry_max_s,
+                              job=job_id, file=name)
+        previous = self.journal.published_with_key(key)
+        copy = previous is not None and bool(previous.output) and Path(previous.output).is_file()
+        if copy:
+            # Same content, same model settings, already published: copy, don't recompute.
+            await self.completion.copy_duplicate(job_id, previous, name)
+        await self._activate(job_id, name, claimed, index, total_tokens, resume=copy)
+
+    async def _activate(self, job_id: int, name: str, claimed: Path, index: FileIndex,
+                        total_tokens: int, *, resume: bool) -> None:
+        """Serve a job: resume its partial file (``resume``) or create one. A partial file
+        that is already finalized (a crash came before its publish, or it is the copy of
+        an identical earlier output) goes straight to publishing."""
+        dim = await self._embed_dim()
+        partial_path = self.jobs_dir / str(job_id) / "partial.h5"
+        partial = None
+        if resume and partial_path.exists():
+            try:
+                partial = PartialOutput.open_existing(partial_path)
+            except IncompleteOutputError as exc:
+                log.warning("partial_unreadable_restarting_job", job=job_id, error=str(exc))
+        if partial is None:
+            if resume:  # rows the journal calls done are not on disk: compute them again
+                self.journal.reset_job(job_id)
+            # Allocated in full here, so a disk too full for the output is found now.
+            partial = await with_disk_retry(
+                lambda: asyncio.to_thread(PartialOutput.create, partial_path, index.num_records,
+                                          dim, self.cfg.model.output_dtype),
+                "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
+        job = ActiveJob(job_id, name, claimed, index, partial,
+                        self.journal.job(job_id).next_position, total_tokens)
+        if partial.finalized:
+            self._spawn_publish(job)
+            return
+        self.scheduler.add_job(job)
+        self.supervisor.changed.set()
+
+    def _cache_key(self, sha256: str) -> str:
+        m = self.cfg.model
+        return json.dumps([sha256, m.checkpoint, m.layer, m.dtype, m.truncation, m.output_dtype])
+
+    # Resume -------------------------------------------------------------------------
+    async def _resume_jobs(self) -> None:
+        """Pick up every unfinished job of the journal, and claimed files it never recorded."""
+        known = self.journal.claimed_names()
+        for row in self.journal.unfinished_jobs():
+            log.info("job_resume", job=row.id, file=row.name, state=row.state)
+            index_dir = self.jobs_dir / str(row.id) / "index"
+            published = self.completion.published_before_crash(row)
+            if published is not None:
+                self.completion.finish_done(row, published, int(row.total_tokens or 0), 0.0)
+            elif not row.claimed_path.exists():
+                self.journal.set_state(row.id, "failed", error="claimed input file is missing")
+            elif row.state in ("indexed", "publishing") and index_dir.exists():
+                await self._activate(row.id, row.name, row.claimed_path,
+                                     FileIndex.load(index_dir), int(row.total_tokens or 0),
+                                     resume=True)
+            else:
+                self.journal.reset_job(row.id)
+                self._start_indexing(row.id, row.name, row.claimed_path)
+        self._recover_claimed(known)
+
+    def _recover_claimed(self, known: set[str]) -> None:
+        """Register files in state/claimed/ that no job names (claimed just before a
+        crash, or while the journal could not be written)."""
+        self.unrecorded_claims = False
+        for path in sorted(self.claimed_dir.iterdir()):
+            if path.name in known:
+                continue
+            name = path.name.split("-", 1)[1] if "-" in path.name else path.name
+            job_id = self._record_claim(name, path)
+            if job_id is not None:
+                log.info("job_recovered", job=job_id, file=name)
+                self._start_indexing(job_id, name, path)
+
+    def remove_stray_files(self) -> None:
+        """Temp files of an earlier run: partial copies and state of finished jobs."""
+        unfinished = {str(r.id) for r in self.journal.unfinished_jobs()}
+        for job_dir in self.jobs_dir.iterdir():
+            if job_dir.name not in unfinished:
+                shutil.rmtree(job_dir, ignore_errors=True)
+                log.info("stray_removed", path=str(job_dir))
+            else:
+                # Temp copies, and compactions cut short (publish.PartialOutput._rebuild).
+                for tmp in [*job_dir.glob("*.tmp*"), *job_dir.glob(".*.compact-*")]:
+                    tmp.unlink(missing_ok=True)
+                    log.info("stray_removed", path=str(tmp))
+        for tmp in self.cfg.paths.state.glob("*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        for tmp in self.cfg.paths.failed.glob(".*.error.json.tmp"):  # a half-written report
+            tmp.unlink(missing_ok=True)
+
+
+def _save_durably(index: FileIndex, directory: Path) -> None:
+    """Save a job's index and fsync it: the journal is about to call the job indexed,
+    and a restart after a power cut must find the files whole."""
+    index.save(directory)
+    for path in directory.iterdir():
+        fsync_file(path)
+    fsync_dir(directory)
+    fsync_dir(directory.parent)

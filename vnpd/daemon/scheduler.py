@@ -1,0 +1,385 @@
+"""Jobs in progress: read windows of sequences, pack them, hand out batches, take results.
+
+Each active job reads its file in windows (bounded host memory whatever the file size),
+packs each window by token budget, journals the batches (positions, not ids), and queues
+them. :meth:`Scheduler.take_batch` serves jobs round-robin, so a one-sequence file gets
+the next free slot instead of waiting behind a million-sequence file.
+
+Failures: a batch that OOMs is split in two (the device's budget was already lowered by
+the supervisor). Any other failure (its worker died, hung or reported an error) counts an
+attempt in the journal and makes the batch a *suspect*. A worker dies with every batch it
+holds, up to three, and only one of them is to blame, so a suspect is sent only to a
+worker holding nothing else, and runs alone: if it fails again, the failure is its own.
+A suspect that fails alone is split into single sequences, each again a suspect; a
+single sequence that fails alone is poison: quarantined (``on_poison = "quarantine"``)
+or its job fails (``"fail"``). So a bystander is never quarantined for a neighbour's
+crash, and a poison record costs three worker deaths whatever its batch's size (one
+beside others, one with its batch alone, one alone), not two per halving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from vnpd.inputs.fasta import FastaError, FastaRecord
+from vnpd.inputs.index import FileIndex, iter_indexed
+from vnpd.daemon.journal import DISK_ERRORS, Journal
+from vnpd.compute.packing import build_batch, pack_batches, tokens_for
+from vnpd.workers.protocol import BatchMsg
+from vnpd.output.hdf5 import PartialOutput
+from vnpd.workers.local import Dispatch
+from vnpd.faults import crash_at
+
+log = structlog.get_logger()
+
+POISON_ATTEMPTS = 2          # failures before a single sequence can be poison (one alone)
+WINDOW_BATCHES = 8           # read a new window when fewer batches than this are queued
+WINDOW_MAX_RECORDS = 200_000
+
+
+@dataclass
+class QueuedBatch:
+    batch_no: int
+    positions: np.ndarray
+    tokens: int
+    msg_parts: tuple[np.ndarray, np.ndarray, int, tuple[str, ...]] | None = None
+    attempts: int = 0  # failures it was part of (journaled); > 0 makes it a suspect
+
+
+@dataclass
+class ActiveJob:
+    """A job being computed: its index, partial output and batch queue."""
+
+    job_id: int
+    name: str
+    source: Path
+    index: FileIndex
+    partial: PartialOutput
+    next_position: int
+    total_tokens: int
+    queue: deque[QueuedBatch] = field(default_factory=deque)
+    inflight: set[int] = field(default_factory=set)
+    unflushed: list[int] = field(default_factory=list)  # rows written, not yet journaled
+    done_sequences: int = 0
+    done_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    failed: str | None = None
+
+    @property
+    def num_records(self) -> int:
+        return self.index.num_records
+
+    def finished(self) -> bool:
+        return (not self.queue and not self.inflight and not self.unflushed
+                and self.next_position >= self.index.num_records)
+
+
+class Scheduler:
+    """Round-robin batch source over active jobs; the supervisor's event sink."""
+
+    def __init__(self, journal: Journal, *, truncation: int, max_tokens: int,
+                 on_poison: str, on_job_complete: Callable[[ActiveJob], None],
+                 metrics: Any = None, disk_retry_max_s: float = 30.0) -> None:
+        self.journal = journal
+        self.truncation = truncation
+        self.max_tokens = max_tokens
+        self.on_poison = on_poison
+        self.on_job_complete = on_job_complete
+        self.metrics = metrics
+        self.jobs: dict[int, ActiveJob] = {}
+        self._rr: deque[int] = deque()
+        self._batch_ids = itertools.count(1)
+        # After a disk error (full disk), commits and window reads pause with backoff.
+        self.disk_retry_max_s = disk_retry_max_s
+        self._disk_delay = 0.0
+        self._disk_retry_at = 0.0
+
+    # Jobs ---------------------------------------------------------------------------
+    def add_job(self, job: ActiveJob) -> None:
+        """Start serving a job; its journaled unfinished batches are queued first,
+        suspects (batches that failed before the restart) at the very front."""
+        rows = self.journal.pending_batches(job.job_id)
+        for row in sorted(rows, key=lambda r: r.attempts == 0):
+            job.queue.append(QueuedBatch(row.batch_no, row.positions, row.tokens,
+                                         attempts=row.attempts))
+        job.done_sequences, job.done_tokens = self.journal.progress(job.job_id)
+        job.done_sequences += len(self.journal.quarantined(job.job_id))
+        self.jobs[job.job_id] = job
+        self._rr.append(job.job_id)
+        log.info("job_started", job=job.job_id, file=job.name, sequences=job.num_records,
+                 tokens=job.total_tokens, resumed_sequences=job.done_sequences,
+                 queued_batches=len(job.queue))
+        self._check_complete(job)
+
+    def remove_job(self, job_id: int) -> ActiveJob | None:
+        job = self.jobs.pop(job_id, None)
+        if job_id in self._rr:
+            self._rr.remove(job_id)
+        return job
+
+    def queued_sequences(self) -> int:
+        return sum(j.num_records - j.done_sequences for j in self.jobs.values())
+
+    # Batch source -------------------------------------------------------------------
+    def take_batch(self, max_tokens: int, alone: bool = True) -> Dispatch | None:
+        """The next batch for a worker with budget ``max_tokens``, or None.
+
+        ``alone``: the worker holds no other batch. A suspect (a batch that failed
+        before) is only handed to such a worker, as an exclusive dispatch. While one
+        waits, busy workers get nothing, so that one of them drains and takes it soon.
+        """
+        # Suspects are always first in their job's queue (see _after_failure, add_job).
+        suspect = next((j for j in self.jobs.values()
+                        if j.queue and j.queue[0].attempts and not j.failed), None)
+        if suspect is not None:
+            return self._next_from(suspect, max_tokens) if alone else None
+        for _ in range(len(self._rr)):
+            job_id = self._rr[0]
+            self._rr.rotate(-1)
+            job = self.jobs[job_id]
+            if job.failed:
+                continue
+            dispatch = self._next_from(job, max_tokens)
+            if dispatch is not None:
+                return dispatch
+        return None
+
+    def _next_from(self, job: ActiveJob, max_tokens: int) -> Dispatch | None:
+        """The job's next batch, reading a new window first when few are queued.
+
+        An input that no longer reads as it was indexed (its writer went on writing
+        after the claim) fails its job here, and only its job.
+        """
+        try:
+            if len(job.queue) < WINDOW_BATCHES:
+                self._read_window(job)
+            return self._take(job, max_tokens) if job.queue else None
+        except FastaError as exc:
+            log.error("job_input_changed", job=job.job_id, file=job.name, error=str(exc))
+            job.failed = str(exc)
+            self.on_job_complete(job)
+            return None
+
+    def _take(self, job: ActiveJob, max_tokens: int) -> Dispatch:
+        queued = job.queue.popleft()
+        if queued.tokens > max_tokens and len(queued.positions) > 1:
+            # This device's budget is lower (it ran out of memory): split first.
+            try:
+                self._split(job, queued, "over device budget")
+                queued = job.queue.popleft()
+            except sqlite3.OperationalError as exc:  # a full disk: send it whole
+                log.error("journal_write_failed", job=job.job_id, batch=queued.batch_no,
+                          error=str(exc))
+        return self._dispatch(job, queued)
+
+    def _read_window(self, job: ActiveJob) -> None:
+        if job.next_position >= job.num_records or time.monotonic() < self._disk_retry_at:
+            return
+        start = job.next_position
+        target = WINDOW_BATCHES * self.max_tokens
+        records: list[FastaRecord] = []
+        tokens = 0
+        for record in iter_indexed(job.source, job.index, start):
+            records.append(record)
+            tokens += min(len(record.sequence), self.truncation) + 2
+            if tokens >= target or len(records) >= WINDOW_MAX_RECORDS:
+                break
+        stop = start + len(records)
+        # Ids and lengths are not written here but at finalize, from the input: ids are
+        # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
+        lengths = np.asarray(job.index.lengths[start:stop])
+        plan = pack_batches(lengths, self.max_tokens, self.truncation)
+        cost = tokens_for(lengths, self.truncation)
+        try:
+            numbers = self.journal.add_batches(
+                job.job_id, [(local + start, int(cost[local].sum())) for local in plan], stop)
+        except sqlite3.OperationalError as exc:
+            # A full disk: nothing was journaled or queued; the window is read again later.
+            self._disk_failed("window_read_failed", exc, job=job.job_id, start=start)
+            return
+        for no, local in zip(numbers, plan):
+            batch = build_batch(local + start, [records[i].sequence for i in local],
+                                self.truncation)
+            job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens,
+                                         (batch.tokens, batch.cu_seqlens, batch.max_len,
+                                          tuple(records[i].id for i in local))))
+        job.next_position = stop
+
+    def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
+        if queued.msg_parts is None:
+            queued.msg_parts = self._load_parts(job, queued.positions)
+        tokens, cu, max_len, ids = queued.msg_parts
+        msg = BatchMsg(next(self._batch_ids), tokens, cu, max_len, ids)
+        job.inflight.add(queued.batch_no)
+        if queued.attempts:
+            log.info("batch_isolated", job=job.job_id, batch=queued.batch_no,
+                     sequences=len(queued.positions), attempts=queued.attempts)
+        return Dispatch((job.job_id, queued), msg, queued.tokens,
+                        exclusive=queued.attempts > 0)
+
+    def _load_parts(self, job: ActiveJob, positions: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
+        """Re-read the records of a journaled batch (after a restart or a split)."""
+        lo, hi = int(positions.min()), int(positions.max())
+        wanted = set(positions.tolist())
+        found: dict[int, FastaRecord] = {}
+        for record in iter_indexed(job.source, job.index, lo):
+            if record.index in wanted:
+                found[record.index] = record
+            if record.index >= hi:
+                break
+        batch = build_batch(positions, [found[int(p)].sequence for p in positions],
+                            self.truncation)
+        return batch.tokens, batch.cu_seqlens, batch.max_len, \
+            tuple(found[int(p)].id for p in positions)
+
+    # Worker events ------------------------------------------------------------------
+    def batch_done(self, dispatch: Dispatch, rows: np.ndarray, device: str,
+                   seconds: float) -> None:
+        job_id, queued = dispatch.key
+        job = self.jobs.get(job_id)
+        if job is None or queued.batch_no not in job.inflight:
+            return  # job failed meanwhile, or a duplicate result: never written twice
+        job.partial.write_rows(queued.positions, rows)
+        job.inflight.discard(queued.batch_no)
+        job.unflushed.append(queued.batch_no)
+        job.done_sequences += len(queued.positions)
+        job.done_tokens += queued.tokens
+        if self.metrics is not None:
+            self.metrics.sequences_total.inc(len(queued.positions))
+            self.metrics.tokens_total.inc(queued.tokens)
+        log.debug("batch_done", job=job_id, batch=queued.batch_no, device=device,
+                  sequences=len(queued.positions), tokens=queued.tokens,
+                  seconds=round(seconds, 3))
+
+    def commit(self) -> None:
+        """Make written rows durable, then journal their batches as done.
+
+        Called about once a second rather than per batch: an fsync per batch would cost
+        more than the batch on small models. A crash loses at most the uncommitted
+        batches, which are then recomputed; rows are never marked done before they are
+        on disk.
+        """
+        if time.monotonic() < self._disk_retry_at:
+            return
+        for job in list(self.jobs.values()):
+            if not job.unflushed:
+                continue
+            try:
+                job.partial.flush()
+                crash_at("rows_flushed")
+                self.journal.mark_done(job.job_id, job.unflushed)
+            except DISK_ERRORS as exc:
+                # A full disk: the batches stay pending, and a later commit tries again.
+                self._disk_failed("commit_failed", exc, job=job.job_id,
+                                  batches=len(job.unflushed))
+                return
+            self._disk_delay = 0.0
+            job.unflushed.clear()
+            self._check_complete(job)
+
+    def _disk_failed(self, event: str, exc: BaseException, **fields: Any) -> None:
+        self._disk_delay = min(max(1.0, 2 * self._disk_delay), self.disk_retry_max_s)
+        self._disk_retry_at = time.monotonic() + self._disk_delay
+        log.error(event, error=str(exc), retry_in_s=self._disk_delay, **fields)
+
+    def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None:
+        job_id, queued = dispatch.key
+        job = self.jobs.get(job_id)
+        if job is None or queued.batch_no not in job.inflight:
+            return
+        job.inflight.discard(queued.batch_no)
+        self._count_attempt(job, queued)
+        if kind == "oom" and len(queued.positions) > 1:
+            self._split(job, queued, "out of memory")
+        else:
+            self._after_failure(job, queued, dispatch.exclusive, f"{kind}: {message}")
+
+    def batches_lost(self, dispatches: list[Dispatch], reason: str) -> None:
+        for dispatch in dispatches:
+            job_id, queued = dispatch.key
+            job = self.jobs.get(job_id)
+            if job is None or queued.batch_no not in job.inflight:
+                continue
+            job.inflight.discard(queued.batch_no)
+            if reason == "shutdown":
+                job.queue.appendleft(queued)  # journaled as not done: resumes on restart
+                continue
+            self._count_attempt(job, queued)
+            self._after_failure(job, queued, dispatch.exclusive, reason)
+
+    def _count_attempt(self, job: ActiveJob, queued: QueuedBatch) -> None:
+        try:
+            queued.attempts = self.journal.count_attempt(job.job_id, queued.batch_no)
+        except sqlite3.OperationalError as exc:
+            queued.attempts += 1  # a full disk: counted in memory only, until a restart
+            log.error("journal_write_failed", job=job.job_id, batch=queued.batch_no,
+                      error=str(exc))
+
+    def _after_failure(self, job: ActiveJob, queued: QueuedBatch, alone: bool,
+                       reason: str) -> None:
+        """Retry as a suspect; or, when it failed alone, split it or quarantine it."""
+        try:
+            if not alone or (len(queued.positions) == 1 and queued.attempts < POISON_ATTEMPTS):
+                # Beside other batches the blame is unknown: retry it alone, first in line.
+                job.queue.appendleft(queued)
+            elif len(queued.positions) > 1:
+                # Its own failure: find the culprit among its sequences, each alone.
+                self._split(job, queued, reason, singles=True)
+            else:
+                self._poisoned(job, queued, reason)
+        except sqlite3.OperationalError as exc:
+            # A full disk: the split or quarantine was rolled back; the batch, still
+            # pending in the journal, is retried as it is.
+            log.error("journal_write_failed", job=job.job_id, batch=queued.batch_no,
+                      error=str(exc))
+            job.queue.appendleft(queued)
+
+    def _split(self, job: ActiveJob, queued: QueuedBatch, reason: str, *,
+               singles: bool = False) -> None:
+        """Replace ``queued`` by its halves (or its single sequences), first in line.
+
+        The parts keep its attempts: a part of a suspect is a suspect.
+        """
+        if singles:
+            parts = [queued.positions[i:i + 1] for i in range(len(queued.positions))]
+        else:
+            half = len(queued.positions) // 2
+            parts = [queued.positions[:half], queued.positions[half:]]
+        lengths = job.index.lengths
+        tokens = [int(tokens_for(np.asarray(lengths[p]), self.truncation).sum()) for p in parts]
+        numbers = self.journal.split_batch(job.job_id, queued.batch_no, list(zip(parts, tokens)))
+        log.warning("batch_split", job=job.job_id, batch=queued.batch_no, into=numbers,
+                    sequences=len(queued.positions), reason=reason)
+        job.queue.extendleft(reversed([QueuedBatch(no, p, t, attempts=queued.attempts)
+                                       for no, p, t in zip(numbers, parts, tokens)]))
+
+    def _poisoned(self, job: ActiveJob, queued: QueuedBatch, reason: str) -> None:
+        position = int(queued.positions[0])
+        record_id = queued.msg_parts[3][0] if queued.msg_parts else str(position)
+        log.error("sequence_poisoned", job=job.job_id, position=position, record=record_id,
+                  reason=reason, policy=self.on_poison)
+        if self.metrics is not None:
+            self.metrics.quarantined_sequences_total.inc()
+        if self.on_poison == "fail":
+            job.failed = (f"record {record_id!r} (position {position}) repeatedly killed its "
+                          f"worker ({reason}); on_poison = \"fail\"")
+            self.on_job_complete(job)
+            return
+        self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
+        job.done_sequences += 1
+        self._check_complete(job)
+
+    def _check_complete(self, job: ActiveJob) -> None:
+        if job.finished():
+            self.on_job_complete(job)

@@ -1,0 +1,156 @@
+"""A validated, on-disk index of one FASTA file: record offsets and residue lengths.
+
+Indexing is one streaming pass (every validation rule of :mod:`vnpd.inputs.fasta`, duplicate
+ids included) that keeps 16 bytes per record; the arrays can be saved beside the job's
+state and memory-mapped back, so a file of millions of records costs the parent
+process almost no RAM. Sequences are re-read from the file in windows when needed.
+
+The index is only true for the bytes it was built from. A writer that kept the file open
+after it was claimed (``cp`` into the inbox, stalled past ``settle_s``) can still change
+it, so the file's size, mtime and inode are recorded, and every re-read
+(``iter_indexed``) checks them and never reads past the last indexed record.
+
+Example::
+
+    index = index_fasta(Path("in.fasta"))
+    for start, records in iter_windows(Path("in.fasta"), index, 10_000):
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta, iter_fasta_from
+from vnpd.output.outbox import sha256_file
+
+_CHUNK = 65536
+_WRITER_HINT = ("a writer still had it open: write files elsewhere (or under a .part name) "
+                "and rename them into the inbox, see docs/INBOX.md")
+
+
+@dataclass(frozen=True)
+class FileIndex:
+    """Offsets (byte of each header's '>') and residue lengths, in file order, and the
+    identity (size, mtime_ns, inode) of the file they describe."""
+
+    num_records: int
+    offsets: np.ndarray  # (N,) int64
+    lengths: np.ndarray  # (N,) int64, residues before truncation
+    sha256: str
+    size: int | None = None  # None: an index saved before these were recorded
+    mtime_ns: int | None = None
+    inode: int | None = None
+
+    def save(self, directory: Path) -> None:
+        """Write ``offsets.npy``, ``lengths.npy`` and ``index.json`` into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "offsets.npy", self.offsets)
+        np.save(directory / "lengths.npy", self.lengths)
+        (directory / "index.json").write_text(json.dumps(
+            {"num_records": self.num_records, "sha256": self.sha256, "size": self.size,
+             "mtime_ns": self.mtime_ns, "inode": self.inode}))
+
+    @classmethod
+    def load(cls, directory: Path) -> "FileIndex":
+        """Memory-map an index written by :meth:`save`."""
+        meta = json.loads((directory / "index.json").read_text())
+        return cls(meta["num_records"], np.load(directory / "offsets.npy", mmap_mode="r"),
+                   np.load(directory / "lengths.npy", mmap_mode="r"), meta["sha256"],
+                   meta.get("size"), meta.get("mtime_ns"), meta.get("inode"))
+
+    def check_unchanged(self, path: Path) -> None:
+        """Raise ``FastaError`` if ``path`` is no longer the file this index was built from.
+
+        A write changes the size or the mtime; a file renamed over it changes the inode.
+        """
+        if self.size is None:
+            return
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (self.size, self.mtime_ns, self.inode):
+            raise FastaError(
+                f"the file changed after it was indexed (size {self.size} -> {st.st_size} "
+                f"bytes); {_WRITER_HINT}")
+
+
+def index_fasta(path: Path) -> FileIndex:
+    """Validate ``path`` completely and index it.
+
+    Raises :class:`vnpd.inputs.fasta.FastaError` for invalid input, and also when the file
+    changed while it was read (its size, mtime or inode differ from before): the index
+    would describe bytes that are not there any more.
+    """
+    before = os.stat(path)
+    checker = DuplicateIdChecker()
+    offsets: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    off_buf = np.empty(_CHUNK, dtype=np.int64)
+    len_buf = np.empty(_CHUNK, dtype=np.int64)
+    fill = 0
+    for record in iter_fasta(path):
+        checker.add(record)
+        off_buf[fill] = record.offset
+        len_buf[fill] = len(record.sequence)
+        fill += 1
+        if fill == _CHUNK:
+            offsets.append(off_buf.copy())
+            lengths.append(len_buf.copy())
+            fill = 0
+    offsets.append(off_buf[:fill].copy())
+    lengths.append(len_buf[:fill].copy())
+    checker.finish(path)
+    off, lens = np.concatenate(offsets), np.concatenate(lengths)
+    index = FileIndex(int(off.shape[0]), off, lens, sha256_file(path), before.st_size,
+                      before.st_mtime_ns, before.st_ino)
+    try:
+        index.check_unchanged(path)
+    except FastaError:
+        raise FastaError(f"the file changed while it was being indexed; {_WRITER_HINT}") \
+            from None
+    return index
+
+
+def iter_indexed(path: Path, index: FileIndex, start: int = 0) -> Iterator[FastaRecord]:
+    """Re-read records ``start..N-1`` of an indexed file, never one past the last indexed.
+
+    Raises ``FastaError`` if the file changed since it was indexed (checked before
+    reading), or if a record can no longer be read as it was.
+    """
+    if start >= index.num_records:
+        return
+    index.check_unchanged(path)
+    last = index.num_records - 1
+    try:
+        for record in iter_fasta_from(path, int(index.offsets[start]), start):
+            yield record
+            if record.index == last:
+                return
+    except FastaError as exc:
+        raise FastaError(f"the file changed after it was indexed ({exc}); {_WRITER_HINT}",
+                         record_id=exc.record_id, record_index=exc.record_index) from None
+    raise FastaError(f"the file changed after it was indexed: it ends before record "
+                     f"#{index.num_records}; {_WRITER_HINT}")
+
+
+def iter_windows(path: Path, index: FileIndex, window: int, start: int = 0
+                 ) -> Iterator[tuple[int, list[FastaRecord]]]:
+    """Records ``start..N`` in consecutive lists of at most ``window``: (first position, records).
+
+    Raises ``FastaError`` as :func:`iter_indexed` does.
+    """
+    records: list[FastaRecord] = []
+    first = start
+    for record in iter_indexed(path, index, start):
+        records.append(record)
+        if len(records) == window:
+            yield first, records
+            first += len(records)
+            records = []
+    if records:
+        yield first, records

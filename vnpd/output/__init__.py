@@ -1,0 +1,1 @@
+"""The output file: HDF5 schema, writing, verifying and atomic publishing."""

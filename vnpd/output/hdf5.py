@@ -1,0 +1,383 @@
+"""Output HDF5 files: fill a partial file in state/ and finalize it.
+
+``vnpd.output.verify`` checks a finished file and ``vnpd.output.outbox`` publishes it atomically.
+
+Example::
+
+    out = PartialOutput.create(state / "job7.h5", num_sequences=3, dim=1280,
+                               output_dtype="float32")
+    out.write_ids_lengths(0, ["a", "b", "c"], np.array([10, 20, 5]))
+    out.write_rows(np.array([2, 0, 1]), rows)        # any order
+    out.flush()                                      # durable: the journal may record it
+    out.finalize(meta, quarantined=[1])              # the file now holds "a" and "c"
+    verify_output(out.path)
+    publish_to_outbox(out.path, outbox, output_name_for("sample.fasta"))
+
+Why the layout is what it is:
+- Datasets are contiguous and allocated in full at ``create``. Rows arrive scattered
+  (batches are packed by length), and a row written into a row-chunk costs a chunk
+  read-modify-write: measured ~7k rows/s with 1 MiB chunks against ~60k rows/s
+  contiguous. Full allocation reports a full disk at job start, and after it a write
+  touches raw data only, never layout metadata, so a flushed file stays readable
+  whenever the process dies.
+- Unwritten rows read as NaN (embeddings), -1 (lengths) and "" (ids; FASTA ids are
+  never empty); ``verify_output`` relies on these fill values to find rows that were
+  never written.
+- ``ids`` are variable-length strings, kept in HDF5's global heap: writing them changes
+  file metadata, which a process killed between two flushes can leave dangling (an id
+  pointing into a heap collection that never reached the disk), and which a full disk
+  can leave half-written. So the daemon's partial file receives embedding rows only,
+  and ``finalize`` gets the ids and lengths (read from the input) and writes the
+  output as a new file that replaces the partial one only once it is complete. A file
+  with attributes (``finalized``) is therefore complete, and a daemon restarted after
+  it must not finalize, or compact, it a second time.
+- Format bounds are ("v108", "v108"): "latest" sets a superblock flag that makes a file
+  left by a killed process unopenable without ``h5clear``, which would defeat resuming.
+  v108 still has dense attribute storage, so a long ``quarantined_ids`` list fits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+import structlog
+
+from vnpd import __version__
+from vnpd.output.outbox import fsync_dir, fsync_file
+from vnpd.output.verify import (OUTPUT_DTYPES, IncompleteOutputError, _block_rows, _check_datasets,
+                         verify_output)
+
+SCHEMA_VERSION = 1
+_LIBVER = ("v108", "v108")
+_STR = h5py.string_dtype("utf-8")
+
+log = structlog.get_logger(__name__)
+_attempts = itertools.count()  # names the temp file of each rebuild
+
+
+@dataclass(frozen=True)
+class OutputMeta:
+    """What produced an output file; written as root attributes by ``finalize``."""
+
+    model: str              # model name or checkpoint path as given
+    layer: int              # resolved non-negative layer index
+    dtype: str              # compute dtype, e.g. "bfloat16"
+    truncation: int
+    attention_backend: str  # "flash_attn", "cudnn", "torch_varlen" or "exact"
+    source_name: str        # input file's name
+    source_sha256: str
+    pooling: str = "mean"
+
+
+def _early_alloc() -> h5py.h5p.PropDCID:
+    # A fresh list per dataset: h5py stores each dataset's fill value into the list.
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+
+class PartialOutput:
+    """A partial HDF5 file being filled, in the state dir (never in the outbox).
+
+    Datasets: ``embeddings`` (N, D) of ``output_dtype``, ``ids`` (N,) UTF-8 strings,
+    ``lengths`` (N,) int32. Rows may be written in any order at their input positions.
+    After ``flush`` returns, everything written so far survives a crash of this process
+    or of the machine, and ``open_existing`` can continue the file.
+    """
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self._f: h5py.File | None = file
+        emb = file["embeddings"]
+        self.num_sequences: int = int(emb.shape[0])
+        self.dim: int = int(emb.shape[1])
+        self.output_dtype: str = str(emb.dtype)
+
+    @classmethod
+    def create(cls, path: Path, num_sequences: int, dim: int,
+               output_dtype: str) -> PartialOutput:
+        """Create (truncating any existing file) a partial file with every row unwritten.
+
+        Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
+        raises OSError (ENOSPC) right here if the output cannot fit.
+        """
+        return cls(path, _new_file(path, num_sequences, dim, output_dtype, fill=True))
+
+    @classmethod
+    def open_existing(cls, path: Path) -> PartialOutput:
+        """Reopen a partial file for writing (after a daemon restart).
+
+        Raises IncompleteOutputError if the file cannot be opened or lacks the datasets
+        or their shapes disagree; the caller should then start the job's file anew.
+        """
+        try:
+            file = h5py.File(path, "r+", libver=_LIBVER)
+        except OSError as exc:
+            raise IncompleteOutputError(f"{path}: cannot reopen partial output: {exc}") from exc
+        try:
+            _check_datasets(file, path)
+        except BaseException:
+            file.close()
+            raise
+        return cls(path, file)
+
+    @property
+    def closed(self) -> bool:
+        return self._f is None
+
+    @property
+    def finalized(self) -> bool:
+        """True once ``finalize`` has written the attributes (on an open file)."""
+        return "schema_version" in self._file().attrs
+
+    def _file(self) -> h5py.File:
+        if self._f is None:
+            raise ValueError(f"{self.path}: partial output is closed")
+        return self._f
+
+    def write_ids_lengths(self, start: int, ids: Sequence[str], lengths: np.ndarray) -> None:
+        """Write ids and residue lengths for rows ``start .. start+len(ids)-1``.
+
+        Raises ValueError on mismatched sizes, rows out of range, or a negative length.
+        """
+        lengths = np.asarray(lengths)
+        if lengths.ndim != 1 or len(ids) != lengths.shape[0]:
+            raise ValueError(f"{len(ids)} ids but lengths of shape {lengths.shape}")
+        stop = start + len(ids)
+        if start < 0 or stop > self.num_sequences:
+            raise ValueError(f"rows {start}..{stop} outside 0..{self.num_sequences}")
+        if len(ids) == 0:
+            return
+        if lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max:
+            raise ValueError("lengths must fit in 0..2**31-1")  # -1 marks an unwritten row
+        f = self._file()
+        f["ids"][start:stop] = list(ids)
+        f["lengths"][start:stop] = lengths.astype(np.int32)
+
+    def write_rows(self, positions: np.ndarray, embeddings: np.ndarray) -> None:
+        """Write ``embeddings[i]`` at row ``positions[i]``, cast to the output dtype.
+
+        ``positions`` are unique, in any order. Raises ValueError on shape mismatch,
+        positions duplicated or out of range, or values that are not finite after the
+        cast (NaN means "unwritten" in this file, and garbage must not be published).
+        """
+        positions = np.asarray(positions)
+        embeddings = np.asarray(embeddings)
+        if positions.ndim != 1 or not np.issubdtype(positions.dtype, np.integer):
+            raise ValueError(f"positions must be a 1-D integer array, not {positions.dtype}"
+                             f" of shape {positions.shape}")
+        if embeddings.shape != (positions.shape[0], self.dim):
+            raise ValueError(f"embeddings of shape {embeddings.shape} for "
+                             f"{positions.shape[0]} positions of dim {self.dim}")
+        if positions.size == 0:
+            return
+        # h5py point selections require increasing indices.
+        order = np.argsort(positions, kind="stable")
+        pos = positions[order].astype(np.int64)
+        if pos[0] < 0 or pos[-1] >= self.num_sequences:
+            raise ValueError(f"positions outside 0..{self.num_sequences - 1}")
+        steps = np.diff(pos)
+        if np.any(steps == 0):
+            raise ValueError("duplicate positions")
+        with np.errstate(over="ignore", invalid="ignore"):
+            rows = embeddings[order].astype(self.output_dtype)
+        if not np.isfinite(rows).all():
+            raise ValueError(f"non-finite embedding values (as {self.output_dtype})")
+        dset = self._file()["embeddings"]
+        breaks = np.flatnonzero(steps != 1) + 1
+        if len(breaks) < 8:
+            # Few contiguous runs: plain slices are the fastest write.
+            for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(pos)]):
+                dset[pos[lo]:pos[hi - 1] + 1] = rows[lo:hi]
+        else:
+            dset[pos] = rows  # one HDF5 write; measured ~10x faster than a loop of rows
+
+    def flush(self) -> None:
+        """Make every row written so far durable (HDF5 flush, then fsync)."""
+        self._file().flush()
+        fsync_file(self.path)
+
+    def finalize(self, meta: OutputMeta, *, quarantined: Sequence[int] = (),
+                 ids: Iterable[str] | None = None, lengths: np.ndarray | None = None) -> None:
+        """Make this a complete output: attributes written, ``quarantined`` rows dropped
+        (their ids go to ``quarantined_ids``); fsync and close.
+
+        ``ids`` and ``lengths`` (all N, in row order) are for a file whose ids and
+        lengths were not written with ``write_ids_lengths``: the daemon passes them at
+        the end, read from its input (see the module doc).
+
+        With nothing to drop and no ``ids``, the attributes are written in place.
+        Otherwise the kept rows are streamed, in order, into a new file beside this one
+        (bounded memory), which is fsynced and renamed over it. This file is then never
+        changed in place: after a failure (a full disk raises OSError) it is as it was,
+        and a reopened file can be finalized again. Does not check that every row was
+        written: call ``verify_output``. Raises ValueError on a bad position, ids that
+        do not match the rows in number, or ``meta.layer`` < 0.
+        """
+        f = self._file()
+        if meta.layer < 0:
+            raise ValueError(f"meta.layer must be resolved to >= 0, not {meta.layer}")
+        drop = np.unique(np.asarray(quarantined, dtype=np.int64))
+        if drop.size and (drop[0] < 0 or drop[-1] >= self.num_sequences):
+            raise ValueError(f"quarantined positions outside 0..{self.num_sequences - 1}")
+        if not drop.size and ids is None:
+            _write_attrs(f, meta, self.num_sequences, [])
+            self.close()
+        else:
+            self._rebuild(meta, drop, ids, lengths)
+        log.info("output_finalized", path=str(self.path), source=meta.source_name,
+                 num_sequences=self.num_sequences, quarantined=int(drop.size))
+
+    def _rebuild(self, meta: OutputMeta, drop: np.ndarray, ids: Iterable[str] | None,
+                 lengths: np.ndarray | None) -> None:
+        src, n = self._file(), self.num_sequences
+        kept = n - drop.size
+        # A fresh name per attempt: a file whose write failed may stay open in HDF5.
+        tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}-{next(_attempts)}")
+        dst = None
+        try:
+            # Every kept row is written below, so the fill pass would be wasted I/O.
+            dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False)
+            keep = np.ones(n, dtype=bool)
+            keep[drop] = False
+            id_source = iter(ids) if ids is not None else None
+            dropped_ids: list[str] = []
+            step = _block_rows(self.dim, np.dtype(self.output_dtype).itemsize)
+            cursor = 0
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                mask = keep[lo:hi]
+                count = int(mask.sum())
+                block_ids = np.array(list(itertools.islice(id_source, hi - lo)) if id_source
+                                     else src["ids"].asstr()[lo:hi], dtype=object)
+                if block_ids.shape != (hi - lo,):
+                    raise ValueError(f"{lo + len(block_ids)} ids for {n} rows")
+                block_lengths = src["lengths"][lo:hi] if lengths is None else lengths[lo:hi]
+                dst["embeddings"][cursor:cursor + count] = src["embeddings"][lo:hi][mask]
+                dst["ids"][cursor:cursor + count] = block_ids[mask].tolist()
+                dst["lengths"][cursor:cursor + count] = np.asarray(block_lengths)[mask]
+                dropped_ids += [str(i) for i in block_ids[~mask]]
+                cursor += count
+            if id_source is not None and next(id_source, None) is not None:
+                raise ValueError(f"more ids than the {n} rows")
+            _write_attrs(dst, meta, kept, dropped_ids)
+            dst.close()
+            fsync_file(tmp)
+        except BaseException as exc:
+            if dst is not None:
+                try:
+                    dst.close()
+                except Exception:  # noqa: BLE001 - a file whose flush failed does not close
+                    pass
+            tmp.unlink(missing_ok=True)
+            error = _as_write_error(exc, tmp) if isinstance(exc, Exception) else None
+            if error is None or error is exc:
+                raise
+            raise error from exc
+        self.close()
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        self.num_sequences = kept
+
+    def close(self) -> None:
+        """Flush, close and fsync the file; calling it again does nothing."""
+        if self._f is None:
+            return
+        self._f.flush()
+        self._f.close()
+        self._f = None
+        fsync_file(self.path)
+
+
+def _as_write_error(exc: Exception, path: Path) -> OSError | None:
+    """``exc`` as the OSError that callers retry, if it is a failed write, else None.
+
+    h5py reports the file driver's failure (a full disk, say) as OSError, RuntimeError
+    or ValueError depending on the call; HDF5's message carries the errno.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"errno = (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, f"{os.strerror(code)}: cannot write {path}: {exc}")
+
+
+def _new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool) -> h5py.File:
+    if output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, not {output_dtype!r}")
+    if n < 0 or dim < 1:
+        raise ValueError(f"need num_sequences >= 0 and dim >= 1, got {n} and {dim}")
+    fill_time = "ifset" if fill else "never"
+    f = h5py.File(path, "w", libver=_LIBVER)
+    try:
+        f.create_dataset("embeddings", (n, dim), output_dtype, fillvalue=np.nan,
+                         dcpl=_early_alloc(), fill_time=fill_time)
+        f.create_dataset("ids", (n,), _STR, dcpl=_early_alloc())
+        f.create_dataset("lengths", (n,), np.int32, fillvalue=-1, dcpl=_early_alloc(),
+                         fill_time=fill_time)
+        f.flush()  # the layout is on disk now; later writes only touch raw data
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
+                 quarantined_ids: list[str]) -> None:
+    attrs = f.attrs
+    for key in ("model", "dtype", "pooling", "attention_backend", "source_name",
+                "source_sha256"):
+        attrs[key] = str(getattr(meta, key))
+    attrs["layer"] = np.int64(meta.layer)
+    attrs["truncation"] = np.int64(meta.truncation)
+    attrs["vnpd_version"] = __version__
+    attrs["num_sequences"] = np.int64(num_sequences)
+    attrs["created_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Created explicitly so that an empty list still has a string type.
+    attrs.create("quarantined_ids", data=np.array(quarantined_ids, dtype=object),
+                 shape=(len(quarantined_ids),), dtype=_STR)
+    attrs["schema_version"] = np.int64(SCHEMA_VERSION)
+
+
+def write_embeddings_file(path: Path, embeddings: np.ndarray, ids: Sequence[str],
+                          lengths: np.ndarray, meta: OutputMeta, *,
+                          output_dtype: str | None = None) -> None:
+    """Write a complete output file at ``path`` in one go (for ``vnpd embed``).
+
+    The file is built under a hidden temp name in the same directory, finalized and
+    verified, then renamed over ``path`` (replacing it: the user named it).
+    ``output_dtype`` defaults to float16 for a float16 array and float32 otherwise.
+    Raises ValueError on inconsistent inputs; the temp file never outlives a failure.
+    """
+    embeddings = np.asarray(embeddings)
+    if output_dtype is None:
+        output_dtype = "float16" if embeddings.dtype == np.float16 else "float32"
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, not of shape {embeddings.shape}")
+    n, dim = embeddings.shape
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        out = PartialOutput.create(tmp, n, dim, output_dtype)
+        try:
+            out.write_ids_lengths(0, ids, np.asarray(lengths))
+            out.write_rows(np.arange(n), embeddings)
+            out.finalize(meta)
+        finally:
+            out.close()
+        verify_output(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

@@ -1,0 +1,103 @@
+"""Read and check output HDF5 files: the datasets and attributes a complete output has.
+
+``verify_output`` is the check before a file is published. It finds rows that were never
+written by the fill values ``vnpd.output.hdf5`` gives them (NaN embeddings, -1 lengths, ""
+ids; see that module for the layout), and reads in blocks, so memory stays bounded.
+
+Example::
+
+    verify_output(path)                  # raises IncompleteOutputError unless complete
+    embeddings, ids, lengths, attrs = read_output(path)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+OUTPUT_DTYPES = ("float32", "float16")
+REQUIRED_ATTRS = ("model", "layer", "dtype", "pooling", "truncation", "attention_backend",
+                  "vnpd_version", "source_name", "source_sha256", "num_sequences",
+                  "created_utc", "quarantined_ids", "schema_version")
+_BLOCK_BYTES = 32 << 20  # bounded memory when streaming rows (verify, compaction)
+
+
+class IncompleteOutputError(ValueError):
+    """An HDF5 file is unreadable, inconsistent or not completely written."""
+
+
+def _block_rows(dim: int, itemsize: int) -> int:
+    return max(1, _BLOCK_BYTES // max(1, dim * itemsize))
+
+
+def _check_datasets(f: h5py.File, path: Path) -> int:
+    """Check the three datasets exist with consistent shapes and types; return N."""
+    for name in ("embeddings", "ids", "lengths"):
+        if not isinstance(f.get(name), h5py.Dataset):
+            raise IncompleteOutputError(f"{path}: dataset {name!r} missing")
+    emb, ids, lengths = f["embeddings"], f["ids"], f["lengths"]
+    if emb.ndim != 2 or str(emb.dtype) not in OUTPUT_DTYPES:
+        raise IncompleteOutputError(f"{path}: embeddings is {emb.dtype} {emb.shape}")
+    n = emb.shape[0]
+    if ids.shape != (n,) or h5py.check_string_dtype(ids.dtype) is None:
+        raise IncompleteOutputError(f"{path}: ids is {ids.dtype} {ids.shape}, expected ({n},)")
+    if lengths.shape != (n,) or lengths.dtype != np.int32:
+        raise IncompleteOutputError(f"{path}: lengths is {lengths.dtype} {lengths.shape}")
+    return int(n)
+
+
+def verify_output(path: Path) -> None:
+    """Raise IncompleteOutputError (a ValueError) unless ``path`` is a complete output.
+
+    Complete means: the file opens; embeddings/ids/lengths exist with N rows each and the
+    documented types; every root attribute is present and ``num_sequences`` == N; no
+    embedding is NaN, no length is negative and no id is empty (the fill values of
+    unwritten rows), and every id reads. Reads in blocks, so memory stays bounded.
+    """
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise IncompleteOutputError(f"{path}: cannot open: {exc}") from exc
+    with f:
+        n = _check_datasets(f, path)
+        missing = [key for key in REQUIRED_ATTRS if key not in f.attrs]
+        if missing:
+            raise IncompleteOutputError(f"{path}: attributes missing: {missing}")
+        if int(f.attrs["num_sequences"]) != n:
+            raise IncompleteOutputError(
+                f"{path}: num_sequences={f.attrs['num_sequences']} but {n} rows")
+        emb = f["embeddings"]
+        step = _block_rows(emb.shape[1], emb.dtype.itemsize)
+        for lo in range(0, n, step):
+            if np.isnan(emb[lo:lo + step]).any():
+                raise IncompleteOutputError(f"{path}: NaN (unwritten?) rows from row {lo}")
+            if (f["lengths"][lo:lo + step] < 0).any():
+                raise IncompleteOutputError(f"{path}: unwritten lengths from row {lo}")
+            try:
+                ids = f["ids"].asstr()[lo:lo + step]
+            except (OSError, UnicodeDecodeError) as exc:  # a dangling heap reference
+                raise IncompleteOutputError(f"{path}: ids from row {lo} do not read: "
+                                            f"{exc}") from exc
+            if any(not i for i in ids):
+                raise IncompleteOutputError(f"{path}: unwritten (empty) ids from row {lo}")
+
+
+def read_output(path: Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]:
+    """Read a whole output file: (embeddings, ids, lengths, attrs) with plain Python attrs.
+
+    For tests and tools; loads everything into memory.
+    """
+    with h5py.File(path, "r") as f:
+        embeddings = f["embeddings"][:]
+        ids = [str(s) for s in f["ids"].asstr()[:]]
+        lengths = f["lengths"][:]
+        attrs: dict[str, Any] = {}
+        for key, value in f.attrs.items():
+            if isinstance(value, np.ndarray):
+                attrs[key] = [str(v) for v in value]
+            else:
+                attrs[key] = value.item() if isinstance(value, np.generic) else value
+    return embeddings, ids, lengths, attrs

@@ -1,0 +1,1 @@
+"""Worker pools: where batches run, behind one WorkerPool interface."""

@@ -1,0 +1,192 @@
+"""The worker process: one warm engine on one device, fed batches over a pipe.
+
+Started by the supervisor with the ``spawn`` method. It loads the model once, reports
+:class:`ReadyMsg`, then loops: launch every batch it receives (up to ``depth`` on the
+device at once, so the device never waits on the parent), send each result when its
+copy has finished, and let a side thread send heartbeats. The heartbeat names the batch
+on the device and since when, so the parent can also enforce a per-batch deadline: a
+thread that keeps ticking proves nothing about a hung kernel.
+
+Test-only fault hook: ``VNPD_TEST_FAULT`` (never set in production) makes the worker
+crash, hang, or fake an OOM or a sticky CUDA error on one record; see :mod:`vnpd.faults`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+
+from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg, ResultMsg,
+                           StopMsg, WorkerSpec)
+from vnpd.faults import SimulatedOOM, SimulatedStickyError, inject_fault, worker_faults
+
+log = structlog.get_logger()
+
+DEPTH = 2  # batches launched on the device at once
+STICKY_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                  "CUDA error", "misaligned address", "an illegal instruction")
+
+
+class _Channel:
+    """The worker's end of the pipe; sends are serialised (heartbeat thread + main loop)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: Any) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.batches_done = 0
+        self.busy_batch: int | None = None
+        self.busy_since: float | None = None
+        self.ping_echo: float | None = None
+        self.stop = threading.Event()
+
+
+def _heartbeats(channel: _Channel, state: _State, interval: float) -> None:
+    while not state.stop.wait(interval):
+        try:
+            channel.send(HeartbeatMsg(os.getpid(), time.time(), state.batches_done,
+                                      state.busy_batch, state.busy_since, state.ping_echo))
+        except (OSError, EOFError):
+            return  # parent gone; the main loop notices too
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, SimulatedOOM))
+
+
+def _is_sticky(exc: BaseException) -> bool:
+    return isinstance(exc, SimulatedStickyError) or any(m in str(exc) for m in STICKY_MARKERS)
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Entry point of the spawned process. Exits 0 after StopMsg or when the parent goes."""
+    os.environ.update(spec.env)  # CUDA_VISIBLE_DEVICES before anything touches CUDA
+    from vnpd.log import configure_logging
+
+    configure_logging(spec.log_format, spec.log_level, worker=spec.worker_id,
+                      device=spec.device, pid=os.getpid())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    channel = _Channel(conn)
+    state = _State()
+    try:
+        import torch
+
+        from vnpd.compute.engine import Engine
+        from vnpd.log import route_library_loggers
+
+        route_library_loggers()
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        started = time.monotonic()
+        device = "cpu" if spec.device == "cpu" else "cuda:0"  # we see only our GPU
+        engine = Engine.load(spec.checkpoint, device=device, dtype=spec.dtype, layer=spec.layer,
+                             truncation=spec.truncation, max_tokens=spec.max_tokens)
+        engine.warmup()
+    except BaseException as exc:
+        log.error("worker_load_failed", error=str(exc))
+        channel.send(ErrorMsg("fatal", f"model load failed: {exc}",
+                              traceback=traceback.format_exc()))
+        os._exit(3)
+    channel.send(ReadyMsg(os.getpid(), spec.device, engine.embed_dim, engine.layer,
+                          engine.attention_backend, engine.max_tokens,
+                          time.monotonic() - started))
+    threading.Thread(target=_heartbeats, args=(channel, state, spec.heartbeat_interval_s),
+                     daemon=True, name="heartbeat").start()
+    faults = worker_faults()
+    log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend,
+             gemm=engine.packed.gemm)
+    _serve(conn, channel, state, engine, faults)
+    state.stop.set()
+    log.info("worker_exit", batches_done=state.batches_done)
+
+
+def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
+           faults: dict[str, str]) -> None:
+    pending: deque[tuple[BatchMsg, Any, float]] = deque()
+    stopping = False
+
+    def finish_oldest() -> None:
+        msg, result, started = pending.popleft()
+        rows = result.result()
+        channel.send(ResultMsg(msg.batch_id, rows, started, time.time()))
+        state.batches_done += 1
+        state.busy_batch, state.busy_since = ((pending[0][0].batch_id, pending[0][2])
+                                              if pending else (None, None))
+
+    while True:
+        if pending and (stopping or len(pending) >= DEPTH or not conn.poll()):
+            try:
+                finish_oldest()
+            except BaseException as exc:
+                _fail(channel, exc, None)
+            continue
+        if stopping:
+            return
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            log.warning("parent_gone")
+            return
+        if isinstance(msg, StopMsg):
+            stopping = True
+        elif isinstance(msg, PingMsg):
+            state.ping_echo = msg.sent
+        elif isinstance(msg, BatchMsg):
+            launched = time.time()
+            if not pending:
+                state.busy_batch, state.busy_since = msg.batch_id, launched
+            try:
+                inject_fault(msg.ids, faults)
+                result = engine.submit(_as_batch(msg))
+            except BaseException as exc:
+                _fail(channel, exc, msg.batch_id)
+                state.busy_batch, state.busy_since = ((pending[0][0].batch_id, pending[0][2])
+                                                      if pending else (None, None))
+                continue
+            pending.append((msg, result, launched))
+
+
+def _as_batch(msg: BatchMsg) -> Any:
+    import numpy as np
+
+    from vnpd.compute.packing import TokenBatch
+
+    return TokenBatch(np.arange(len(msg.cu_seqlens) - 1), msg.tokens, msg.cu_seqlens, msg.max_len)
+
+
+def _fail(channel: _Channel, exc: BaseException, batch_id: int | None) -> None:
+    """Report a failed batch; exit on errors that poison the device context."""
+    if _is_oom(exc):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("batch_oom", batch=batch_id, error=str(exc))
+        channel.send(ErrorMsg("oom", str(exc), batch_id))
+        return
+    if _is_sticky(exc) or batch_id is None:
+        # An illegal memory access poisons the CUDA context for good: never reuse it.
+        log.error("worker_fatal", batch=batch_id, error=str(exc))
+        channel.send(ErrorMsg("fatal", str(exc), batch_id, traceback.format_exc()))
+        os._exit(4)
+    log.error("batch_failed", batch=batch_id, error=str(exc))
+    channel.send(ErrorMsg("batch", str(exc), batch_id, traceback.format_exc()))
+
