@@ -1,18 +1,20 @@
-"""Test-only fault hooks, driven by environment variables that production never sets.
+"""The test-only fault plan: faults that the fault-injection tests ask for, in one object.
 
-The fault-injection tests (tests/daemon/test_faults.py) run the real daemon and real workers;
-these hooks let them put a fault at an exact point that a signal from outside could
-only hit by luck. Every hook is inert unless its variable is set, and each one logs
-before it acts, so a test log always says which fault was injected.
+The fault tests (tests/daemon/test_faults.py, bench/reliability.py) run the real daemon
+and real workers; a :class:`FaultPlan` puts a fault at an exact point that a signal from
+outside could only hit by luck. The daemon reads it once from the environment
+(:meth:`FaultPlan.from_env`, variables that production never sets) and hands it to the
+parts that act on it; each worker gets its part in its spawn spec. An empty plan, the
+default everywhere, does nothing. Every fault logs before it acts.
 
-- ``VNPD_TEST_FAULT=ACTION:RECORD_ID,...`` (read by each worker): when a batch holds
+- ``VNPD_TEST_FAULT=ACTION:RECORD_ID,...`` (acted on in the workers): when a batch holds
   record RECORD_ID the worker acts: ``crash`` (SIGKILL itself), ``hang`` (stop working
-  while heartbeats go on), ``oom`` (behave as a CUDA out-of-memory), ``sticky`` (behave
-  as an illegal memory access: report and exit).
-- ``VNPD_TEST_CRASH_AT=POINT,...`` (read by the daemon): the daemon SIGKILLs itself the
-  first time it reaches a named point of a job's life (:data:`CRASH_POINTS`).
-- ``VNPD_TEST_OUTBOX_FULL=FLAG_FILE`` (read by the daemon): while FLAG_FILE exists,
-  publishing into the outbox fails with ENOSPC, as on a full disk.
+  while heartbeats go on), ``oom`` (raise a CUDA out-of-memory error), ``sticky`` (raise
+  the error of an illegal memory access).
+- ``VNPD_TEST_CRASH_AT=POINT,...``: the daemon SIGKILLs itself the first time it reaches
+  a named point of a job's life (:data:`CRASH_POINTS`).
+- ``VNPD_TEST_OUTBOX_FULL=FLAG_FILE``: while FLAG_FILE exists, publishing into the outbox
+  fails with ENOSPC, as on a full disk.
 
 Example::
 
@@ -25,6 +27,8 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -40,18 +44,10 @@ CRASH_POINTS = {
     "linked": "the output is linked into the outbox, the job not yet marked done",
     "source_moved": "the input is moved to state/done/, the job not yet marked done",
 }
+WORKER_ACTIONS = ("crash", "hang", "oom", "sticky")
 
 
-class SimulatedOOM(RuntimeError):
-    """Raised by ``VNPD_TEST_FAULT=oom:ID``; handled exactly like a CUDA OOM."""
-
-
-class SimulatedStickyError(RuntimeError):
-    """Raised by ``VNPD_TEST_FAULT=sticky:ID``; handled like an illegal memory access."""
-
-
-# Worker faults ----------------------------------------------------------------------
-def parse_faults(text: str) -> dict[str, str]:
+def parse_worker_faults(text: str) -> dict[str, str]:
     """``"crash:seq3,hang:seq9"`` -> ``{"seq3": "crash", "seq9": "hang"}``."""
     faults: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -60,47 +56,63 @@ def parse_faults(text: str) -> dict[str, str]:
     return faults
 
 
-def worker_faults() -> dict[str, str]:
-    """The faults ``VNPD_TEST_FAULT`` asks this worker for (usually none)."""
-    return parse_faults(os.environ.get("VNPD_TEST_FAULT", ""))
+@dataclass(frozen=True)
+class FaultPlan:
+    """Which faults to inject; the empty default injects none."""
 
+    worker: dict[str, str] = field(default_factory=dict)  # record id -> action
+    crash_points: frozenset[str] = frozenset()
+    outbox_full_flag: Path | None = None
 
-def inject_fault(ids: tuple[str, ...], faults: dict[str, str]) -> None:
-    """Act on the first record of ``ids`` that ``faults`` names; see the module doc."""
-    if not faults:
-        return
-    for record in ids:
-        action = faults.get(record)
-        if action == "crash":
-            log.warning("test_fault_crash", record=record)
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "FaultPlan":
+        points = frozenset(filter(None, environ.get("VNPD_TEST_CRASH_AT", "").split(",")))
+        flag = environ.get("VNPD_TEST_OUTBOX_FULL")
+        return cls(parse_worker_faults(environ.get("VNPD_TEST_FAULT", "")), points,
+                   Path(flag) if flag else None)
+
+    # Daemon faults ------------------------------------------------------------------
+    def crash_at(self, point: str) -> None:
+        """SIGKILL this process here if the plan names ``point``.
+
+        SIGKILL, not an exception: nothing may run after it (no ``finally``, no atexit,
+        no flush), exactly as when the OOM killer or a power cut takes the daemon.
+        """
+        assert point in CRASH_POINTS, point
+        if point in self.crash_points:
+            log.warning("test_crash", point=point, meaning=CRASH_POINTS[point])
             os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "hang":
-            log.warning("test_fault_hang", record=record)
-            while True:
-                time.sleep(3600)
-        elif action == "oom":
-            raise SimulatedOOM(f"test fault: simulated CUDA out of memory on {record}")
-        elif action == "sticky":
-            raise SimulatedStickyError(f"test fault: simulated illegal memory access on {record}")
 
+    def check_outbox_space(self, outbox: Path) -> None:
+        """Raise ENOSPC, as a full disk does, while the plan's flag file exists."""
+        flag = self.outbox_full_flag
+        if flag is not None and flag.exists():
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (test fault "
+                          f"VNPD_TEST_OUTBOX_FULL={flag})", str(outbox))
 
-# Daemon faults ----------------------------------------------------------------------
-def crash_at(point: str) -> None:
-    """SIGKILL this process here if ``VNPD_TEST_CRASH_AT`` names ``point``.
+    # Worker faults ------------------------------------------------------------------
+    def inject(self, ids: tuple[str, ...]) -> None:
+        """In a worker: act on the first record of ``ids`` that the plan names.
 
-    SIGKILL, not an exception: nothing may run after it (no ``finally``, no atexit, no
-    flush), exactly as when the OOM killer or a power cut takes the daemon.
-    """
-    assert point in CRASH_POINTS, point
-    wanted = os.environ.get("VNPD_TEST_CRASH_AT")
-    if wanted and point in wanted.split(","):
-        log.warning("test_crash", point=point, meaning=CRASH_POINTS[point])
-        os.kill(os.getpid(), signal.SIGKILL)
+        ``oom`` and ``sticky`` raise the errors that the device itself would raise, so
+        the worker handles them by the same rules as real ones.
+        """
+        if not self.worker:
+            return
+        for record in ids:
+            action = self.worker.get(record)
+            if action == "crash":
+                log.warning("test_fault_crash", record=record)
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "hang":
+                log.warning("test_fault_hang", record=record)
+                while True:
+                    time.sleep(3600)
+            elif action == "oom":
+                import torch
 
-
-def check_outbox_space(outbox: Path) -> None:
-    """Raise ENOSPC, as a full disk does, while ``VNPD_TEST_OUTBOX_FULL``'s flag file exists."""
-    flag = os.environ.get("VNPD_TEST_OUTBOX_FULL")
-    if flag and os.path.exists(flag):
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (test hook "
-                      f"VNPD_TEST_OUTBOX_FULL={flag})", str(outbox))
+                raise torch.cuda.OutOfMemoryError(
+                    f"CUDA out of memory (test fault on {record})")
+            elif action == "sticky":
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered "
+                                   f"(test fault on {record})")

@@ -17,7 +17,9 @@ from vnpd.inputs.index import index_fasta
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.metrics import Metrics
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
-from vnpd.daemon.scheduler import ActiveJob
+from vnpd.daemon.jobs import ActiveJob
+from vnpd.inputs.source import ProteinSource
+from vnpd.workers.pool import ModelInfo
 from vnpd.output.verify import read_output
 
 
@@ -38,11 +40,12 @@ def finished_job(tmp_path: Path, n: int = 30) -> tuple[JobCompletion, ActiveJob,
     partial.write_rows(np.arange(n), np.ones((n, 4)))
     partial.flush()
 
-    async def meta(job: ActiveJob) -> OutputMeta:
-        return OutputMeta("m", 1, "float32", 1022, "exact", job.name, job.index.sha256)
+    async def model() -> ModelInfo:
+        return ModelInfo(embed_dim=4, layer=1, attention_backend="exact", max_tokens=1024)
     completion = JobCompletion(cfg, journal, Metrics(), cfg.paths.state / "jobs",
-                               cfg.paths.state / "done", meta)
-    return completion, ActiveJob(job_id, "a.fasta", source, index, partial, n, 0), cfg
+                               cfg.paths.state / "done", model)
+    job = ActiveJob(job_id, "a.fasta", ProteinSource(source, index), partial, n, 0)
+    return completion, job, cfg
 
 
 def test_publish_writes_the_ids_from_the_input(tmp_path: Path) -> None:
@@ -51,14 +54,14 @@ def test_publish_writes_the_ids_from_the_input(tmp_path: Path) -> None:
     _, ids, lengths, attrs = read_output(cfg.paths.outbox / "a.h5")
     assert ids == [f"r{i}" for i in range(30)] and lengths.tolist() == list(range(20, 50))
     assert completion.journal.job(job.job_id).state == "done"
-    assert not job.source.exists() and (cfg.paths.state / "done" / job.source.name).exists()
+    assert not job.source.path.exists() and (cfg.paths.state / "done" / job.source.path.name).exists()
 
 
 def test_an_input_changed_after_indexing_fails_its_job_at_publish(tmp_path: Path) -> None:
     """Its writer went on writing after the claim: the ids read at finalize could be
     another file's, so the job goes to failed/ (and the daemon goes on)."""
     completion, job, cfg = finished_job(tmp_path)
-    with open(job.source, "a") as writer:
+    with open(job.source.path, "a") as writer:
         writer.write(">late\nMKV\n")
     asyncio.run(completion.publish(job))
     assert list(cfg.paths.outbox.iterdir()) == []
@@ -75,7 +78,7 @@ def test_two_failures_of_one_name_at_once_get_two_destinations(tmp_path: Path) -
 
     async def both() -> None:
         await asyncio.gather(
-            completion.fail_job(first.job_id, "a.fasta", first.source, {"reason": "x"}, "x"),
+            completion.fail_job(first.job_id, "a.fasta", first.source.path, {"reason": "x"}, "x"),
             completion.fail_job(second, "a.fasta", second_source, {"reason": "y"}, "y"))
     asyncio.run(both())
     reports = {json.loads(p.read_text())["job"]: p for p in cfg.paths.failed.glob("*.error.json")}

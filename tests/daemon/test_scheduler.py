@@ -1,4 +1,4 @@
-"""The scheduler with the real supervisor's dispatch, a real journal, index and partial
+"""The scheduler with the real local pool's dispatch, a real journal, index and partial
 file; only the worker processes are played by this test (their deaths and results).
 
 What is checked is the poison isolation of vnpd/daemon/scheduler.py: a worker dies with every
@@ -18,15 +18,18 @@ from vnpd.inputs.index import index_fasta
 from vnpd.daemon.journal import Journal
 from vnpd.workers.protocol import WorkerSpec
 from vnpd.output.hdf5 import PartialOutput
-from vnpd.daemon.scheduler import ActiveJob, Scheduler
-from vnpd.workers.local import Dispatch, Supervisor
+from vnpd.daemon.jobs import ActiveJob
+from vnpd.daemon.scheduler import Scheduler
+from vnpd.inputs.source import ProteinSource
+from vnpd.workers.local import LocalPool
+from vnpd.workers.pool import Dispatch
 
 BUDGET = 256
 DIM = 4
 
 
 class Bench:
-    """One job of ``n`` records served to two 'ready' worker slots of a real Supervisor."""
+    """One job of ``n`` records served to two 'ready' worker slots of a real LocalPool."""
 
     def __init__(self, tmp_path: Path, n: int = 60, journal: Journal | None = None) -> None:
         self.source = write_fasta(tmp_path / "a.fasta",
@@ -35,11 +38,11 @@ class Bench:
         self.journal = journal or Journal(tmp_path / "journal.sqlite3")
         self.completed: list[ActiveJob] = []
         self.scheduler = Scheduler(self.journal, truncation=1022, max_tokens=BUDGET,
-                                   on_poison="quarantine", on_job_complete=self._complete)
+                                   on_poison="quarantine")
         specs = [WorkerSpec(i, "cpu", "m.pt", "float32", -1, 1022, BUDGET, 1.0, "json", "info")
                  for i in range(2)]
-        self.supervisor = Supervisor(
-            specs, self.scheduler, heartbeat_timeout_s=30, batch_deadline_base_s=60,
+        self.supervisor = LocalPool(
+            specs, heartbeat_timeout_s=30, batch_deadline_base_s=60,
             batch_deadline_per_1k_tokens_s=0, restart_backoff_s=1, restart_backoff_max_s=1,
             crash_budget=99, crash_window_s=60, degraded_retry_s=60)
         for h in self.supervisor.workers:
@@ -47,9 +50,9 @@ class Bench:
         self.done: list[int] = []   # positions whose rows were written, in order
         self.deaths = 0
 
-    def _complete(self, job: ActiveJob) -> None:
-        self.completed.append(job)
-        self.scheduler.remove_job(job.job_id)
+    def _collect_finished(self) -> None:
+        while not self.scheduler.finished.empty():
+            self.completed.append(self.scheduler.finished.get_nowait())
 
     def add_job(self, job_id: int | None = None) -> ActiveJob:
         index = index_fasta(self.source)
@@ -58,19 +61,19 @@ class Bench:
         partial = self.source.with_name(f"{job_id}.h5")
         out = PartialOutput.open_existing(partial) if partial.exists() else \
             PartialOutput.create(partial, index.num_records, DIM, "float32")
-        job = ActiveJob(job_id, "a.fasta", self.source, index, out,
+        job = ActiveJob(job_id, "a.fasta", ProteinSource(self.source, index), out,
                         self.journal.job(job_id).next_position, 0)
         self.scheduler.add_job(job)
         return job
 
     def step(self, poison: str | None) -> None:
         """Dispatch, then each worker finishes its oldest batch, or dies on ``poison``."""
-        self.supervisor.dispatch()
+        self.supervisor.dispatch(self.scheduler)
         for h in self.supervisor.workers:
             if not h.inflight:
                 continue
             batch_id, dispatch = next(iter(h.inflight.items()))
-            if poison in dispatch.msg.ids:
+            if poison in dispatch.batch.ids:
                 lost = list(h.inflight.values())
                 h.inflight.clear()
                 self.deaths += 1
@@ -79,10 +82,11 @@ class Bench:
                 del h.inflight[batch_id]
                 self.finish(dispatch)
         self.scheduler.commit()
+        self._collect_finished()
 
     def finish(self, dispatch: Dispatch) -> None:
         self.done += dispatch.key[1].positions.tolist()
-        self.scheduler.batch_done(dispatch, np.ones((len(dispatch.msg.ids), DIM)), "cpu", 0.0)
+        self.scheduler.batch_done(dispatch, np.ones((len(dispatch.batch.ids), DIM)), "cpu", 0.0)
 
 
 @pytest.mark.parametrize("poison", [0, 17, 33, 59])
@@ -107,7 +111,7 @@ def test_a_poison_record_is_quarantined_alone_after_three_deaths(tmp_path: Path,
 def test_a_suspect_waits_for_an_idle_worker_and_runs_alone(tmp_path: Path) -> None:
     bench = Bench(tmp_path)
     bench.add_job()
-    bench.supervisor.dispatch()
+    bench.supervisor.dispatch(bench.scheduler)
     first, second = bench.supervisor.workers
     assert len(first.inflight) == len(second.inflight) == 3
     lost = list(first.inflight.values())
@@ -115,7 +119,7 @@ def test_a_suspect_waits_for_an_idle_worker_and_runs_alone(tmp_path: Path) -> No
     bench.scheduler.batches_lost(lost, "crash")
     # The dead worker's three batches are suspects now: the busy worker gets nothing
     # more, and the idle one gets exactly one, exclusively.
-    bench.supervisor.dispatch()
+    bench.supervisor.dispatch(bench.scheduler)
     assert len(second.inflight) == 3 and len(first.inflight) == 1
     (suspect,) = first.inflight.values()
     assert suspect.exclusive
@@ -124,14 +128,14 @@ def test_a_suspect_waits_for_an_idle_worker_and_runs_alone(tmp_path: Path) -> No
     first.inflight.clear()
     bench.scheduler.batches_lost([suspect], "crash")
     first.kill_reason = "sticky_error"
-    bench.supervisor.dispatch()
+    bench.supervisor.dispatch(bench.scheduler)
     assert not first.inflight
 
 
 def test_attempts_survive_a_restart_and_suspects_go_first(tmp_path: Path) -> None:
     bench = Bench(tmp_path)
     job = bench.add_job()
-    bench.supervisor.dispatch()
+    bench.supervisor.dispatch(bench.scheduler)
     first = bench.supervisor.workers[0]
     lost = list(first.inflight.values())
     first.inflight.clear()
@@ -142,7 +146,7 @@ def test_attempts_survive_a_restart_and_suspects_go_first(tmp_path: Path) -> Non
     # A new daemon: a new scheduler on the same journal.
     again = Bench(tmp_path, journal=Journal(tmp_path / "journal.sqlite3"))
     again.add_job(job.job_id)
-    again.supervisor.dispatch()
+    again.supervisor.dispatch(again.scheduler)
     # Both workers are idle: each runs one suspect, alone; nothing else goes out.
     for h in again.supervisor.workers:
         (isolated,) = h.inflight.values()

@@ -92,12 +92,18 @@ def pack_batches(lengths: np.ndarray, max_tokens: int,
 
 @dataclass(frozen=True, slots=True)
 class TokenBatch:
-    """One packed batch on the host: flat tokens, offsets and the input positions."""
+    """One packed batch: flat tokens, offsets, and the rows they are for.
 
-    positions: np.ndarray  # (n,) int64, input positions of the sequences, in pack order
+    The one batch type from the scheduler to the worker and back: the scheduler builds
+    it, it crosses the pipe as it is, and the engine runs it. ``positions`` and ``ids``
+    are for the parent (where rows go) and for logs; the engine needs only the tensors.
+    """
+
+    positions: np.ndarray  # (n,) int64, row positions of the sequences, in pack order
     tokens: np.ndarray     # (T,) int64
     cu_seqlens: np.ndarray  # (n+1,) int32
     max_len: int
+    ids: tuple[str, ...] = ()  # record ids, for logs and the test fault plan
 
     @property
     def num_tokens(self) -> int:
@@ -105,12 +111,12 @@ class TokenBatch:
 
 
 def build_batch(positions: np.ndarray, sequences: Sequence[str],
-                truncation: int = FAIR_ESM_TRUNCATION) -> TokenBatch:
-    """Concatenate the encoded ``sequences`` (aligned with ``positions``) into a batch."""
+                truncation: int = FAIR_ESM_TRUNCATION, ids: Sequence[str] = ()) -> TokenBatch:
+    """Concatenate the encoded ``sequences`` (aligned with ``positions`` and ``ids``)."""
     encoded = [encode(s, truncation) for s in sequences]
     lengths = np.fromiter((e.shape[0] for e in encoded), dtype=np.int32, count=len(encoded))
     cu = np.zeros(len(encoded) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     tokens = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
     return TokenBatch(np.asarray(positions, dtype=np.int64), tokens, cu,
-                      int(lengths.max()) if len(encoded) else 0)
+                      int(lengths.max()) if len(encoded) else 0, tuple(ids))

@@ -24,20 +24,22 @@ from typing import Any
 import structlog
 
 from vnpd import __version__
-from vnpd.daemon.completion import JobCompletion, utc_now
 from vnpd.config import EX_CONFIG, Config, ConfigError, load_config
+from vnpd.daemon.completion import JobCompletion
 from vnpd.daemon.inbox import InboxWatcher
 from vnpd.daemon.intake import Intake
+from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal
-from vnpd.log import configure_logging
 from vnpd.daemon.metrics import Metrics
 from vnpd.daemon.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.daemon.preflight import resolve_devices, validate_config
+from vnpd.daemon.scheduler import Scheduler
+from vnpd.daemon.status import utc_now, write_status
+from vnpd.faults import FaultPlan
+from vnpd.log import configure_logging
+from vnpd.workers.local import LocalPool
+from vnpd.workers.pool import WorkerPool
 from vnpd.workers.protocol import WorkerSpec
-from vnpd.output.hdf5 import OutputMeta
-from vnpd.daemon.scheduler import ActiveJob, Scheduler
-from vnpd.daemon.status import write_status
-from vnpd.workers.local import Supervisor
 
 log = structlog.get_logger()
 
@@ -79,13 +81,14 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
         self.devices = resolve_devices(cfg.workers.devices)
+        self.faults = FaultPlan.from_env()  # empty unless a fault test asks for faults
         self.scheduler = Scheduler(self.journal, truncation=cfg.model.truncation,
                                    max_tokens=cfg.model.max_tokens_per_batch or 0,
-                                   on_poison=cfg.jobs.on_poison,
-                                   on_job_complete=self._job_complete, metrics=self.metrics,
-                                   disk_retry_max_s=cfg.jobs.publish_retry_max_s)
-        self.supervisor = Supervisor(
-            self._worker_specs(), self.scheduler,
+                                   on_poison=cfg.jobs.on_poison, metrics=self.metrics,
+                                   disk_retry_max_s=cfg.jobs.publish_retry_max_s,
+                                   faults=self.faults)
+        self.pool: WorkerPool = LocalPool(
+            self._worker_specs(),
             heartbeat_timeout_s=cfg.workers.heartbeat_timeout_s,
             batch_deadline_base_s=cfg.workers.batch_deadline_base_s,
             batch_deadline_per_1k_tokens_s=cfg.workers.batch_deadline_per_1k_tokens_s,
@@ -95,16 +98,15 @@ class Daemon:
             degraded_retry_s=cfg.workers.degraded_retry_s,
             credit=cfg.workers.batches_in_flight + 1, metrics=self.metrics)
         self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
-                                        self.done_dir, self._output_meta)
-        self.intake = Intake(cfg, self.journal, self.scheduler, self.supervisor,
-                             self.completion, claimed_dir=self.claimed_dir,
-                             jobs_dir=self.jobs_dir, stopping=self.stopping, wake=self.wake,
-                             spawn=self._spawn, spawn_publish=self._spawn_publish,
-                             embed_dim=self._embed_dim)
+                                        self.done_dir, self.pool.ready, self.faults)
+        self.intake = Intake(cfg, self.journal, self.scheduler, self.completion,
+                             claimed_dir=self.claimed_dir, jobs_dir=self.jobs_dir,
+                             stopping=self.stopping, wake=self.wake,
+                             work_added=self.pool.changed, spawn=self._spawn,
+                             spawn_publish=self._spawn_publish, model=self.pool.ready,
+                             faults=self.faults)
         self.publishing: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.attention_backend = ""
-        self.layer = -1
         self.last_progress = time.monotonic()
         self.started = time.time()
         self.ready_sent = False
@@ -129,7 +131,9 @@ class Daemon:
                 max_tokens=cfg.model.max_tokens_per_batch,
                 heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
                 log_format=cfg.logging.format, log_level=cfg.logging.level,
-                threads=threads if device == "cpu" else 0, env=env))
+                threads=threads if device == "cpu" else 0, env=env,
+                attention=_option(cfg.model, "attention"),
+                compile_mode=_option(cfg.model, "compile_mode"), faults=self.faults.worker))
         return specs
 
     # Main ---------------------------------------------------------------------------
@@ -145,11 +149,13 @@ class Daemon:
         if listen:
             self.metrics_address = f"{listen[0]}:{listen[1]}"
             log.info("metrics_listening", address=self.metrics_address)
-        self.supervisor.start(loop)
+        self.pool.start(loop)
         watcher = InboxWatcher(self.cfg.paths.inbox, loop, self.wake,
                                polling=self.cfg.inbox.polling)
         watcher.start()
+        self._spawn(self._model_ready())
         self._spawn(self._supervise())
+        self._spawn(self._complete_jobs())
         self._spawn(self._status_loop())
         self._spawn(self.intake.run())
         self._spawn(WatchdogPinger(self.notifier).run(self._healthy))
@@ -192,8 +198,13 @@ class Daemon:
 
     async def _shutdown(self, watcher: InboxWatcher) -> int:
         watcher.stop()
-        log.info("draining", inflight=sum(len(h.inflight) for h in self.supervisor.workers))
-        await self.supervisor.stop(DRAIN_TIMEOUT_S)  # results arriving meanwhile are written
+        log.info("draining", inflight=sum(self.pool.inflight().values()))
+        stop = asyncio.ensure_future(self.pool.stop(DRAIN_TIMEOUT_S))
+        while not stop.done():  # results arriving meanwhile are written
+            self._apply_outcomes()
+            await asyncio.wait([stop], timeout=0.05)
+        await stop
+        self._apply_outcomes()
         self.scheduler.commit()
         for task in list(self.tasks - self.publishing):
             task.cancel()
@@ -210,7 +221,7 @@ class Daemon:
         self._write_status(self._status(final=True))
         self.journal.close()
         code = getattr(self, "exit_code", 0)
-        if self.supervisor.all_degraded():
+        if self.pool.all_degraded():
             code = 1
         log.info("daemon_exit", code=code)
         return code
@@ -219,28 +230,30 @@ class Daemon:
     async def _supervise(self) -> None:
         last_ping = last_commit = 0.0
         while not self.stopping.is_set():
-            self.supervisor.check_workers()
-            if self.supervisor.all_degraded():
+            self.pool.check_workers()
+            if self.pool.all_degraded():
                 log.critical("all_devices_degraded", devices=self.devices)
                 self.exit_code = 1
                 self.stopping.set()
                 return
-            if not self.ready_sent and self.supervisor.all_ready():
+            if not self.ready_sent and self.pool.all_ready():
                 self.ready_sent = True
                 self.notifier.ready("workers ready")
-                log.info("daemon_ready", workers=len(self.supervisor.workers))
-            if self.supervisor.dispatch():
+                log.info("daemon_ready", workers=len(self.pool.describe()))
+            # Dispatch before writing rows: the devices get their next batch sooner.
+            if self.pool.dispatch(self.scheduler):
                 self.last_progress = time.monotonic()
+            self._apply_outcomes()
             now = time.monotonic()
             if now - last_commit > COMMIT_INTERVAL_S:
                 self.scheduler.commit()
                 last_commit = now
             if now - last_ping > self.cfg.workers.heartbeat_interval_s:
-                self.supervisor.ping_workers()
+                self.pool.ping_workers()
                 last_ping = now
-            self.supervisor.changed.clear()
+            self.pool.changed.clear()
             try:
-                await asyncio.wait_for(self.supervisor.changed.wait(), CHECK_INTERVAL_S)
+                await asyncio.wait_for(self.pool.changed.wait(), CHECK_INTERVAL_S)
             except TimeoutError:
                 pass
 
@@ -249,42 +262,34 @@ class Daemon:
         # Fresh = a few heartbeat intervals: a wedged worker stops the watchdog pings well
         # before the supervisor's kill timeout, so systemd sees the trouble too.
         w = self.cfg.workers
-        if not self.supervisor.healthy(min(w.heartbeat_timeout_s, 5 * w.heartbeat_interval_s)):
+        if not self.pool.healthy(min(w.heartbeat_timeout_s, 5 * w.heartbeat_interval_s)):
             return False
         busy = any(job.inflight for job in self.scheduler.jobs.values())
         return not busy or time.monotonic() - self.last_progress < STALL_TIMEOUT_S
 
-    async def _embed_dim(self) -> int:
-        """The model's embedding width, known once a worker has loaded it."""
-        while True:
-            for h in self.supervisor.workers:
-                if h.embed_dim:
-                    self.attention_backend, self.layer = h.attention_backend, h.layer
-                    if not self.cfg.model.max_tokens_per_batch:
-                        # Pack for the smallest budget any ready device chose from its memory.
-                        self.scheduler.max_tokens = min(w.max_tokens for w in
-                                                        self.supervisor.workers if w.max_tokens)
-                    return h.embed_dim
-            await asyncio.sleep(0.1)
+    def _apply_outcomes(self) -> None:
+        """Hand what the pool reported (rows, failures, lost batches) to the scheduler."""
+        for outcome in self.pool.take_outcomes():
+            self.scheduler.apply(outcome)
 
-    async def _output_meta(self, job: ActiveJob) -> OutputMeta:
-        await self._embed_dim()  # the resolved layer and backend come from a ready worker
-        m = self.cfg.model
-        return OutputMeta(model=m.checkpoint, layer=self.layer, dtype=m.dtype,
-                          truncation=m.truncation, attention_backend=self.attention_backend,
-                          source_name=job.name, source_sha256=job.index.sha256)
+    async def _model_ready(self) -> None:
+        """Pack for the budget the devices chose, once the model is known."""
+        info = await self.pool.ready()
+        if not self.cfg.model.max_tokens_per_batch:
+            self.scheduler.max_tokens = info.max_tokens
 
     # Completion ---------------------------------------------------------------------
-    def _job_complete(self, job: ActiveJob) -> None:
-        """Called by the scheduler when a job has no work left (or failed)."""
-        self.scheduler.remove_job(job.job_id)
-        self.last_progress = time.monotonic()
-        if job.failed:
-            job.partial.close()
-            self._spawn(self.completion.fail_job(job.job_id, job.name, job.source,
-                                                 {"reason": job.failed}, job.failed))
-            return
-        self._spawn_publish(job)
+    async def _complete_jobs(self) -> None:
+        """Publish each job the scheduler finished, or fail it; the queue is the handover."""
+        while True:
+            job = await self.scheduler.finished.get()
+            self.last_progress = time.monotonic()
+            if job.failed:
+                job.partial.close()
+                self._spawn(self.completion.fail_job(job.job_id, job.name, job.source.path,
+                                                     {"reason": job.failed}, job.failed))
+                continue
+            self._spawn_publish(job)
 
     # Status -------------------------------------------------------------------------
     async def _status_loop(self) -> None:
@@ -298,8 +303,8 @@ class Daemon:
             self.metrics.queue_depth.set(len(self.scheduler.jobs) + len(self.intake.indexing))
             self.metrics.queued_sequences.set(self.scheduler.queued_sequences())
             self.metrics.workers_ready.set(ready)
-            for h in self.supervisor.workers:
-                self.metrics.batches_inflight.labels(device=h.device).set(len(h.inflight))
+            for device, held in self.pool.inflight().items():
+                self.metrics.batches_inflight.labels(device=device).set(held)
             self.metrics.update_busy(time.time())
             await asyncio.sleep(1.0)
 
@@ -324,4 +329,10 @@ class Daemon:
             jobs.append({"job": job_id, "state": "indexing"})
         return {"pid": os.getpid(), "version": __version__, "updated_utc": utc_now(),
                 "started_unix": self.started, "stopped": final, "metrics": self.metrics_address,
-                "workers": [h.describe() for h in self.supervisor.workers], "jobs": jobs}
+                "workers": self.pool.describe(), "jobs": jobs}
+
+
+def _option(section: object, name: str) -> str | None:
+    """A model option for the engine, None for its default ("auto", or not configured)."""
+    value = getattr(section, name, None)
+    return None if value in (None, "", "auto") else str(value)

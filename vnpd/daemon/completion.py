@@ -16,7 +16,7 @@ finishes the job with one output, never a second ``sample.1.h5``:
 6. **mark done**, remove the job's state, log the one-line summary.
 
 A full or unwritable disk (an OSError, or a journal that cannot grow) is retried with
-exponential backoff up to ``jobs.publish_retry_max_s`` (:func:`with_disk_retry`); the
+exponential backoff up to ``jobs.publish_retry_max_s`` (``vnpd.daemon.retry``); the
 result waits in state/ meanwhile.
 """
 
@@ -29,65 +29,49 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import h5py
 import structlog
 
 from vnpd import __version__
 from vnpd.config import Config
-from vnpd.inputs.fasta import FastaError
-from vnpd.inputs.index import FileIndex, iter_indexed
-from vnpd.daemon.journal import DISK_ERRORS, Journal, JobRow
+from vnpd.daemon.jobs import ActiveJob
+from vnpd.daemon.journal import Journal, JobRow
 from vnpd.daemon.metrics import Metrics
-from vnpd.output.outbox import output_name_for, publish_atomically, sha256_file, unique_destination
+from vnpd.daemon.retry import with_disk_retry
+from vnpd.daemon.status import utc_now
+from vnpd.faults import FaultPlan
+from vnpd.inputs.fasta import FastaError
+from vnpd.inputs.source import SequenceSource
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
-from vnpd.daemon.scheduler import ActiveJob
-from vnpd.faults import check_outbox_space, crash_at
+from vnpd.output.outbox import (output_name_for, publish_atomically, sha256_file,
+                                unique_destination)
 from vnpd.output.verify import verify_output
+from vnpd.workers.pool import ModelInfo
 
 log = structlog.get_logger()
 
-T = TypeVar("T")
-
-
-async def with_disk_retry(step: Callable[[], Awaitable[T]], event: str, max_delay_s: float,
-                          **fields: Any) -> T:
-    """Run ``step`` until it succeeds, retrying disk errors with exponential backoff.
-
-    Each failure is logged as ``event`` (an error, with ``fields``, the error and the
-    delay); the delay doubles from 1 s up to ``max_delay_s``. ``step`` must be safe to
-    run again after a failure. Other exceptions propagate.
-    """
-    delay = 1.0
-    while True:
-        try:
-            return await step()
-        except DISK_ERRORS as exc:
-            log.error(event, error=str(exc), retry_in_s=delay, **fields)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay_s)
-
-
-def finalize_partial(partial: PartialOutput, source: Path, index: FileIndex, meta: OutputMeta,
+def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: OutputMeta,
                      quarantined: list[int]) -> None:
     """Finalize the partial file with its ids and lengths, read from ``source``.
 
     Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
     """
-    ids = (r.id for r in iter_indexed(source, index))
-    partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=index.lengths)
+    ids = (r.id for r in source.rows())
+    partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=source.lengths)
 
 
 class JobCompletion:
     """Publishes finished jobs and fails bad ones; owned by the daemon's event loop."""
 
     def __init__(self, cfg: Config, journal: Journal, metrics: Metrics, jobs_dir: Path,
-                 done_dir: Path, output_meta: Callable[[ActiveJob], Awaitable[OutputMeta]]
-                 ) -> None:
+                 done_dir: Path, model: Callable[[], Awaitable[ModelInfo]],
+                 faults: FaultPlan = FaultPlan()) -> None:
         self.cfg, self.journal, self.metrics = cfg, journal, metrics
         self.jobs_dir, self.done_dir = jobs_dir, done_dir
-        self.output_meta = output_meta  # waits for a ready worker (resolved layer, backend)
+        self.model = model  # waits for a ready worker (resolved layer, backend)
+        self.faults = faults
         self.failing: set[Path] = set()  # failed/ destinations being written now
 
     # Publish ------------------------------------------------------------------------
@@ -105,7 +89,7 @@ class JobCompletion:
             # those of the rows computed. The job fails, not the daemon.
             log.error("job_input_changed", job=job.job_id, file=job.name, error=str(exc))
             job.partial.close()
-            await self.fail_job(job.job_id, job.name, job.source, exc.to_dict(), str(exc))
+            await self.fail_job(job.job_id, job.name, job.source.path, exc.to_dict(), str(exc))
             return
         seconds = time.monotonic() - job.started
 
@@ -120,9 +104,8 @@ class JobCompletion:
                 partial.close()  # finalized before a crash: never compact it twice
             else:
                 meta = await self.output_meta(job)
-                await asyncio.to_thread(finalize_partial, partial, job.source, job.index, meta,
-                                        quarantined)
-                crash_at("finalized")
+                await asyncio.to_thread(finalize_partial, partial, job.source, meta, quarantined)
+                self.faults.crash_at("finalized")
         row = self.journal.job(job.job_id)
         dest = Path(row.output) if row.output else None
         if dest is not None and _same_file(partial.path, dest):
@@ -134,14 +117,21 @@ class JobCompletion:
             if dest is None or os.path.lexists(dest):
                 dest = unique_destination(outbox, output_name_for(job.name))
                 self.journal.set_state(job.job_id, "publishing", output=str(dest))
-                crash_at("dest_journaled")
-            check_outbox_space(outbox)
+                self.faults.crash_at("dest_journaled")
+            self.faults.check_outbox_space(outbox)
             try:
                 await asyncio.to_thread(publish_atomically, partial.path, dest)
             except FileExistsError:
                 continue  # another file took the name since: journal a free one
-            crash_at("linked")
+            self.faults.crash_at("linked")
             return dest
+
+    async def output_meta(self, job: ActiveJob) -> OutputMeta:
+        """What produced the output: the configuration and the loaded model's facts."""
+        info, m = await self.model(), self.cfg.model
+        return OutputMeta(model=m.checkpoint, layer=info.layer, dtype=m.dtype,
+                          truncation=m.truncation, attention_backend=info.attention_backend,
+                          source_name=job.name, source_sha256=job.source.sha256)
 
     def finish_done(self, row: JobRow, dest: Path, tokens: int, seconds: float) -> None:
         """Steps 5 and 6: the output is in the outbox; retire the input and the job."""
@@ -151,7 +141,7 @@ class JobCompletion:
                 source.unlink()
             else:
                 os.replace(source, self.done_dir / source.name)
-            crash_at("source_moved")
+            self.faults.crash_at("source_moved")
         self.journal.set_state(row.id, "done", output=str(dest))
         shutil.rmtree(self.jobs_dir / str(row.id), ignore_errors=True)
         self.metrics.jobs_total.labels(outcome="published").inc()
@@ -247,6 +237,3 @@ def _retitle_output(path: Path, source_name: str) -> None:
         f.attrs["source_name"] = source_name
         f.attrs["created_utc"] = utc_now()
 
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -8,10 +8,10 @@ never recorded are taken as new jobs.
 
 Example::
 
-    intake = Intake(cfg, journal, scheduler, supervisor, completion,
-                    claimed_dir=state / "claimed", jobs_dir=state / "jobs",
-                    stopping=stopping, wake=wake, spawn=spawn,
-                    spawn_publish=spawn_publish, embed_dim=embed_dim)
+    intake = Intake(cfg, journal, scheduler, completion, claimed_dir=state / "claimed",
+                    jobs_dir=state / "jobs", stopping=stopping, wake=wake,
+                    work_added=pool.changed, spawn=spawn, spawn_publish=spawn_publish,
+                    model=pool.ready, faults=FaultPlan())
     intake.remove_stray_files()   # before anything runs
     spawn(intake.run())           # resume, then claim until ``stopping`` is set
 """
@@ -29,19 +29,21 @@ from typing import Any
 
 import structlog
 
-from vnpd.daemon.completion import JobCompletion, with_disk_retry
-from vnpd.config import Config
-from vnpd.inputs.fasta import FastaError
-from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
-from vnpd.inputs.index import FileIndex, index_fasta
-from vnpd.daemon.journal import Journal
-from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.compute.packing import tokens_for
+from vnpd.config import Config
+from vnpd.daemon.completion import JobCompletion
+from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
+from vnpd.daemon.jobs import ActiveJob
+from vnpd.daemon.journal import Journal
+from vnpd.daemon.retry import with_disk_retry
+from vnpd.daemon.scheduler import Scheduler
+from vnpd.faults import FaultPlan
+from vnpd.inputs.fasta import FastaError
+from vnpd.inputs.source import SOURCE_KINDS, SequenceSource, SourceSettings
 from vnpd.output.hdf5 import PartialOutput
-from vnpd.daemon.scheduler import ActiveJob, Scheduler
-from vnpd.workers.local import Supervisor
-from vnpd.faults import crash_at
+from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.verify import IncompleteOutputError
+from vnpd.workers.pool import ModelInfo
 
 log = structlog.get_logger()
 
@@ -50,22 +52,26 @@ class Intake:
     """Takes files from the inbox to the scheduler; owned by the daemon's event loop.
 
     The daemon owns the tasks: ``spawn`` starts one that it tracks, ``spawn_publish``
-    sends a job whose partial file is already finalized to publishing, and ``embed_dim``
-    waits for a ready worker's embedding width. ``indexing`` (the jobs being indexed)
-    is read by the daemon's status.
+    sends a job whose partial file is already finalized to publishing, ``model`` waits
+    for the model's facts (its width sizes the output), and ``work_added`` is set when a
+    job has batches to dispatch. ``indexing`` (the jobs being indexed) is read by the
+    daemon's status.
     """
 
     def __init__(self, cfg: Config, journal: Journal, scheduler: Scheduler,
-                 supervisor: Supervisor, completion: JobCompletion, *, claimed_dir: Path,
-                 jobs_dir: Path, stopping: asyncio.Event, wake: asyncio.Event,
+                 completion: JobCompletion, *, claimed_dir: Path, jobs_dir: Path,
+                 stopping: asyncio.Event, wake: asyncio.Event, work_added: asyncio.Event,
                  spawn: Callable[[Any], asyncio.Task[Any]],
                  spawn_publish: Callable[[ActiveJob], None],
-                 embed_dim: Callable[[], Awaitable[int]]) -> None:
+                 model: Callable[[], Awaitable[ModelInfo]], faults: FaultPlan) -> None:
         self.cfg, self.journal, self.completion = cfg, journal, completion
-        self.scheduler, self.supervisor = scheduler, supervisor
+        self.scheduler = scheduler
         self.claimed_dir, self.jobs_dir = claimed_dir, jobs_dir
-        self.stopping, self.wake = stopping, wake
-        self._spawn, self._spawn_publish, self._embed_dim = spawn, spawn_publish, embed_dim
+        self.stopping, self.wake, self.work_added = stopping, wake, work_added
+        self._spawn, self._spawn_publish, self._model = spawn, spawn_publish, model
+        self.faults = faults
+        self.settings = source_settings(cfg)
+        self.source_type = SOURCE_KINDS[self.settings.kind]
         self.settle = SettleTracker(cfg.inbox.settle_s)
         self.indexing: set[int] = set()
         self.unrecorded_claims = False  # a claim the journal could not record (disk full)
@@ -109,7 +115,7 @@ class Intake:
             # by rename, so under the writer contract it is complete: take it as it is.
             claimed = exc.kept
         self.settle.forget(candidate.path)
-        crash_at("claimed")
+        self.faults.crash_at("claimed")
         job_id = self._record_claim(name, claimed)
         if job_id is not None:
             log.info("job_claimed", job=job_id, file=name, bytes=candidate.size)
@@ -130,8 +136,10 @@ class Intake:
         self._spawn(self._index_job(job_id, name, claimed))
 
     async def _index_job(self, job_id: int, name: str, claimed: Path) -> None:
+        directory = self.jobs_dir / str(job_id) / "index"
         try:
-            index = await asyncio.to_thread(index_fasta, claimed)
+            source = await asyncio.to_thread(self.source_type.build, claimed, directory,
+                                             self.settings)
         except FastaError as exc:
             self.indexing.discard(job_id)
             await self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
@@ -142,12 +150,12 @@ class Intake:
                                            {"reason": f"cannot read file: {exc}"}, str(exc))
             return
         self.indexing.discard(job_id)
-        total_tokens = int(tokens_for(index.lengths, self.cfg.model.truncation).sum())
-        key = self._cache_key(index.sha256)
+        total_tokens = int(tokens_for(source.lengths, self.cfg.model.truncation).sum())
+        key = self._cache_key(source.sha256)
 
         async def save() -> None:
-            await asyncio.to_thread(_save_durably, index, self.jobs_dir / str(job_id) / "index")
-            self.journal.set_indexed(job_id, index.sha256, key, index.num_records, total_tokens)
+            await asyncio.to_thread(_save_durably, source, directory)
+            self.journal.set_indexed(job_id, source.sha256, key, source.num_rows, total_tokens)
         await with_disk_retry(save, "index_save_retry", self.cfg.jobs.publish_retry_max_s,
                               job=job_id, file=name)
         previous = self.journal.published_with_key(key)
@@ -155,14 +163,14 @@ class Intake:
         if copy:
             # Same content, same model settings, already published: copy, don't recompute.
             await self.completion.copy_duplicate(job_id, previous, name)
-        await self._activate(job_id, name, claimed, index, total_tokens, resume=copy)
+        await self._activate(job_id, name, source, total_tokens, resume=copy)
 
-    async def _activate(self, job_id: int, name: str, claimed: Path, index: FileIndex,
+    async def _activate(self, job_id: int, name: str, source: SequenceSource,
                         total_tokens: int, *, resume: bool) -> None:
         """Serve a job: resume its partial file (``resume``) or create one. A partial file
         that is already finalized (a crash came before its publish, or it is the copy of
         an identical earlier output) goes straight to publishing."""
-        dim = await self._embed_dim()
+        dim = (await self._model()).embed_dim
         partial_path = self.jobs_dir / str(job_id) / "partial.h5"
         partial = None
         if resume and partial_path.exists():
@@ -175,20 +183,23 @@ class Intake:
                 self.journal.reset_job(job_id)
             # Allocated in full here, so a disk too full for the output is found now.
             partial = await with_disk_retry(
-                lambda: asyncio.to_thread(PartialOutput.create, partial_path, index.num_records,
+                lambda: asyncio.to_thread(PartialOutput.create, partial_path, source.num_rows,
                                           dim, self.cfg.model.output_dtype),
                 "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
-        job = ActiveJob(job_id, name, claimed, index, partial,
+        job = ActiveJob(job_id, name, source, partial,
                         self.journal.job(job_id).next_position, total_tokens)
         if partial.finalized:
             self._spawn_publish(job)
             return
         self.scheduler.add_job(job)
-        self.supervisor.changed.set()
+        self.work_added.set()
 
     def _cache_key(self, sha256: str) -> str:
-        m = self.cfg.model
-        return json.dumps([sha256, m.checkpoint, m.layer, m.dtype, m.truncation, m.output_dtype])
+        m, s = self.cfg.model, self.settings
+        key: list[object] = [sha256, m.checkpoint, m.layer, m.dtype, m.truncation, m.output_dtype]
+        if s.kind != "protein":  # protein keys stay as they were, so old outputs still match
+            key += [s.kind, s.proteins, s.chunk_length]
+        return json.dumps(key)
 
     # Resume -------------------------------------------------------------------------
     async def _resume_jobs(self) -> None:
@@ -203,8 +214,8 @@ class Intake:
             elif not row.claimed_path.exists():
                 self.journal.set_state(row.id, "failed", error="claimed input file is missing")
             elif row.state in ("indexed", "publishing") and index_dir.exists():
-                await self._activate(row.id, row.name, row.claimed_path,
-                                     FileIndex.load(index_dir), int(row.total_tokens or 0),
+                source = self.source_type.open(row.claimed_path, index_dir, self.settings)
+                await self._activate(row.id, row.name, source, int(row.total_tokens or 0),
                                      resume=True)
             else:
                 self.journal.reset_job(row.id)
@@ -242,11 +253,17 @@ class Intake:
             tmp.unlink(missing_ok=True)
 
 
-def _save_durably(index: FileIndex, directory: Path) -> None:
-    """Save a job's index and fsync it: the journal is about to call the job indexed,
-    and a restart after a power cut must find the files whole."""
-    index.save(directory)
-    for path in directory.iterdir():
+def source_settings(cfg: Config) -> SourceSettings:
+    """The configuration's ``[input]`` (and, later, ``[nucleotide]``) settings."""
+    section = getattr(cfg, "input", None)
+    return SourceSettings(kind=getattr(section, "kind", "protein"))
+
+
+def _save_durably(source: SequenceSource, directory: Path) -> None:
+    """Save what a job's source needs and fsync it: the journal is about to call the
+    job indexed, and a restart after a power cut must find the files whole."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in source.save(directory):
         fsync_file(path)
     fsync_dir(directory)
     fsync_dir(directory.parent)

@@ -19,26 +19,22 @@ beside others, one with its batch alone, one alone), not two per halving.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sqlite3
-import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
 
+from vnpd.compute.packing import TokenBatch, build_batch, pack_batches, tokens_for
+from vnpd.daemon.jobs import ActiveJob, QueuedBatch
+from vnpd.daemon.journal import Journal
+from vnpd.daemon.retry import DISK_ERRORS, Backoff
+from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError, FastaRecord
-from vnpd.inputs.index import FileIndex, iter_indexed
-from vnpd.daemon.journal import DISK_ERRORS, Journal
-from vnpd.compute.packing import build_batch, pack_batches, tokens_for
-from vnpd.workers.protocol import BatchMsg
-from vnpd.output.hdf5 import PartialOutput
-from vnpd.workers.local import Dispatch
-from vnpd.faults import crash_at
+from vnpd.workers.pool import BatchDone, BatchesLost, BatchFailed, Dispatch, Outcome
 
 log = structlog.get_logger()
 
@@ -47,62 +43,28 @@ WINDOW_BATCHES = 8           # read a new window when fewer batches than this ar
 WINDOW_MAX_RECORDS = 200_000
 
 
-@dataclass
-class QueuedBatch:
-    batch_no: int
-    positions: np.ndarray
-    tokens: int
-    msg_parts: tuple[np.ndarray, np.ndarray, int, tuple[str, ...]] | None = None
-    attempts: int = 0  # failures it was part of (journaled); > 0 makes it a suspect
-
-
-@dataclass
-class ActiveJob:
-    """A job being computed: its index, partial output and batch queue."""
-
-    job_id: int
-    name: str
-    source: Path
-    index: FileIndex
-    partial: PartialOutput
-    next_position: int
-    total_tokens: int
-    queue: deque[QueuedBatch] = field(default_factory=deque)
-    inflight: set[int] = field(default_factory=set)
-    unflushed: list[int] = field(default_factory=list)  # rows written, not yet journaled
-    done_sequences: int = 0
-    done_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-    failed: str | None = None
-
-    @property
-    def num_records(self) -> int:
-        return self.index.num_records
-
-    def finished(self) -> bool:
-        return (not self.queue and not self.inflight and not self.unflushed
-                and self.next_position >= self.index.num_records)
-
-
 class Scheduler:
-    """Round-robin batch source over active jobs; the supervisor's event sink."""
+    """Round-robin batch source over active jobs; applies the pool's outcomes.
+
+    A job with no work left (or that failed) leaves the scheduler and goes onto
+    :attr:`finished`, a queue that the daemon's completion takes it from.
+    """
 
     def __init__(self, journal: Journal, *, truncation: int, max_tokens: int,
-                 on_poison: str, on_job_complete: Callable[[ActiveJob], None],
-                 metrics: Any = None, disk_retry_max_s: float = 30.0) -> None:
+                 on_poison: str, metrics: Any = None, disk_retry_max_s: float = 30.0,
+                 faults: FaultPlan = FaultPlan()) -> None:
         self.journal = journal
         self.truncation = truncation
         self.max_tokens = max_tokens
         self.on_poison = on_poison
-        self.on_job_complete = on_job_complete
         self.metrics = metrics
+        self.faults = faults
         self.jobs: dict[int, ActiveJob] = {}
+        self.finished: asyncio.Queue[ActiveJob] = asyncio.Queue()
         self._rr: deque[int] = deque()
         self._batch_ids = itertools.count(1)
         # After a disk error (full disk), commits and window reads pause with backoff.
-        self.disk_retry_max_s = disk_retry_max_s
-        self._disk_delay = 0.0
-        self._disk_retry_at = 0.0
+        self._disk = Backoff(disk_retry_max_s)
 
     # Jobs ---------------------------------------------------------------------------
     def add_job(self, job: ActiveJob) -> None:
@@ -167,7 +129,7 @@ class Scheduler:
         except FastaError as exc:
             log.error("job_input_changed", job=job.job_id, file=job.name, error=str(exc))
             job.failed = str(exc)
-            self.on_job_complete(job)
+            self._finish(job)
             return None
 
     def _take(self, job: ActiveJob, max_tokens: int) -> Dispatch:
@@ -183,13 +145,13 @@ class Scheduler:
         return self._dispatch(job, queued)
 
     def _read_window(self, job: ActiveJob) -> None:
-        if job.next_position >= job.num_records or time.monotonic() < self._disk_retry_at:
+        if job.next_position >= job.num_records or self._disk.waiting():
             return
         start = job.next_position
         target = WINDOW_BATCHES * self.max_tokens
         records: list[FastaRecord] = []
         tokens = 0
-        for record in iter_indexed(job.source, job.index, start):
+        for record in job.source.rows(start):
             records.append(record)
             tokens += min(len(record.sequence), self.truncation) + 2
             if tokens >= target or len(records) >= WINDOW_MAX_RECORDS:
@@ -197,7 +159,7 @@ class Scheduler:
         stop = start + len(records)
         # Ids and lengths are not written here but at finalize, from the input: ids are
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
-        lengths = np.asarray(job.index.lengths[start:stop])
+        lengths = np.asarray(job.source.lengths[start:stop])
         plan = pack_batches(lengths, self.max_tokens, self.truncation)
         cost = tokens_for(lengths, self.truncation)
         try:
@@ -209,41 +171,43 @@ class Scheduler:
             return
         for no, local in zip(numbers, plan):
             batch = build_batch(local + start, [records[i].sequence for i in local],
-                                self.truncation)
-            job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens,
-                                         (batch.tokens, batch.cu_seqlens, batch.max_len,
-                                          tuple(records[i].id for i in local))))
+                                self.truncation, [records[i].id for i in local])
+            job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens, batch))
         job.next_position = stop
 
     def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
-        if queued.msg_parts is None:
-            queued.msg_parts = self._load_parts(job, queued.positions)
-        tokens, cu, max_len, ids = queued.msg_parts
-        msg = BatchMsg(next(self._batch_ids), tokens, cu, max_len, ids)
+        if queued.batch is None:
+            queued.batch = self._read_batch(job, queued.positions)
         job.inflight.add(queued.batch_no)
         if queued.attempts:
             log.info("batch_isolated", job=job.job_id, batch=queued.batch_no,
                      sequences=len(queued.positions), attempts=queued.attempts)
-        return Dispatch((job.job_id, queued), msg, queued.tokens,
+        return Dispatch((job.job_id, queued), next(self._batch_ids), queued.batch,
                         exclusive=queued.attempts > 0)
 
-    def _load_parts(self, job: ActiveJob, positions: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
+    def _read_batch(self, job: ActiveJob, positions: np.ndarray) -> TokenBatch:
         """Re-read the records of a journaled batch (after a restart or a split)."""
         lo, hi = int(positions.min()), int(positions.max())
         wanted = set(positions.tolist())
         found: dict[int, FastaRecord] = {}
-        for record in iter_indexed(job.source, job.index, lo):
+        for record in job.source.rows(lo):
             if record.index in wanted:
                 found[record.index] = record
             if record.index >= hi:
                 break
-        batch = build_batch(positions, [found[int(p)].sequence for p in positions],
-                            self.truncation)
-        return batch.tokens, batch.cu_seqlens, batch.max_len, \
-            tuple(found[int(p)].id for p in positions)
+        return build_batch(positions, [found[int(p)].sequence for p in positions],
+                           self.truncation, [found[int(p)].id for p in positions])
 
-    # Worker events ------------------------------------------------------------------
+    # Pool outcomes ------------------------------------------------------------------
+    def apply(self, outcome: Outcome) -> None:
+        """Take in what became of a batch: rows to write, a failure, or lost batches."""
+        if isinstance(outcome, BatchDone):
+            self.batch_done(outcome.dispatch, outcome.rows, outcome.device, outcome.seconds)
+        elif isinstance(outcome, BatchFailed):
+            self.batch_failed(outcome.dispatch, outcome.kind, outcome.message)
+        elif isinstance(outcome, BatchesLost):
+            self.batches_lost(outcome.dispatches, outcome.reason)
+
     def batch_done(self, dispatch: Dispatch, rows: np.ndarray, device: str,
                    seconds: float) -> None:
         job_id, queued = dispatch.key
@@ -270,28 +234,26 @@ class Scheduler:
         batches, which are then recomputed; rows are never marked done before they are
         on disk.
         """
-        if time.monotonic() < self._disk_retry_at:
+        if self._disk.waiting():
             return
         for job in list(self.jobs.values()):
             if not job.unflushed:
                 continue
             try:
                 job.partial.flush()
-                crash_at("rows_flushed")
+                self.faults.crash_at("rows_flushed")
                 self.journal.mark_done(job.job_id, job.unflushed)
             except DISK_ERRORS as exc:
                 # A full disk: the batches stay pending, and a later commit tries again.
                 self._disk_failed("commit_failed", exc, job=job.job_id,
                                   batches=len(job.unflushed))
                 return
-            self._disk_delay = 0.0
+            self._disk.reset()
             job.unflushed.clear()
             self._check_complete(job)
 
     def _disk_failed(self, event: str, exc: BaseException, **fields: Any) -> None:
-        self._disk_delay = min(max(1.0, 2 * self._disk_delay), self.disk_retry_max_s)
-        self._disk_retry_at = time.monotonic() + self._disk_delay
-        log.error(event, error=str(exc), retry_in_s=self._disk_delay, **fields)
+        log.error(event, error=str(exc), retry_in_s=self._disk.failed(), **fields)
 
     def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None:
         job_id, queued = dispatch.key
@@ -356,7 +318,7 @@ class Scheduler:
         else:
             half = len(queued.positions) // 2
             parts = [queued.positions[:half], queued.positions[half:]]
-        lengths = job.index.lengths
+        lengths = job.source.lengths
         tokens = [int(tokens_for(np.asarray(lengths[p]), self.truncation).sum()) for p in parts]
         numbers = self.journal.split_batch(job.job_id, queued.batch_no, list(zip(parts, tokens)))
         log.warning("batch_split", job=job.job_id, batch=queued.batch_no, into=numbers,
@@ -366,7 +328,7 @@ class Scheduler:
 
     def _poisoned(self, job: ActiveJob, queued: QueuedBatch, reason: str) -> None:
         position = int(queued.positions[0])
-        record_id = queued.msg_parts[3][0] if queued.msg_parts else str(position)
+        record_id = queued.batch.ids[0] if queued.batch and queued.batch.ids else str(position)
         log.error("sequence_poisoned", job=job.job_id, position=position, record=record_id,
                   reason=reason, policy=self.on_poison)
         if self.metrics is not None:
@@ -374,7 +336,7 @@ class Scheduler:
         if self.on_poison == "fail":
             job.failed = (f"record {record_id!r} (position {position}) repeatedly killed its "
                           f"worker ({reason}); on_poison = \"fail\"")
-            self.on_job_complete(job)
+            self._finish(job)
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
         job.done_sequences += 1
@@ -382,4 +344,9 @@ class Scheduler:
 
     def _check_complete(self, job: ActiveJob) -> None:
         if job.finished():
-            self.on_job_complete(job)
+            self._finish(job)
+
+    def _finish(self, job: ActiveJob) -> None:
+        """Hand a job with no work left (or a failed one) to completion, once."""
+        if self.remove_job(job.job_id) is not None:
+            self.finished.put_nowait(job)

@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 STATUS_FILE = "status.json"
+
+
+def utc_now() -> str:
+    """The time now as ISO 8601 UTC, to the second: ``2026-12-02T11:01:02Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def write_status(state_dir: Path, status: dict[str, Any]) -> None:

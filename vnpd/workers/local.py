@@ -1,16 +1,17 @@
-"""Supervise one worker process per device: start, feed, watch, kill, restart.
+"""The local worker pool: one worker process per device, supervised over pipes.
 
-Like gunicorn's arbiter, the periodic :meth:`Supervisor.check_workers` is split by reason:
+Like gunicorn's arbiter, the periodic :meth:`LocalPool.check_workers` is split by reason:
 ``reap_workers`` (collect exits), ``murder_workers`` (heartbeat silence, batch past its
 deadline) and ``manage_workers`` (restart with backoff; mark a device degraded when it
 exhausts its crash budget). Pipe I/O runs in two small threads per worker, so a large
 batch never blocks the event loop; messages are handed to the loop with
 ``call_soon_threadsafe``.
 
-The supervisor owns no job state. It reports to a :class:`WorkerEvents` sink (the
-scheduler): results, failed batches, and batches lost with a dead worker, which the sink
-requeues. Dispatch is pull-based: :meth:`Supervisor.dispatch` asks the sink for a batch
-for every ready worker with free credit, so a faster device takes more work.
+The pool owns no job state. It reports what became of each batch as an outcome
+(:mod:`vnpd.workers.pool`): results, failed batches, and batches lost with a dead worker,
+which the scheduler requeues. Dispatch is pull-based: :meth:`LocalPool.dispatch` asks a
+batch source for a batch for every ready worker with free credit, so a faster device
+takes more work.
 """
 
 from __future__ import annotations
@@ -25,36 +26,20 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg, ResultMsg,
-                           StopMsg, WorkerSpec)
+from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, Dispatch,
+                               ModelInfo, WorkerPool)
 from vnpd.workers.process import worker_main
+from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg,
+                                   ResultMsg, StopMsg, WorkerSpec)
 
 log = structlog.get_logger()
 
 KILL_GRACE_S = 5.0
 START_TIMEOUT_S = 900.0  # loading a 3B model and compiling kernels takes minutes on a cold disk
-
-
-@dataclass
-class Dispatch:
-    """A batch handed to a worker; ``key`` identifies it to the scheduler."""
-
-    key: Any
-    msg: BatchMsg
-    tokens: int
-    sent: float = 0.0
-    exclusive: bool = False  # a suspect: its worker gets nothing else until it is done
-
-
-class WorkerEvents(Protocol):
-    def take_batch(self, max_tokens: int, alone: bool) -> Dispatch | None: ...
-    def batch_done(self, dispatch: Dispatch, rows: Any, device: str, seconds: float) -> None: ...
-    def batch_failed(self, dispatch: Dispatch, kind: str, message: str) -> None: ...
-    def batches_lost(self, dispatches: list[Dispatch], reason: str) -> None: ...
 
 
 @dataclass
@@ -98,14 +83,16 @@ class WorkerHandle:
                 "attention_backend": self.attention_backend}
 
 
-class Supervisor:
-    def __init__(self, specs: list[WorkerSpec], events: WorkerEvents, *,
+class LocalPool(WorkerPool):
+    """Worker processes on this host, one per configured device."""
+
+    def __init__(self, specs: list[WorkerSpec], *,
                  heartbeat_timeout_s: float, batch_deadline_base_s: float,
                  batch_deadline_per_1k_tokens_s: float, restart_backoff_s: float,
                  restart_backoff_max_s: float, crash_budget: int, crash_window_s: float,
                  degraded_retry_s: float, credit: int = 3, metrics: Any = None) -> None:
+        super().__init__()
         self.workers = [WorkerHandle(spec, credit) for spec in specs]
-        self.events = events
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.deadline_base = batch_deadline_base_s
         self.deadline_per_1k = batch_deadline_per_1k_tokens_s
@@ -116,7 +103,6 @@ class Supervisor:
         self.degraded_retry_s = degraded_retry_s
         self.metrics = metrics
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.changed = asyncio.Event()  # set whenever a worker frees credit or changes state
         self._ctx = mp.get_context("spawn")
 
     # Lifecycle ----------------------------------------------------------------------
@@ -167,7 +153,7 @@ class Supervisor:
             self._close(h)
         lost = [d for h in self.workers for d in h.inflight.values()]
         if lost:
-            self.events.batches_lost(lost, "shutdown")
+            self._report(BatchesLost(lost, "shutdown"))
         for h in self.workers:
             h.inflight.clear()
 
@@ -226,8 +212,8 @@ class Supervisor:
             dispatch = handle.inflight.pop(msg.batch_id, None)
             if dispatch is not None:
                 handle.batches_done += 1
-                self.events.batch_done(dispatch, msg.embeddings, handle.device,
-                                       msg.finished - msg.started)
+                self._report(BatchDone(dispatch, msg.embeddings, handle.device,
+                                       msg.finished - msg.started))
                 if self.metrics is not None:
                     self.metrics.batch_latency_seconds.labels(device=handle.device).observe(
                         msg.finished - msg.started)
@@ -241,6 +227,9 @@ class Supervisor:
             log.info("worker_ready", worker=handle.spec.worker_id, device=handle.device,
                      pid=msg.pid, load_seconds=round(msg.load_seconds, 2),
                      max_tokens=msg.max_tokens, attention=msg.attention_backend)
+            # Pack for the smallest budget any ready device chose from its memory.
+            self._model_ready(ModelInfo(msg.embed_dim, msg.layer, msg.attention_backend,
+                                        min(w.max_tokens for w in self.workers if w.max_tokens)))
             self.changed.set()
         elif isinstance(msg, ErrorMsg):
             self._on_error(handle, msg)
@@ -254,16 +243,13 @@ class Supervisor:
                 if msg.kind == "oom":
                     # Lower this device's budget below the batch that did not fit.
                     handle.max_tokens = max(1024, min(handle.max_tokens, dispatch.tokens) // 2)
-                    if self.metrics is not None:
-                        self.metrics.worker_restarts_total.labels(device=handle.device,
-                                                                  reason="oom")  # touch label
-                self.events.batch_failed(dispatch, msg.kind, msg.message)
+                self._report(BatchFailed(dispatch, msg.kind, msg.message))
         if msg.kind == "fatal":
             handle.kill_reason = "sticky_error" if msg.batch_id is not None else "load_failed"
         self.changed.set()
 
     # Dispatch -----------------------------------------------------------------------
-    def dispatch(self) -> int:
+    def dispatch(self, source: BatchSource) -> int:
         """Hand out batches to every ready worker with free credit; returns how many."""
         sent = 0
         progress = True
@@ -280,12 +266,12 @@ class Supervisor:
                     continue
                 if any(d.exclusive for d in handle.inflight.values()):
                     continue  # a suspect runs alone, so that a failure is surely its own
-                dispatch = self.events.take_batch(handle.max_tokens, not handle.inflight)
+                dispatch = source.take_batch(handle.max_tokens, not handle.inflight)
                 if dispatch is None:
                     return sent
                 dispatch.sent = time.monotonic()
-                handle.inflight[dispatch.msg.batch_id] = dispatch
-                handle.outbox.put(dispatch.msg)
+                handle.inflight[dispatch.batch_id] = dispatch
+                handle.outbox.put(BatchMsg(dispatch.batch_id, dispatch.batch))
                 sent += 1
                 progress = True
         return sent
@@ -318,14 +304,14 @@ class Supervisor:
             if expected:
                 h.state = "stopped"
                 if lost:
-                    self.events.batches_lost(lost, "shutdown")
+                    self._report(BatchesLost(lost, "shutdown"))
                 continue
             log.error("worker_died", worker=h.spec.worker_id, device=h.device, pid=h.pid,
                       exitcode=code, reason=reason, lost_batches=len(lost))
             if self.metrics is not None:
                 self.metrics.worker_restarts_total.labels(device=h.device, reason=reason).inc()
             if lost:
-                self.events.batches_lost(lost, reason)
+                self._report(BatchesLost(lost, reason))
             self._schedule_restart(h)
             self.changed.set()
 
@@ -401,3 +387,13 @@ class Supervisor:
             h.conn = None
         if h.process is not None:
             h.process.join(0)
+
+    # Status ---------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        return [h.describe() for h in self.workers]
+
+    def inflight(self) -> dict[str, int]:
+        held: dict[str, int] = {}
+        for h in self.workers:
+            held[h.device] = held.get(h.device, 0) + len(h.inflight)
+        return held

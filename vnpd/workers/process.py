@@ -7,8 +7,8 @@ copy has finished, and let a side thread send heartbeats. The heartbeat names th
 on the device and since when, so the parent can also enforce a per-batch deadline: a
 thread that keeps ticking proves nothing about a hung kernel.
 
-Test-only fault hook: ``VNPD_TEST_FAULT`` (never set in production) makes the worker
-crash, hang, or fake an OOM or a sticky CUDA error on one record; see :mod:`vnpd.faults`.
+Test-only faults: the spec's fault plan (empty in production) makes the worker crash,
+hang, or raise an OOM or a sticky CUDA error on one record; see :mod:`vnpd.faults`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import structlog
 
-from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg, ResultMsg,
-                           StopMsg, WorkerSpec)
-from vnpd.faults import SimulatedOOM, SimulatedStickyError, inject_fault, worker_faults
+from vnpd.faults import FaultPlan
+from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg,
+                                   ResultMsg, StopMsg, WorkerSpec)
 
 log = structlog.get_logger()
 
@@ -68,11 +68,11 @@ def _heartbeats(channel: _Channel, state: _State, interval: float) -> None:
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, SimulatedOOM))
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def _is_sticky(exc: BaseException) -> bool:
-    return isinstance(exc, SimulatedStickyError) or any(m in str(exc) for m in STICKY_MARKERS)
+    return any(m in str(exc) for m in STICKY_MARKERS)
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
@@ -98,7 +98,8 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         started = time.monotonic()
         device = "cpu" if spec.device == "cpu" else "cuda:0"  # we see only our GPU
         engine = Engine.load(spec.checkpoint, device=device, dtype=spec.dtype, layer=spec.layer,
-                             truncation=spec.truncation, max_tokens=spec.max_tokens)
+                             truncation=spec.truncation, max_tokens=spec.max_tokens,
+                             **_engine_options(spec))
         engine.warmup()
     except BaseException as exc:
         log.error("worker_load_failed", error=str(exc))
@@ -110,7 +111,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
                           time.monotonic() - started))
     threading.Thread(target=_heartbeats, args=(channel, state, spec.heartbeat_interval_s),
                      daemon=True, name="heartbeat").start()
-    faults = worker_faults()
+    faults = FaultPlan(worker=spec.faults)
     log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend,
              gemm=engine.packed.gemm)
     _serve(conn, channel, state, engine, faults)
@@ -118,8 +119,19 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     log.info("worker_exit", batches_done=state.batches_done)
 
 
+def _engine_options(spec: WorkerSpec) -> dict[str, Any]:
+    """The spec's engine options that the engine's load accepts (attention, compile mode)."""
+    import inspect
+
+    from vnpd.compute.engine import Engine
+
+    accepted = inspect.signature(Engine.load).parameters
+    options = {"attention": spec.attention, "compile_mode": spec.compile_mode}
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
+
+
 def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
-           faults: dict[str, str]) -> None:
+           faults: FaultPlan) -> None:
     pending: deque[tuple[BatchMsg, Any, float]] = deque()
     stopping = False
 
@@ -154,22 +166,14 @@ def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
             if not pending:
                 state.busy_batch, state.busy_since = msg.batch_id, launched
             try:
-                inject_fault(msg.ids, faults)
-                result = engine.submit(_as_batch(msg))
+                faults.inject(msg.batch.ids)
+                result = engine.submit(msg.batch)
             except BaseException as exc:
                 _fail(channel, exc, msg.batch_id)
                 state.busy_batch, state.busy_since = ((pending[0][0].batch_id, pending[0][2])
                                                       if pending else (None, None))
                 continue
             pending.append((msg, result, launched))
-
-
-def _as_batch(msg: BatchMsg) -> Any:
-    import numpy as np
-
-    from vnpd.compute.packing import TokenBatch
-
-    return TokenBatch(np.arange(len(msg.cu_seqlens) - 1), msg.tokens, msg.cu_seqlens, msg.max_len)
 
 
 def _fail(channel: _Channel, exc: BaseException, batch_id: int | None) -> None:

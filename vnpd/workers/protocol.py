@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vnpd.compute.packing import TokenBatch
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -29,15 +31,15 @@ class WorkerSpec:
     log_level: str
     threads: int = 0         # CPU threads for torch (0 = leave torch's default)
     env: dict[str, str] = field(default_factory=dict)
+    attention: str | None = None     # force an attention backend (None: the usual order)
+    compile_mode: str | None = None  # None: the engine's default for the device
+    faults: dict[str, str] = field(default_factory=dict)  # test fault plan: record -> action
 
 
 @dataclass(frozen=True)
 class BatchMsg:
     batch_id: int
-    tokens: np.ndarray       # (T,) int64
-    cu_seqlens: np.ndarray   # (n+1,) int32
-    max_len: int
-    ids: tuple[str, ...] = ()  # record ids, for logs and the test-only fault hook
+    batch: TokenBatch
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,3 @@ class ErrorMsg:
     message: str
     batch_id: int | None = None
     traceback: str = ""
-
-
-ToWorker = BatchMsg | PingMsg | StopMsg
-FromWorker = ReadyMsg | ResultMsg | HeartbeatMsg | ErrorMsg

@@ -1,0 +1,58 @@
+"""A job in progress and its queued batches: the types that intake, the scheduler and
+completion share.
+
+Example::
+
+    job = ActiveJob(7, "sample.fasta", source, partial, next_position=0, total_tokens=9000)
+    job.queue.append(QueuedBatch(batch_no=1, positions=np.array([3, 0]), tokens=412))
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vnpd.compute.packing import TokenBatch
+from vnpd.inputs.source import SequenceSource
+from vnpd.output.hdf5 import PartialOutput
+
+
+@dataclass
+class QueuedBatch:
+    """A journaled batch of a job: its row positions, and once read, its tokens."""
+
+    batch_no: int
+    positions: np.ndarray
+    tokens: int
+    batch: TokenBatch | None = None  # None until read (after a restart or a split)
+    attempts: int = 0  # failures it was part of (journaled); > 0 makes it a suspect
+
+
+@dataclass
+class ActiveJob:
+    """A job being computed: its input source, partial output and batch queue."""
+
+    job_id: int
+    name: str
+    source: SequenceSource
+    partial: PartialOutput
+    next_position: int
+    total_tokens: int
+    queue: deque[QueuedBatch] = field(default_factory=deque)
+    inflight: set[int] = field(default_factory=set)
+    unflushed: list[int] = field(default_factory=list)  # rows written, not yet journaled
+    done_sequences: int = 0
+    done_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    failed: str | None = None
+
+    @property
+    def num_records(self) -> int:
+        return self.source.num_rows
+
+    def finished(self) -> bool:
+        return (not self.queue and not self.inflight and not self.unflushed
+                and self.next_position >= self.num_records)

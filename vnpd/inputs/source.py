@@ -1,0 +1,139 @@
+"""The one interface between a job and its input: :class:`SequenceSource`.
+
+A job's output has one row per protein sequence. A source says how many rows there are,
+their residue counts, and reads their (id, residues) again from any position, in
+bounded memory: the scheduler packs from it and completion writes ids from it. It also
+gives the per-row fields and the attributes that its input kind adds to the output.
+
+Input kinds live beside this file, one module each, and are registered in
+:data:`SOURCE_KINDS`: ``protein`` (a protein FASTA, indexed in place) here.
+
+Example::
+
+    settings = SourceSettings(kind="protein")
+    source = ProteinSource.build(Path("claimed/in.fasta"), Path("jobs/7/index"), settings)
+    source.num_rows, source.lengths[:3]          # 1200, array([312, 88, 1043])
+    for record in source.rows(start=100):        # FastaRecord(index=100, id=..., sequence=...)
+        ...
+    source = ProteinSource.open(Path("claimed/in.fasta"), Path("jobs/7/index"), settings)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from vnpd.inputs.fasta import FastaRecord
+from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """How input files are read: ``[input]`` and ``[nucleotide]`` of the configuration."""
+
+    kind: str = "protein"          # protein | nucleotide
+    proteins: str = "six_frame"    # nucleotide: six_frame | genes
+    chunk_length: int = 300        # nucleotide six_frame: bp per chunk
+
+
+class SequenceSource(ABC):
+    """A job's rows and where their residues come from; see the module doc.
+
+    ``path`` is the input file the source reads.
+    """
+
+    kind: ClassVar[str]
+    path: Path
+
+    @classmethod
+    @abstractmethod
+    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> "SequenceSource":
+        """Validate and index the input ``path``, keeping what it needs in ``directory``.
+
+        Raises :class:`vnpd.inputs.fasta.FastaError` (naming the record and line) for
+        bad input, OSError when the file cannot be read.
+        """
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "SequenceSource":
+        """Reopen what :meth:`build` saved in ``directory`` (after a restart)."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> list[Path]:
+        """Write what :meth:`open` needs into ``directory``; returns the files to fsync."""
+
+    @property
+    @abstractmethod
+    def num_rows(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def lengths(self) -> np.ndarray:
+        """(num_rows,) int64 residue counts, before truncation."""
+
+    @property
+    @abstractmethod
+    def sha256(self) -> str:
+        """The input file's SHA-256."""
+
+    @abstractmethod
+    def rows(self, start: int = 0) -> Iterator[FastaRecord]:
+        """Rows ``start..num_rows-1`` in order; ``record.index`` is the row's position.
+
+        Raises ``FastaError`` if the input no longer reads as it did when built.
+        """
+
+    def row_fields(self) -> dict[str, np.ndarray]:
+        """Per-row datasets this kind adds to the output (name -> (num_rows, ...) array)."""
+        return {}
+
+    def attributes(self) -> dict[str, Any]:
+        """Root attributes this kind adds to the output."""
+        return {"input_kind": self.kind}
+
+
+class ProteinSource(SequenceSource):
+    """A protein FASTA file: row i is record i, read in place through its index."""
+
+    kind = "protein"
+
+    def __init__(self, path: Path, index: FileIndex) -> None:
+        self.path = path
+        self.index = index
+
+    @classmethod
+    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":
+        return cls(path, index_fasta(path))
+
+    @classmethod
+    def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":
+        return cls(path, FileIndex.load(directory))
+
+    def save(self, directory: Path) -> list[Path]:
+        self.index.save(directory)
+        return sorted(directory.iterdir())
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.num_records
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.index.lengths
+
+    @property
+    def sha256(self) -> str:
+        return self.index.sha256
+
+    def rows(self, start: int = 0) -> Iterator[FastaRecord]:
+        return iter_indexed(self.path, self.index, start)
+
+
+SOURCE_KINDS: dict[str, type[SequenceSource]] = {"protein": ProteinSource}
+"""Input kinds by their ``[input] kind`` name."""
