@@ -180,8 +180,10 @@ FORWARD_CODONS: dict[str, str] = {**_STANDARD.forward_table, **dict.fromkeys(_ST
 REVERSE_CODONS: dict[str, str] = {
     codon: FORWARD_CODONS[codon.translate(_COMPLEMENT)[::-1]] for codon in FORWARD_CODONS}
 """Forward-strand codon -> the residue its reverse complement codes for."""
-_FORWARD_STOPS = frozenset(c for c, aa in FORWARD_CODONS.items() if aa == "*")
-_REVERSE_STOPS = frozenset(c for c, aa in REVERSE_CODONS.items() if aa == "*")
+_STOP_STRAND = {**{c: -1 for c, aa in REVERSE_CODONS.items() if aa == "*"},
+                **{c: 1 for c, aa in FORWARD_CODONS.items() if aa == "*"}}
+# The lookahead lets matches overlap: in TTAA both TTA (at 0) and TAA (at 1) are found.
+_ANY_STOP = re.compile(f"(?=({'|'.join(_STOP_STRAND)}))")
 _CODON = re.compile("...", re.DOTALL)
 
 
@@ -234,19 +236,33 @@ def six_frame_proteins(record_id: str, sequence: str, chunk_length: int) -> Iter
 def _chunk_proteins(chunk_id: str, chunk: str, source_id: str, start: int) -> Iterator[Protein]:
     """The stop-free, non-empty frames of one upper-cased chunk that starts at ``start``."""
     # Reverse frame f reads, backwards, the same codons as the forward frame at offset
-    # (len - f) % 3: split each forward frame into codons once and use both tables on it.
-    frames = [_CODON.findall(chunk, offset) for offset in range(3)]
+    # (len - f) % 3, so all six frames are found on the three forward codon grids.
+    # Most frames of most chunks have a stop: find those first, in one scan that ends as
+    # soon as all six have one, and split into codons only the grids still needed.
+    stopped = _stopped_grids(chunk)
+    grids: dict[int, list[str]] = {}
     for frame in range(3):
-        codons = frames[frame]
-        if _FORWARD_STOPS.isdisjoint(codons):
+        if (frame, 1) not in stopped:
+            codons = grids.setdefault(frame, _CODON.findall(chunk, frame))
             yield from _frame_protein(f"{chunk_id}F{frame + 1}", codons, FORWARD_CODONS, +1,
                                       source_id, start + frame)
     for frame in range(3):
         offset = (len(chunk) - frame) % 3
-        codons = frames[offset]
-        if _REVERSE_STOPS.isdisjoint(codons):
+        if (offset, -1) not in stopped:
+            codons = grids.setdefault(offset, _CODON.findall(chunk, offset))
             yield from _frame_protein(f"{chunk_id}R{frame + 1}", codons, REVERSE_CODONS, -1,
                                       source_id, start + offset)
+
+
+def _stopped_grids(chunk: str) -> set[tuple[int, int]]:
+    """(codon grid offset, strand) pairs whose frame has a stop: a forward stop codon, or
+    the forward-strand text of a reverse one, starting at a position of that offset."""
+    stopped: set[tuple[int, int]] = set()
+    for match in _ANY_STOP.finditer(chunk):
+        stopped.add((match.start() % 3, _STOP_STRAND[match.group(1)]))
+        if len(stopped) == 6:
+            break
+    return stopped
 
 
 def _frame_protein(protein_id: str, codons: list[str], table: dict[str, str], strand: int,
