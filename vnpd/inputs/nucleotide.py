@@ -196,7 +196,7 @@ def chunk_spans(length: int, chunk_length: int) -> Iterator[tuple[int, int]]:
     With spare = n * chunk_length - length, a boundary overlaps by ``spare // n`` bp, and by
     one more for the first ``spare - (spare // n) * (n - 1)`` boundaries. That count often
     reaches all n - 1 boundaries, so the overlaps sum to less than ``spare`` and the last
-    chunk is shorter than ``chunk_length`` (always for two chunks, unless spare <= 1).
+    chunk is shorter than ``chunk_length`` (for two chunks, whenever spare >= 3).
 
     Raises ValueError if ``chunk_length < 1``.
     Example: ``list(chunk_spans(301, 300))`` is ``[(0, 300), (150, 301)]``.
