@@ -17,7 +17,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import zlib
 
 import numpy as np
@@ -42,20 +44,30 @@ def encode_arrays(arrays: Arrays) -> tuple[str, bytes]:
     return json.dumps(layout, separators=(",", ":")), b"".join(parts)
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_layout(layout: str) -> tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]:
+    """(name, dtype, shape, count, offset) per array; memoised because the entries of one
+    namespace share a handful of layouts and parsing JSON per hit dominated its cost."""
+    out, offset = [], 0
+    for name, dtype, shape in json.loads(layout):
+        dt = np.dtype(dtype)
+        count = math.prod(shape)
+        out.append((str(name), dt, tuple(int(n) for n in shape), count, offset))
+        offset += count * dt.itemsize
+    return tuple(out)
+
+
 def decode_arrays(layout: str, payload: bytes) -> Arrays:
     """The inverse of ``encode_arrays``. The arrays are read-only views of ``payload``.
 
     Raises ``ValueError`` if the layout does not describe exactly ``payload``'s bytes.
     """
-    out, offset = {}, 0
-    for name, dtype, shape in json.loads(layout):
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        out[name] = np.frombuffer(payload, dt, count, offset).reshape(tuple(shape))
-        offset += count * dt.itemsize
-    if offset != len(payload):
+    parts = _parse_layout(layout)
+    end = parts[-1][4] + parts[-1][3] * parts[-1][1].itemsize if parts else 0
+    if end != len(payload):
         raise ValueError("payload length does not match its layout")
-    return out
+    return {name: np.frombuffer(payload, dt, count, offset).reshape(shape)
+            for name, dt, shape, count, offset in parts}
 
 
 def entry_checksum(ns: int, key: bytes, layout: str, payload: bytes) -> int:
