@@ -1,0 +1,1 @@
+"""Persistent embedding cache: identical sequences under identical settings are computed once."""
