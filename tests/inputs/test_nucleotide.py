@@ -19,7 +19,7 @@ from Bio.Seq import Seq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnpd.fasta import FastaError, iter_fasta
+from vnpd.inputs.fasta import FastaError, iter_fasta
 from vnpd.inputs.nucleotide import (
     FORWARD_CODONS, NucleotideError, Protein, check_nucleotide, chunk_spans, gene_proteins,
     looks_like_nucleotide, looks_like_protein, make_gene_finder, six_frame_proteins)

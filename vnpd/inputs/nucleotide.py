@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import pyrodigal_gv
 from Bio.Data import CodonTable
 
-from vnpd.fasta import NUCLEOTIDE_MIN_LENGTH
+from vnpd.inputs.fasta import NUCLEOTIDE_MIN_LENGTH
 
 PROTEIN_MIN_FRACTION = 0.25
 """A record of at least ``NUCLEOTIDE_MIN_LENGTH`` characters is taken for a protein when at
