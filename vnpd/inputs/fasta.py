@@ -128,7 +128,7 @@ class FastaRecord:
 
 def iter_fasta(path: Path, *, max_residues: int = 1_000_000,
                kind: str = "protein") -> Iterator[FastaRecord]:
-    """Stream and validate the records of ``path``, in file order, read as ``kind`` (see :data:`KINDS`).
+    """Stream and validate the records of ``path``, in file order, read as ``kind`` (:data:`KINDS`).
 
     Raises ``FastaError`` at the first problem (records before it have been yielded):
     see docs/INPUT.md for the rules. Duplicate ids are not checked here; use
