@@ -3,8 +3,9 @@
 The file is validated and indexed first, through the :class:`SequenceSource` of its
 input kind (nothing is computed for a bad file; a nucleotide file is translated into a
 temp directory beside the output), then its rows are read again in windows of
-sequences; each window is packed by token budget and its batches stream through the engine with two in flight. Rows land at their input positions in a
-partial file beside the output, which is renamed over ``out`` only when complete.
+sequences; each window is packed by token budget and its batches stream through the
+engine with two in flight. Rows land at their input positions in a partial file beside
+the output, which is renamed over ``out`` only when complete.
 
 Example::
 
