@@ -6,11 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import random
+
 import h5py
 import numpy as np
+import pytest
 
 from tests.conftest import random_sequences, write_fasta
 from tests.compute.families.test_esm2 import fair_esm_means
+from tests.inputs.test_nucleotide import phage_like, random_dna
+from vnpd.inputs.nucleotide_source import NucleotideSource
+from vnpd.inputs.source import SourceSettings
+from vnpd.output.verify import read_output
 from vnpd import __version__
 from vnpd.embed import ProgressBar
 from vnpd.compute.families.esm2_checkpoint import load_esm2
@@ -45,6 +52,51 @@ def test_embed_schema_and_values_match_fair_esm(tmp_path: Path, wide_model: Path
     model, alphabet = load_esm2(wide_model)
     np.testing.assert_allclose(emb, fair_esm_means(model, alphabet, seqs, 2), atol=1e-5)
     assert [p.name for p in out.parent.iterdir()] == ["in.h5"]  # no temp file left
+
+
+@pytest.mark.parametrize("proteins", ["six_frame", "genes"])
+def test_embed_nucleotide_matches_fair_esm_on_the_proteins(tmp_path: Path, wide_model: Path,
+                                                           proteins: str) -> None:
+    rng = random.Random(4)
+    records = {f"c{i}": random_dna(rng, rng.randint(200, 1500)) for i in range(5)}
+    records["phage"] = phage_like(rng, 5)[0]
+    records["n"] = "N" * 90
+    src = tmp_path / "in.fna"
+    src.write_text("".join(f">{k} x\n{v}\n" for k, v in records.items()))
+    out = tmp_path / "out" / "in.h5"
+    result = run_embed(str(src), "-o", str(out), "--model", str(wide_model), "--kind",
+                       "nucleotide", "--proteins", proteins, "--chunk-length", "500")
+    assert result.returncode == 0, result.stderr
+    source = NucleotideSource.build(src, tmp_path / "ref",
+                                    SourceSettings("nucleotide", proteins, 500))
+    rows = list(source.rows())
+    emb, ids, lengths, attrs = read_output(out)
+    assert ids == [r.id for r in rows] and len(ids) > 5
+    assert lengths.tolist() == [len(r.sequence) for r in rows]
+    with h5py.File(out, "r") as f:
+        assert [str(s) for s in f["source_ids"].asstr()[:]] == \
+            source.row_fields()["source_ids"].tolist()
+        for name in ("strand", "nt_start", "nt_end"):
+            assert f[name][:].tolist() == source.row_fields()[name].tolist()
+    assert attrs["input_kind"] == "nucleotide" and attrs["proteins"] == proteins
+    assert attrs["source_sha256"] == sha256_file(src) and attrs["records_without_proteins"] >= 1
+    model, alphabet = load_esm2(wide_model)
+    np.testing.assert_allclose(emb, fair_esm_means(model, alphabet, [r.sequence for r in rows],
+                                                   model.num_layers), atol=1e-5)
+    assert [p.name for p in out.parent.iterdir()] == ["in.h5"]  # no temp file or directory left
+
+
+def test_embed_bad_dna_names_record_and_line(tmp_path: Path, tiny_model: Path) -> None:
+    src = tmp_path / "bad.fna"
+    src.write_text(">ok\nACGT\n>rna\nACGU\n")
+    result = run_embed(str(src), "-o", str(tmp_path / "bad.h5"), "--model", str(tiny_model),
+                       "--kind", "nucleotide")
+    assert result.returncode == 65
+    assert "'rna'" in result.stderr and "line 3" in result.stderr and "'U'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fna"]
+    result = run_embed(str(src), "-o", str(tmp_path / "bad.h5"), "--model", str(tiny_model),
+                       "--kind", "nucleotide", "--chunk-length", "2")
+    assert result.returncode == 2 and "at least 3" in result.stderr
 
 
 def test_embed_float16_output_and_bfloat16_compute(tmp_path: Path, tiny_model: Path) -> None:

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="token budget (0 = auto)")
     p.add_argument("--truncation", type=int, default=1022)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--kind", choices=["protein", "nucleotide"], default="protein",
+                   help="what the input holds; nucleotide is made into proteins first")
+    p.add_argument("--proteins", choices=["six_frame", "genes"], default="six_frame",
+                   help="nucleotide: six_frame (VirNucPro's chunks) or genes (pyrodigal-gv)")
+    p.add_argument("--chunk-length", type=_chunk_length, default=300,
+                   help="nucleotide six_frame: bp per chunk (VirNucPro: 300 or 500)")
 
     p = sub.add_parser("validate-config", help="check a configuration file")
     p.add_argument("config", type=Path)
@@ -76,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chunk_length(text: str) -> int:
+    value = int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be at least 3 (one codon), got {value}")
+    return value
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from vnpd.embed import embed_file
+    from vnpd.inputs.source import SourceSettings
     from vnpd.compute.engine import Engine
     from vnpd.inputs.fasta import FastaError
     from vnpd.compute.families.esm2_checkpoint import CheckpointError, ModelNotFoundError
@@ -91,7 +105,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         sys.stderr.write(f"vnpd embed: {exc}\n")
         return EX_CONFIG
     try:
-        embed_file(args.input, args.output, engine, output_dtype=args.output_dtype)
+        settings = SourceSettings(kind=args.kind, proteins=args.proteins,
+                                  chunk_length=args.chunk_length)
+        embed_file(args.input, args.output, engine, output_dtype=args.output_dtype,
+                   settings=settings)
     except FastaError as exc:
         sys.stderr.write(f"vnpd embed: {args.input}: {exc}\n")
         return EX_DATAERR

@@ -119,6 +119,26 @@ class LoggingConfig:
     level: str = "info"
 
 
+INPUT_KINDS = ("protein", "nucleotide")
+NUCLEOTIDE_PROTEINS = ("six_frame", "genes")
+
+
+@dataclass
+class InputConfig:
+    """What the inbox's files hold: protein FASTA, or nucleotide FASTA made into proteins.
+    One daemon serves one kind (docs/INPUT.md, "Nucleotide input")."""
+
+    kind: str = "protein"  # "protein" | "nucleotide"
+
+
+@dataclass
+class NucleotideConfig:
+    """How ``[input] kind = "nucleotide"`` files become proteins (docs/INPUT.md)."""
+
+    proteins: str = "six_frame"  # "six_frame" (VirNucPro) | "genes" (pyrodigal-gv)
+    chunk_length: int = 300  # six_frame: bp per chunk; VirNucPro's models use 300 or 500
+
+
 @dataclass
 class Config:
     """The whole configuration; ``source`` is the TOML file it came from, if any."""
@@ -130,6 +150,8 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    nucleotide: NucleotideConfig = field(default_factory=NucleotideConfig)
     source: Path | None = None
 
 
@@ -143,6 +165,7 @@ SCHEMA: dict[str, dict[str, object]] = {
 ENUMS: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES, "model.output_dtype": OUTPUT_DTYPES, "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS}
+ENUMS.update({"input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS})
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",
@@ -395,6 +418,9 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
     if cfg.metrics.listen and not _valid_listen(cfg.metrics.listen):
         problems.append(f"{name('metrics.listen')}: expected HOST:PORT (e.g. 127.0.0.1:9464) "
                         f"or \"\" to disable, got {cfg.metrics.listen!r}")
+    if not cfg.nucleotide.chunk_length >= 3:
+        problems.append(f"{name('nucleotide.chunk_length')}: must be at least 3 (one codon), "
+                        f"got {cfg.nucleotide.chunk_length!r}")
     return problems
 
 

@@ -1,18 +1,24 @@
 """`vnpd embed`: one FASTA file to one HDF5 file, in-process, with the daemon's engine.
 
-The file is validated and indexed first (nothing is computed for a bad file), then read
-again in windows of sequences; each window is packed by token budget and its batches
-stream through the engine with two in flight. Rows land at their input positions in a
-partial file beside the output, which is renamed over ``out`` only when complete.
+The file is validated and indexed first, through the :class:`SequenceSource` of its
+input kind (nothing is computed for a bad file; a nucleotide file is translated into a
+temp directory beside the output), then its rows are read again in windows of
+sequences; each window is packed by token budget and its batches stream through the
+engine with two in flight. Rows land at their input positions in a partial file beside
+the output, which is renamed over ``out`` only when complete.
 
 Example::
 
     embed_file(Path("in.fasta"), Path("out.h5"), engine)
+    embed_file(Path("in.fna"), Path("out.h5"), engine,
+               settings=SourceSettings(kind="nucleotide", proteins="genes"))
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -22,7 +28,8 @@ from typing import TextIO
 import structlog
 
 from vnpd.compute.engine import Engine, PendingResult
-from vnpd.inputs.index import index_fasta, iter_windows
+from vnpd.inputs.kinds import SOURCE_KINDS
+from vnpd.inputs.source import SourceSettings
 from vnpd.output.outbox import fsync_dir
 from vnpd.compute.packing import build_batch, pack_batches, tokens_for
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
@@ -63,17 +70,30 @@ class ProgressBar:
 
 
 def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "float32",
-               in_flight: int = 2, progress: ProgressBar | None = None) -> int:
-    """Embed every record of ``src`` into ``out`` atomically; returns the sequence count.
+               in_flight: int = 2, progress: ProgressBar | None = None,
+               settings: SourceSettings = SourceSettings()) -> int:
+    """Embed every row of ``src`` (read as ``settings.kind``) into ``out`` atomically;
+    returns the row count.
 
     Raises :class:`vnpd.inputs.fasta.FastaError` (before any compute) for invalid input; ``out``
     is then untouched.
     """
-    started = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(f".{out.name}.source-{os.getpid()}")
+    try:
+        return _embed_source(src, out, engine, work, output_dtype=output_dtype,
+                             in_flight=in_flight, progress=progress, settings=settings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _embed_source(src: Path, out: Path, engine: Engine, work: Path, *, output_dtype: str,
+                  in_flight: int, progress: ProgressBar | None, settings: SourceSettings) -> int:
+    started = time.monotonic()
     partial_path = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    index = index_fasta(src)
-    n = index.num_records
+    source = SOURCE_KINDS[settings.kind].build(src, work, settings)
+    lengths_all = source.lengths
+    n = source.num_rows
     progress = progress or ProgressBar(n)
     progress.total = n
     partial = PartialOutput.create(partial_path, n, engine.embed_dim, output_dtype)
@@ -87,13 +107,14 @@ def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "flo
             rows = done.result()
             partial.write_rows(done.positions, rows)
             written += rows.shape[0]
-            progress.update(rows.shape[0], int(tokens_for(index.lengths[done.positions],
+            progress.update(rows.shape[0], int(tokens_for(lengths_all[done.positions],
                                                           engine.truncation).sum()))
 
-        for start, records in iter_windows(src, index, WINDOW_SEQUENCES):
-            partial.write_ids_lengths(start, [r.id for r in records],
-                                      index.lengths[start:start + len(records)])
-            lengths = index.lengths[start:start + len(records)]
+        rows_left = source.rows()
+        for start in range(0, n, WINDOW_SEQUENCES):
+            records = list(itertools.islice(rows_left, WINDOW_SEQUENCES))
+            lengths = lengths_all[start:start + len(records)]
+            partial.write_ids_lengths(start, [r.id for r in records], lengths)
             for local in pack_batches(lengths, engine.max_tokens, engine.truncation):
                 batch = build_batch(local + start, [records[i].sequence for i in local],
                                     engine.truncation)
@@ -108,7 +129,8 @@ def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "flo
             model=engine.model_name, layer=engine.layer,
             dtype=str(engine.dtype).removeprefix("torch."), truncation=engine.truncation,
             attention_backend=engine.attention_backend, source_name=src.name,
-            source_sha256=index.sha256))
+            source_sha256=source.sha256),
+            row_fields=source.row_fields(), attributes=source.attributes())
         os.replace(partial_path, out)
         fsync_dir(out.parent)
     except BaseException:
@@ -118,7 +140,7 @@ def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "flo
     finally:
         progress.close()
     elapsed = time.monotonic() - started
-    tokens = int(tokens_for(index.lengths, engine.truncation).sum())
+    tokens = int(tokens_for(lengths_all, engine.truncation).sum())
     log.info("embed_done", source=str(src), output=str(out), sequences=n, tokens=tokens,
              seconds=round(elapsed, 3), tokens_per_s=round(tokens / max(elapsed, 1e-9), 1))
     return n

@@ -223,6 +223,43 @@ def test_finalize_with_ids_from_the_caller(tmp_path: Path) -> None:
     np.testing.assert_array_equal(emb, tagged_rows(np.array([0, 1, 2, 4]), 4))
 
 
+def test_finalize_with_row_fields_and_attributes(tmp_path: Path) -> None:
+    """An input kind's per-row fields lose the quarantined rows as ids do; its attributes
+    are written beside the standard ones."""
+    fields = {"source_ids": np.array(["c1", "c1", "c2", "c\u00e9", "c3"], dtype=object),
+              "strand": np.array([1, -1, 1, -1, 1], dtype=np.int8),
+              "nt_start": np.arange(5, dtype=np.int64) * 300}
+    extra = {"input_kind": "nucleotide", "proteins": "six_frame", "records": 7}
+    path = tmp_path / "f.h5"
+    out = PartialOutput.create(path, 5, 4, "float32")
+    out.write_rows(np.arange(5), tagged_rows(np.arange(5), 4))
+    with pytest.raises(ValueError, match="row field 'strand'"):
+        out.finalize(META, ids=iter("abcde"), lengths=np.arange(5),
+                     row_fields={"strand": np.zeros(4, dtype=np.int8)})
+    out.finalize(META, quarantined=[1], ids=iter("abcde"), lengths=np.arange(5),
+                 row_fields=fields, attributes=extra)
+    verify_output(path)
+    with h5py.File(path, "r") as f:
+        assert [str(s) for s in f["source_ids"].asstr()[:]] == ["c1", "c2", "c\u00e9", "c3"]
+        assert f["strand"].dtype == np.int8 and f["strand"][:].tolist() == [1, 1, -1, 1]
+        assert f["nt_start"].dtype == np.int64 and f["nt_start"][:].tolist() == [0, 600, 900, 1200]
+        assert f.attrs["input_kind"] == "nucleotide" and f.attrs["proteins"] == "six_frame"
+        assert f.attrs["records"] == 7 and f.attrs["records"].dtype == np.int64
+    # In place (vnpd embed's way: ids written before), and with zero rows.
+    for n in (3, 0):
+        path = tmp_path / f"g{n}.h5"
+        out = PartialOutput.create(path, n, 4, "float32")
+        out.write_ids_lengths(0, [f"s{i}" for i in range(n)], np.ones(n, dtype=np.int64))
+        out.write_rows(np.arange(n), tagged_rows(np.arange(n), 4))
+        out.finalize(META, row_fields={"source_ids": np.array(["x"] * n, dtype=object),
+                                       "nt_end": np.arange(n, dtype=np.int64)},
+                     attributes={"input_kind": "nucleotide"})
+        verify_output(path)
+        with h5py.File(path, "r") as f:
+            assert f["source_ids"].shape == (n,) and f["nt_end"][:].tolist() == list(range(n))
+            assert f.attrs["input_kind"] == "nucleotide"
+
+
 def test_finalize_on_a_full_disk_fails_cleanly_and_can_run_again(tmp_path: Path) -> None:
     """A real full filesystem (a small tmpfs; needs root): OSError ENOSPC, the partial
     file untouched and no temp file left; once space is back, finalize succeeds."""

@@ -54,12 +54,14 @@ log = structlog.get_logger()
 
 def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: OutputMeta,
                      quarantined: list[int]) -> None:
-    """Finalize the partial file with its ids and lengths, read from ``source``.
+    """Finalize the partial file with its ids and lengths, read from ``source``, and the
+    row fields and attributes of its input kind.
 
     Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
     """
     ids = (r.id for r in source.rows())
-    partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=source.lengths)
+    partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=source.lengths,
+                     row_fields=source.row_fields(), attributes=source.attributes())
 
 
 class JobCompletion:

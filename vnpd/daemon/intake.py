@@ -39,7 +39,8 @@ from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError
-from vnpd.inputs.source import SOURCE_KINDS, SequenceSource, SourceSettings
+from vnpd.inputs.kinds import SOURCE_KINDS
+from vnpd.inputs.source import SequenceSource, SourceSettings
 from vnpd.output.hdf5 import PartialOutput
 from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.verify import IncompleteOutputError
@@ -254,9 +255,9 @@ class Intake:
 
 
 def source_settings(cfg: Config) -> SourceSettings:
-    """The configuration's ``[input]`` (and, later, ``[nucleotide]``) settings."""
-    section = getattr(cfg, "input", None)
-    return SourceSettings(kind=getattr(section, "kind", "protein"))
+    """The configuration's ``[input]`` and ``[nucleotide]`` settings."""
+    return SourceSettings(kind=cfg.input.kind, proteins=cfg.nucleotide.proteins,
+                          chunk_length=cfg.nucleotide.chunk_length)
 
 
 def _save_durably(source: SequenceSource, directory: Path) -> None:

@@ -39,6 +39,7 @@ MAX_HEADER_BYTES = 1 << 20
 """Longest header line accepted; the only line that is kept whole in memory."""
 
 _ALLOWED = "".join(sorted(ALLOWED_RESIDUES)).encode("ascii")
+_PRINTABLE = bytes(range(0x21, 0x7F))  # nucleotide text: letters are checked per record
 _WHITESPACE = b" \t\r\n\v\f"
 _NUCLEOTIDES = b"ACGTUN"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -61,6 +62,12 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 _OTHER_FORMATS = (("@", "this looks like FASTQ: vnpd embeds protein FASTA"),
                   ("LOCUS ", "this looks like GenBank: convert it to FASTA"),
                   ("ID   ", "this looks like EMBL or UniProt text: convert it to FASTA"))
+KINDS = ("protein", "translated", "nucleotide")
+"""What a file holds, for the reader's ``kind``: ``protein`` (the rules of docs/INPUT.md),
+``translated`` (proteins vnpd derived from DNA: the same letters, but a low-complexity
+protein such as poly-Gly is not refused as nucleotide text), ``nucleotide`` (any printable
+ASCII letters, upper-cased, ``*`` kept: :func:`vnpd.inputs.nucleotide.check_nucleotide`
+judges the whole record)."""
 _HEAD_BYTES = 8192  # how much of the file start is checked for magic numbers and NULs
 _BINARY = "NUL byte: this is a binary file (or UTF-16/UTF-32 text without a byte-order mark), not FASTA"
 
@@ -119,8 +126,9 @@ class FastaRecord:
     offset: int
 
 
-def iter_fasta(path: Path, *, max_residues: int = 1_000_000) -> Iterator[FastaRecord]:
-    """Stream and validate the records of ``path``, in file order.
+def iter_fasta(path: Path, *, max_residues: int = 1_000_000,
+               kind: str = "protein") -> Iterator[FastaRecord]:
+    """Stream and validate the records of ``path``, in file order, read as ``kind`` (:data:`KINDS`).
 
     Raises ``FastaError`` at the first problem (records before it have been yielded):
     see docs/INPUT.md for the rules. Duplicate ids are not checked here; use
@@ -129,11 +137,11 @@ def iter_fasta(path: Path, *, max_residues: int = 1_000_000) -> Iterator[FastaRe
     with open(path, "rb") as fh:
         start = _check_file_start(fh.read(_HEAD_BYTES))
         fh.seek(start)
-        yield from _parse(fh, offset=start, max_residues=max_residues)
+        yield from _parse(fh, offset=start, max_residues=max_residues, kind=kind)
 
 
-def iter_fasta_from(path: Path, offset: int, first_index: int, *,
-                    max_residues: int = 1_000_000) -> Generator[FastaRecord, None, None]:
+def iter_fasta_from(path: Path, offset: int, first_index: int, *, max_residues: int = 1_000_000,
+                    kind: str = "protein") -> Generator[FastaRecord, None, None]:
     """Stream validated records from the header at byte ``offset`` to the end of the file.
 
     For re-reading windows of an indexed file: ``offset`` must be a ``FastaRecord.offset``
@@ -148,7 +156,7 @@ def iter_fasta_from(path: Path, offset: int, first_index: int, *,
         fh.seek(offset)
         try:
             yield from _parse(fh, offset=offset, max_residues=max_residues,
-                              first_index=first_index, known_lines=False)
+                              first_index=first_index, known_lines=False, kind=kind)
         except FastaError as exc:
             raise FastaError(exc.reason, record_id=exc.record_id,
                              record_index=exc.record_index) from None
@@ -207,8 +215,9 @@ class DuplicateIdChecker:
         if len(self._pending) >= self._BLOCK:
             self._flush()
 
-    def finish(self, path: Path) -> None:
-        """Raise ``FastaError`` if an id was added twice; ``path`` is the file the records came from.
+    def finish(self, path: Path, *, kind: str = "protein") -> None:
+        """Raise ``FastaError`` if an id was added twice; ``path`` is the file the records
+        came from, read as ``kind`` (see :data:`KINDS`).
 
         The error names the id and the line of its second occurrence (``line``,
         ``record_index``); its reason gives the first occurrence's line.
@@ -221,7 +230,7 @@ class DuplicateIdChecker:
         suspects = set(np.unique(repeated).view(np.int64).tolist())
         first_line: dict[str, int] = {}
         # The file already passed iter_fasta, so no limit on length is needed the second time.
-        for record in iter_fasta(path, max_residues=sys.maxsize):
+        for record in iter_fasta(path, max_residues=sys.maxsize, kind=kind):
             if hash(record.id) in suspects:
                 if record.id in first_line:
                     raise FastaError(
@@ -259,13 +268,17 @@ def _check_file_start(head: bytes) -> int:
 
 
 def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0,
-           known_lines: bool = True) -> Iterator[FastaRecord]:
+           known_lines: bool = True, kind: str = "protein") -> Iterator[FastaRecord]:
     """Yield records from ``fh``, positioned at byte ``offset`` at the start of a line.
 
     Records are numbered from ``first_index``; without ``known_lines`` (a start mid-file)
     their ``line`` is -1. This loop runs once per line of multi-GB files, so its common
     path is a few C-level bytes operations; rare cases (errors, '*') are in helpers.
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    allowed = _PRINTABLE if kind == "nucleotide" else _ALLOWED
+    refuse_nucleotide = kind == "protein"
     readline = fh.readline
     lineno = 0
     at_line_start = True
@@ -292,7 +305,8 @@ def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0
                 lead = chunk[0]
             if lead == 62:  # '>'
                 if rec_id is not None:
-                    yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset, star_line)
+                    yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset,
+                                        star_line, refuse_nucleotide)
                 rec_index += 1
                 rec_line, rec_offset = (lineno if known_lines else -1), start
                 while not at_line_start:
@@ -317,7 +331,9 @@ def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0
             continue
         if rec_id is None:
             _raise_not_fasta(chunk, lineno)
-        if residues.translate(None, _ALLOWED):
+        if residues.translate(None, allowed):
+            if allowed is _PRINTABLE:
+                _raise_not_text(chunk, count, rec_id, rec_index, lineno)
             stripped = _strip_terminal_star(chunk, residues, count, rec_id, rec_index, lineno)
             if star_line:
                 _raise_inner_star(star_pos, rec_id, rec_index, star_line)
@@ -332,17 +348,23 @@ def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0
         parts.append(residues)
     if rec_id is None:
         raise FastaError("no FASTA records (the file is empty, blank or only comments)")
-    yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset, star_line)
+    yield _build_record(rec_index, rec_id, parts, count, rec_line, rec_offset, star_line,
+                        refuse_nucleotide)
 
 
 def _build_record(index: int, rec_id: str, parts: list[bytes], count: int, line: int,
-                  offset: int, star_line: int) -> FastaRecord:
-    """Apply the whole-record rules (empty, nucleotide) and build the record."""
+                  offset: int, star_line: int, refuse_nucleotide: bool = True) -> FastaRecord:
+    """Apply the whole-record rules (empty, nucleotide) and build the record.
+
+    ``parts`` is emptied: a 100 Mbp contig is then held once (as the record's text) while
+    the caller works on it, and twice only for the moment it is decoded."""
     if count == 0:
         what = "only a '*'" if star_line else "no residues"
         raise FastaError(f"empty sequence ({what})", record_id=rec_id, record_index=index, line=line)
     sequence = parts[0] if len(parts) == 1 else b"".join(parts)
-    if count >= NUCLEOTIDE_MIN_LENGTH and not sequence.translate(None, _NUCLEOTIDES):
+    parts.clear()
+    if refuse_nucleotide and count >= NUCLEOTIDE_MIN_LENGTH and \
+            not sequence.translate(None, _NUCLEOTIDES):
         raise FastaError(
             f"looks like a nucleotide sequence ({count} residues, all A/C/G/T/U/N); "
             "translate it to protein first",
@@ -385,6 +407,28 @@ def _raise_not_fasta(line: bytes, lineno: int) -> NoReturn:
     shown = text if len(text) <= 40 else text[:40] + "..."
     hint = next((f" ({what})" for prefix, what in _OTHER_FORMATS if text.startswith(prefix)), "")
     raise FastaError(f"not FASTA: expected a '>' header line, found {shown!r}{hint}", line=lineno)
+
+
+def _raise_not_text(line: bytes, count: int, rec_id: str, index: int, lineno: int) -> NoReturn:
+    """Nucleotide text with a byte that is not printable ASCII: name it and its position."""
+    error = partial(FastaError, record_id=rec_id, record_index=index, line=lineno)
+    position = count
+    for i, byte in enumerate(line):
+        if byte in _WHITESPACE:
+            continue
+        position += 1
+        if 0x21 <= byte < 0x7F:
+            continue
+        if byte == 0:
+            raise error(_BINARY)
+        if byte >= 0x80:
+            text = line[i:i + 4].decode("utf-8", errors="replace")
+            if text[0] == "\ufffd":
+                _decode_utf8(line, "sequence", index, lineno)  # raises, naming the byte
+            raise error(f"non-ASCII character {text[0]!r} (U+{ord(text[0]):04X}) at position "
+                        f"{position}; sequences must be ASCII")
+        raise error(f"control character 0x{byte:02x} at position {position}")
+    raise AssertionError("a line with a disallowed byte has an offending character")
 
 
 def _raise_inner_star(position: int, rec_id: str, index: int, lineno: int) -> NoReturn:

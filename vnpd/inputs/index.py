@@ -79,8 +79,9 @@ class FileIndex:
                 f"bytes); {_WRITER_HINT}")
 
 
-def index_fasta(path: Path) -> FileIndex:
-    """Validate ``path`` completely and index it.
+def index_fasta(path: Path, *, kind: str = "protein") -> FileIndex:
+    """Validate ``path`` completely and index it; ``kind`` as for
+    :func:`vnpd.inputs.fasta.iter_fasta` (``protein`` or ``translated``).
 
     Raises :class:`vnpd.inputs.fasta.FastaError` for invalid input, and also when the file
     changed while it was read (its size, mtime or inode differ from before): the index
@@ -93,7 +94,7 @@ def index_fasta(path: Path) -> FileIndex:
     off_buf = np.empty(_CHUNK, dtype=np.int64)
     len_buf = np.empty(_CHUNK, dtype=np.int64)
     fill = 0
-    for record in iter_fasta(path):
+    for record in iter_fasta(path, kind=kind):
         checker.add(record)
         off_buf[fill] = record.offset
         len_buf[fill] = len(record.sequence)
@@ -116,8 +117,10 @@ def index_fasta(path: Path) -> FileIndex:
     return index
 
 
-def iter_indexed(path: Path, index: FileIndex, start: int = 0) -> Iterator[FastaRecord]:
-    """Re-read records ``start..N-1`` of an indexed file, never one past the last indexed.
+def iter_indexed(path: Path, index: FileIndex, start: int = 0, *,
+                 kind: str = "protein") -> Iterator[FastaRecord]:
+    """Re-read records ``start..N-1`` of an indexed file, never one past the last indexed;
+    ``kind`` is the one it was indexed with.
 
     Raises ``FastaError`` if the file changed since it was indexed (checked before
     reading), or if a record can no longer be read as it was.
@@ -127,7 +130,7 @@ def iter_indexed(path: Path, index: FileIndex, start: int = 0) -> Iterator[Fasta
     index.check_unchanged(path)
     last = index.num_records - 1
     try:
-        for record in iter_fasta_from(path, int(index.offsets[start]), start):
+        for record in iter_fasta_from(path, int(index.offsets[start]), start, kind=kind):
             yield record
             if record.index == last:
                 return

@@ -6,7 +6,8 @@ bounded memory: the scheduler packs from it and completion writes ids from it. I
 gives the per-row fields and the attributes that its input kind adds to the output.
 
 Input kinds live beside this file, one module each, and are registered in
-:data:`SOURCE_KINDS`: ``protein`` (a protein FASTA, indexed in place) here.
+:data:`vnpd.inputs.kinds.SOURCE_KINDS`: ``protein`` (a protein FASTA, indexed in place)
+here, ``nucleotide`` (proteins derived from DNA) in :mod:`vnpd.inputs.nucleotide_source`.
 
 Example::
 
@@ -133,7 +134,3 @@ class ProteinSource(SequenceSource):
 
     def rows(self, start: int = 0) -> Iterator[FastaRecord]:
         return iter_indexed(self.path, self.index, start)
-
-
-SOURCE_KINDS: dict[str, type[SequenceSource]] = {"protein": ProteinSource}
-"""Input kinds by their ``[input] kind`` name."""

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -207,13 +207,21 @@ class PartialOutput:
         fsync_file(self.path)
 
     def finalize(self, meta: OutputMeta, *, quarantined: Sequence[int] = (),
-                 ids: Iterable[str] | None = None, lengths: np.ndarray | None = None) -> None:
+                 ids: Iterable[str] | None = None, lengths: np.ndarray | None = None,
+                 row_fields: Mapping[str, np.ndarray] | None = None,
+                 attributes: Mapping[str, Any] | None = None) -> None:
         """Make this a complete output: attributes written, ``quarantined`` rows dropped
         (their ids go to ``quarantined_ids``); fsync and close.
 
         ``ids`` and ``lengths`` (all N, in row order) are for a file whose ids and
         lengths were not written with ``write_ids_lengths``: the daemon passes them at
         the end, read from its input (see the module doc).
+
+        ``row_fields`` are more per-row datasets (name -> (N,) array, in row order;
+        strings as an object or str array become UTF-8 strings), with the quarantined
+        rows dropped as from ``ids``; ``attributes`` are more root attributes (ints are
+        stored as int64, anything else as given). Both come from the input kind
+        (:meth:`vnpd.inputs.source.SequenceSource.row_fields`, ``.attributes``).
 
         With nothing to drop and no ``ids``, the attributes are written in place.
         Otherwise the kept rows are streamed, in order, into a new file beside this one
@@ -229,16 +237,25 @@ class PartialOutput:
         drop = np.unique(np.asarray(quarantined, dtype=np.int64))
         if drop.size and (drop[0] < 0 or drop[-1] >= self.num_sequences):
             raise ValueError(f"quarantined positions outside 0..{self.num_sequences - 1}")
+        fields = {name: np.asarray(values) for name, values in (row_fields or {}).items()}
+        for name, values in fields.items():
+            if name in f or values.shape[:1] != (self.num_sequences,):
+                raise ValueError(f"row field {name!r} of shape {values.shape} for "
+                                 f"{self.num_sequences} rows (or a name already taken)")
+        extra = dict(attributes or {})
         if not drop.size and ids is None:
-            _write_attrs(f, meta, self.num_sequences, [])
+            for name, values in fields.items():
+                f.create_dataset(name, data=_field_data(values), dtype=_field_dtype(values))
+            _write_attrs(f, meta, self.num_sequences, [], extra)
             self.close()
         else:
-            self._rebuild(meta, drop, ids, lengths)
+            self._rebuild(meta, drop, ids, lengths, fields, extra)
         log.info("output_finalized", path=str(self.path), source=meta.source_name,
                  num_sequences=self.num_sequences, quarantined=int(drop.size))
 
     def _rebuild(self, meta: OutputMeta, drop: np.ndarray, ids: Iterable[str] | None,
-                 lengths: np.ndarray | None) -> None:
+                 lengths: np.ndarray | None, fields: dict[str, np.ndarray],
+                 extra: dict[str, Any]) -> None:
         src, n = self._file(), self.num_sequences
         kept = n - drop.size
         # A fresh name per attempt: a file whose write failed may stay open in HDF5.
@@ -247,6 +264,8 @@ class PartialOutput:
         try:
             # Every kept row is written below, so the fill pass would be wasted I/O.
             dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False)
+            for name, values in fields.items():
+                dst.create_dataset(name, (kept, *values.shape[1:]), _field_dtype(values))
             keep = np.ones(n, dtype=bool)
             keep[drop] = False
             id_source = iter(ids) if ids is not None else None
@@ -266,10 +285,13 @@ class PartialOutput:
                 dst["ids"][cursor:cursor + count] = block_ids[mask].tolist()
                 dst["lengths"][cursor:cursor + count] = np.asarray(block_lengths)[mask]
                 dropped_ids += [str(i) for i in block_ids[~mask]]
+                for name, values in fields.items():
+                    if count:
+                        dst[name][cursor:cursor + count] = _field_data(values[lo:hi][mask])
                 cursor += count
             if id_source is not None and next(id_source, None) is not None:
                 raise ValueError(f"more ids than the {n} rows")
-            _write_attrs(dst, meta, kept, dropped_ids)
+            _write_attrs(dst, meta, kept, dropped_ids, extra)
             dst.close()
             fsync_file(tmp)
         except BaseException as exc:
@@ -333,9 +355,21 @@ def _new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool) ->
     return f
 
 
+def _field_dtype(values: np.ndarray) -> Any:
+    """A row field's HDF5 type: UTF-8 strings for text, else the array's own dtype."""
+    return _STR if values.dtype.kind in "OUS" else values.dtype
+
+
+def _field_data(values: np.ndarray) -> Any:
+    return values.tolist() if values.dtype.kind in "OUS" else values
+
+
 def _write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
-                 quarantined_ids: list[str]) -> None:
+                 quarantined_ids: list[str], extra: Mapping[str, Any] | None = None) -> None:
     attrs = f.attrs
+    for key, value in (extra or {}).items():
+        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        attrs[key] = np.int64(value) if is_int else value
     for key in ("model", "dtype", "pooling", "attention_backend", "source_name",
                 "source_sha256"):
         attrs[key] = str(getattr(meta, key))

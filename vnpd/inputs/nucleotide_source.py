@@ -1,0 +1,199 @@
+"""The ``nucleotide`` input kind: a DNA FASTA file whose rows are the proteins vnpd makes from it.
+
+:meth:`NucleotideSource.build` streams the DNA file once, one record in memory at a time
+(a 100 Mbp contig is held once, as its text, while it is translated). Each record is
+checked (:func:`vnpd.inputs.nucleotide.check_nucleotide`) and turned into proteins, six
+frames of VirNucPro's chunks or pyrodigal-gv's genes, as ``[nucleotide] proteins`` says.
+The proteins go to a derived protein FASTA, ``proteins.fasta``, in the job's directory, and
+their per-row facts to fixed-width arrays beside it. ``proteins.fasta`` is then indexed
+like any protein file, so rows are served exactly as :class:`ProteinSource` serves them.
+
+Files in ``directory``: ``proteins.fasta`` and its index (``offsets.npy``, ``lengths.npy``,
+``index.json``), ``records.txt`` (every DNA record id, one a line, in input order),
+``source_index.npy`` (row -> line of ``records.txt``), ``strand.npy``, ``nt_start.npy``,
+``nt_end.npy`` and ``nucleotide.json`` (the input's SHA-256 and the counts).
+
+Example::
+
+    settings = SourceSettings(kind="nucleotide", proteins="six_frame", chunk_length=300)
+    source = NucleotideSource.build(Path("claimed/contigs.fna"), Path("jobs/7/index"), settings)
+    source.num_rows, source.attributes()["records_without_proteins"]   # 5310, 2
+    source.row_fields()["source_ids"][:2]                              # ["contig1", "contig1"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
+from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
+from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
+                                    make_gene_finder, six_frame_proteins)
+from vnpd.inputs.source import SequenceSource, SourceSettings
+from vnpd.output.outbox import sha256_file
+
+MAX_RECORD_BASES = 1_000_000_000
+"""Longest nucleotide record accepted (1 Gbp): whole chromosomes pass, a runaway file does not."""
+
+PROTEIN_MODES = ("six_frame", "genes")
+"""``[nucleotide] proteins``: VirNucPro's six-frame chunks, or pyrodigal-gv's gene calls."""
+
+_ARRAYS = {"source_index": "q", "strand": "b", "nt_start": "q", "nt_end": "q"}
+_DTYPES = {"q": np.int64, "b": np.int8}
+_HINT = "; is this a protein file? this daemon reads nucleotide FASTA ([input] kind)"
+
+
+class NucleotideSource(SequenceSource):
+    """A nucleotide FASTA file, served as the protein rows derived from it; see the module doc."""
+
+    kind = "nucleotide"
+
+    def __init__(self, path: Path, directory: Path, index: FileIndex, arrays: dict[str, np.ndarray],
+                 meta: dict[str, Any]) -> None:
+        self.path = path
+        self.directory = directory
+        self.index = index
+        self.arrays = arrays
+        self.meta = meta
+
+    @property
+    def proteins_path(self) -> Path:
+        return self.directory / "proteins.fasta"
+
+    @classmethod
+    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> "NucleotideSource":
+        """Check and translate ``path``, writing the proteins and their facts into ``directory``.
+
+        Raises ``FastaError`` naming the DNA record and its header line (bad DNA, protein
+        text, a duplicated id), or when the file changed while it was read; OSError when
+        it cannot be read or ``directory`` cannot be written.
+        """
+        proteins_of = _protein_maker(settings)
+        directory.mkdir(parents=True, exist_ok=True)
+        before = os.stat(path)
+        checker = DuplicateIdChecker()
+        columns = {name: array(code) for name, code in _ARRAYS.items()}
+        with_proteins = 0
+        with open(directory / "proteins.fasta", "w", encoding="utf-8") as out, \
+                open(directory / "records.txt", "w", encoding="utf-8") as ids:
+            for record in iter_fasta(path, max_residues=MAX_RECORD_BASES, kind="nucleotide"):
+                checker.add(record)
+                _check_record(record)
+                ids.write(record.id + "\n")
+                rows = 0
+                for protein in proteins_of(record.id, record.sequence):
+                    out.write(f">{protein.id}\n{protein.sequence}\n")
+                    _append(columns, record.index, protein)
+                    rows += 1
+                with_proteins += rows > 0
+        checker.finish(path, kind="nucleotide")
+        sha256 = sha256_file(path)
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns, after.st_ino) != \
+                (before.st_size, before.st_mtime_ns, before.st_ino):
+            raise FastaError("the file changed while it was being read; write files elsewhere "
+                             "and rename them into the inbox, see docs/INBOX.md")
+        records = checker.count
+        meta = {"sha256": sha256, "proteins": settings.proteins,
+                "chunk_length": settings.chunk_length if settings.proteins == "six_frame" else 0,
+                "records": records, "records_with_proteins": with_proteins,
+                "records_without_proteins": records - with_proteins}
+        arrays = {name: np.frombuffer(col, dtype=_DTYPES[col.typecode]).copy()
+                  for name, col in columns.items()}
+        return cls(path, directory, _index_proteins(directory / "proteins.fasta"), arrays, meta)
+
+    @classmethod
+    def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "NucleotideSource":
+        meta = json.loads((directory / "nucleotide.json").read_text())
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+        return cls(path, directory, FileIndex.load(directory), arrays, meta)
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write the index, the row arrays and ``nucleotide.json`` (``proteins.fasta`` and
+        ``records.txt`` were written by :meth:`build`); returns every file of the directory."""
+        self.index.save(directory)
+        for name, values in self.arrays.items():
+            np.save(directory / f"{name}.npy", values)
+        (directory / "nucleotide.json").write_text(json.dumps(self.meta))
+        return sorted(p for p in directory.iterdir() if p.is_file())
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.num_records
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.index.lengths
+
+    @property
+    def sha256(self) -> str:
+        """The nucleotide input's SHA-256 (not that of the derived ``proteins.fasta``)."""
+        return str(self.meta["sha256"])
+
+    def rows(self, start: int = 0) -> Iterator[FastaRecord]:
+        return iter_indexed(self.proteins_path, self.index, start, kind="translated")
+
+    def row_fields(self) -> dict[str, np.ndarray]:
+        """``source_ids`` (the DNA record of each row, strings), ``strand`` (+1/-1, int8),
+        ``nt_start``/``nt_end`` (int64, 0-based half-open on the record's forward strand)."""
+        records = (self.directory / "records.txt").read_text(encoding="utf-8").splitlines()
+        names = np.array(records, dtype=object)
+        # Fancy indexing an object array shares the strings: 8 bytes a row, not a copy each.
+        source_ids = names[np.asarray(self.arrays["source_index"])] if len(names) else \
+            np.empty(0, dtype=object)
+        return {"source_ids": source_ids, "strand": np.asarray(self.arrays["strand"]),
+                "nt_start": np.asarray(self.arrays["nt_start"]),
+                "nt_end": np.asarray(self.arrays["nt_end"])}
+
+    def attributes(self) -> dict[str, Any]:
+        m = self.meta
+        return {"input_kind": self.kind, "proteins": m["proteins"],
+                "chunk_length": int(m["chunk_length"]), "records": int(m["records"]),
+                "records_with_proteins": int(m["records_with_proteins"]),
+                "records_without_proteins": int(m["records_without_proteins"])}
+
+
+def _protein_maker(settings: SourceSettings) -> Callable[[str, str], Iterator[Protein]]:
+    """The translation ``settings`` ask for, as ``(record id, sequence) -> proteins``."""
+    if settings.proteins == "six_frame":
+        if settings.chunk_length < 3:
+            raise ValueError(f"chunk_length must be at least 3, not {settings.chunk_length}")
+        return lambda rid, seq: six_frame_proteins(rid, seq, settings.chunk_length)
+    if settings.proteins == "genes":
+        finder = make_gene_finder()  # one per build: it keeps no per-record state
+        return lambda rid, seq: gene_proteins(rid, seq, finder)
+    raise ValueError(f"proteins must be one of {PROTEIN_MODES}, not {settings.proteins!r}")
+
+
+def _check_record(record: FastaRecord) -> None:
+    """``check_nucleotide`` as a ``FastaError`` that names the record and its header line."""
+    try:
+        check_nucleotide(record.sequence)
+    except NucleotideError as exc:
+        reason = exc.reason + (_HINT if "protein" in exc.reason else "")
+        raise FastaError(reason, record_id=record.id, record_index=record.index,
+                         line=record.line) from None
+
+
+def _append(columns: dict[str, array], record_index: int, protein: Protein) -> None:
+    columns["source_index"].append(record_index)
+    columns["strand"].append(protein.strand)
+    columns["nt_start"].append(protein.nt_start)
+    columns["nt_end"].append(protein.nt_end)
+
+
+def _index_proteins(path: Path) -> FileIndex:
+    """Index the derived protein file; one with no proteins gets an empty index."""
+    if path.stat().st_size == 0:
+        st = os.stat(path)
+        empty = np.empty(0, dtype=np.int64)
+        return FileIndex(0, empty, empty.copy(), sha256_file(path), st.st_size, st.st_mtime_ns,
+                         st.st_ino)
+    return index_fasta(path, kind="translated")
