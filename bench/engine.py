@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vnpd.compute.engine import Engine  # noqa: E402
-from vnpd.compute.packing import build_batch, pack_batches, tokens_for  # noqa: E402
+from vnpd.compute.packing import build_batch, pack_batches  # noqa: E402
+from vnpd.compute.tokenizer import tokens_for  # noqa: E402
 
 WORKLOADS = {
     "3b-uniprot": dict(layers=36, dim=2560, heads=40),

@@ -16,10 +16,12 @@ from pathlib import Path
 import structlog
 
 from vnpd import __version__
+from vnpd.compute.choices import COMPUTE_DTYPES, OUTPUT_DTYPES
+from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
+from vnpd.config import EX_CONFIG
 from vnpd.log import configure_logging
 
-EX_DATAERR = 65
-EX_CONFIG = 78
+EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 
 log = structlog.get_logger()
 
@@ -53,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="esm2_t36_3B_UR50D",
                    help="fair-esm model name or path to a .pt checkpoint")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--output-dtype", choices=OUTPUT_DTYPES, default="float32")
     p.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = last)")
     p.add_argument("--max-tokens", type=int, default=0, help="token budget (0 = auto)")
-    p.add_argument("--truncation", type=int, default=1022)
+    p.add_argument("--truncation", type=int, default=FAIR_ESM_TRUNCATION)
     p.add_argument("--log-level", default="warning")
 
     p = sub.add_parser("validate-config", help="check a configuration file")

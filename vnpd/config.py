@@ -26,15 +26,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EX_CONFIG = 78  # sysexits.h: configuration error
+# Torch-free: the names the engine accepts and the alphabet's limit, defined once there.
+from vnpd.compute.choices import COMPUTE_DTYPES, OUTPUT_DTYPES
+from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
 
-DTYPES = ("float32", "bfloat16", "float16")
-OUTPUT_DTYPES = ("float32", "float16")
+EX_CONFIG = 78  # sysexits.h: configuration error; every command exits with it
+
 ON_POISON = ("quarantine", "fail")
 AFTER_DONE = ("move", "delete")
 LOG_FORMATS = ("json", "console", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-MAX_TRUNCATION = 1022  # fair-esm's positional limit is 1024 tokens including BOS and EOS
 ENV_PREFIX = "VNPD_"
 
 
@@ -64,7 +65,7 @@ class ModelConfig:
     layer: int = -1
     dtype: str = "bfloat16"
     output_dtype: str = "float32"
-    truncation: int = 1022
+    truncation: int = FAIR_ESM_TRUNCATION
     max_tokens_per_batch: int = 0  # 0 = size from device memory
 
 
@@ -141,7 +142,7 @@ SCHEMA: dict[str, dict[str, object]] = {
     name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
 
 ENUMS: dict[str, tuple[str, ...]] = {
-    "model.dtype": DTYPES, "model.output_dtype": OUTPUT_DTYPES, "jobs.on_poison": ON_POISON,
+    "model.dtype": COMPUTE_DTYPES, "model.output_dtype": OUTPUT_DTYPES, "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS}
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
@@ -373,8 +374,8 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
         if not get(dotted) >= 0:  # type: ignore[operator]
             problems.append(f"{name(dotted)}: must be 0 or more, got {get(dotted)!r}")
     m, w = cfg.model, cfg.workers
-    if not 1 <= m.truncation <= MAX_TRUNCATION:
-        problems.append(f"{name('model.truncation')}: must be in 1..{MAX_TRUNCATION} (fair-esm "
+    if not 1 <= m.truncation <= FAIR_ESM_TRUNCATION:
+        problems.append(f"{name('model.truncation')}: must be in 1..{FAIR_ESM_TRUNCATION} (fair-esm "
                         f"ESM-2 has 1024 positions including BOS and EOS), got {m.truncation}")
     elif 0 < m.max_tokens_per_batch < m.truncation + 2:
         problems.append(f"{name('model.max_tokens_per_batch')}: {m.max_tokens_per_batch} cannot "

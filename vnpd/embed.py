@@ -24,7 +24,8 @@ import structlog
 from vnpd.compute.engine import Engine, PendingResult
 from vnpd.inputs.index import index_fasta, iter_windows
 from vnpd.output.outbox import fsync_dir
-from vnpd.compute.packing import build_batch, pack_batches, tokens_for
+from vnpd.compute.packing import build_batch, pack_batches
+from vnpd.compute.tokenizer import tokens_for
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
 
 log = structlog.get_logger()

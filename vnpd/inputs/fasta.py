@@ -26,8 +26,11 @@ from typing import BinaryIO, NoReturn
 
 import numpy as np
 
-ALLOWED_RESIDUES: frozenset[str] = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
-"""The 20 standard amino acids plus X B U Z O: the residue letters of fair-esm's ESM-1b alphabet."""
+from vnpd.compute.tokenizer import RESIDUE_LETTERS
+
+ALLOWED_RESIDUES: frozenset[str] = frozenset(RESIDUE_LETTERS)
+"""The 20 standard amino acids plus X B U Z O: the residue letters of fair-esm's ESM-1b alphabet,
+taken from the tokenizer so that what the reader accepts is exactly what ``encode`` can encode."""
 
 NUCLEOTIDE_MIN_LENGTH = 30
 """Records at least this long made only of A C G T U N are rejected as nucleotide sequences."""

@@ -51,9 +51,9 @@ import numpy as np
 import structlog
 
 from vnpd import __version__
+from vnpd.compute.choices import OUTPUT_DTYPES
 from vnpd.output.outbox import fsync_dir, fsync_file
-from vnpd.output.verify import (OUTPUT_DTYPES, IncompleteOutputError, _block_rows, _check_datasets,
-                         verify_output)
+from vnpd.output.verify import IncompleteOutputError, _block_rows, _check_datasets, verify_output
 
 SCHEMA_VERSION = 1
 _LIBVER = ("v108", "v108")
