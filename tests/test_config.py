@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vnpd.config import (
-    EX_CONFIG, SCHEMA, Config, ConfigError, config_to_dict, load_config)
+    EX_CONFIG, SCHEMA, Config, ConfigError, config_to_dict, load_config, parse_listen)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.toml"
@@ -183,12 +183,45 @@ def test_enum_errors():
     ({"workers.devices": ["gpu0"]}, "'gpu0' is not a device"),
     ({"workers.devices": []}, "the device list is empty"),
     ({"metrics.listen": "9464"}, "metrics.listen (from override metrics.listen): expected HOST:PORT"),
+    ({"metrics.listen": "::1:9464"}, "metrics.listen (from override metrics.listen): put an IPv6 "
+                                     "host in brackets"),
     ({"model.checkpoint": " "}, "model.checkpoint"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, env={}, overrides=overrides)
     assert fragment in problems_of(excinfo)
+
+
+@pytest.mark.parametrize("listen, expected", [
+    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+    ("0.0.0.0:0", ("0.0.0.0", 0)),
+    ("[::1]:9464", ("::1", 9464)),
+    ("[::]:80", ("::", 80)),
+    ("localhost:9464", ("localhost", 9464)),
+    ("", None),  # the endpoint disabled
+])
+def test_parse_listen(listen: str, expected: tuple[str, int] | None) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["9464", ":9464", "::1:9464", "host:", "host:x",
+                                    "host:70000", "[]:9464"])
+def test_parse_listen_rejects(listen: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(listen)
+
+
+def test_config_and_metrics_agree_on_listen() -> None:
+    """The config check and the endpoint use one parser: what one rejects, so does the other."""
+    from vnpd.daemon.metrics import Metrics
+
+    with pytest.raises(ConfigError, match="brackets"):
+        load_config(None, env={"VNPD_METRICS_LISTEN": "::1:9464"})
+    with pytest.raises(ValueError, match="brackets"):
+        Metrics().start_server("::1:9464")
+    assert load_config(None, env={"VNPD_METRICS_LISTEN": ""}).metrics.listen == ""
+    assert Metrics().start_server("") is None
 
 
 def test_accepted_edge_values():

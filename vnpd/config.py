@@ -393,15 +393,35 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
     if w.devices != "auto":
         devices = w.devices.split(",") if isinstance(w.devices, str) else w.devices
         problems += [f"{name('workers.devices')}: {p}" for p in parse_devices(devices)[1]]
-    if cfg.metrics.listen and not _valid_listen(cfg.metrics.listen):
-        problems.append(f"{name('metrics.listen')}: expected HOST:PORT (e.g. 127.0.0.1:9464) "
-                        f"or \"\" to disable, got {cfg.metrics.listen!r}")
+    try:
+        parse_listen(cfg.metrics.listen)
+    except ValueError as exc:
+        problems.append(f"{name('metrics.listen')}: {exc}")
     return problems
 
 
-def _valid_listen(listen: str) -> bool:
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """``metrics.listen`` as ``(host, port)``: ``"HOST:PORT"``, IPv6 as ``"[::1]:9464"``.
+
+    The one parser of the address: the config check and the metrics endpoint both use it.
+    ``""`` (the endpoint disabled) gives ``None``. Raises ``ValueError`` for a missing host
+    or port, a port outside 0..65535, or an IPv6 address without brackets (``::1:9464``
+    is ambiguous: port 9464 of ``::1``, or the address ``::1:9464`` with no port).
+
+    >>> parse_listen("[::1]:9464")
+    ('::1', 9464)
+    """
+    if not listen:
+        return None
     host, sep, port = listen.rpartition(":")
-    return bool(sep and host.strip("[]") and port.isdigit() and 0 <= int(port) <= 65535)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"put an IPv6 host in brackets, e.g. [::1]:9464; got {listen!r}")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9464 or [::1]:9464) or \"\" "
+                         f"to disable, got {listen!r}")
+    return host, int(port)
 
 
 def parse_devices(devices: list[str]) -> tuple[list[str], list[str]]:
