@@ -441,16 +441,3 @@ def parse_devices(devices: list[str]) -> tuple[list[str], list[str]]:
         else:
             problems.append(f'{device!r} is not a device; use "cpu", "cuda" or "cuda:N"')
     return normalized, problems
-
-
-# ---------------------------------------------------------------- output
-
-def config_to_dict(cfg: Config) -> dict:
-    """``cfg`` as plain JSON-ready data (paths as str), e.g. for ``vnpd status --json``."""
-    def plain(value: object) -> object:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return str(value) if isinstance(value, Path) else value
-    return typing.cast(dict, plain(dataclasses.asdict(cfg)))

@@ -24,11 +24,10 @@ from vnpd.output.outbox import (
     fsync_dir,
     output_name_for,
     publish_atomically,
-    publish_to_outbox,
     sha256_file,
     unique_destination,
 )
-from vnpd.output.hdf5 import SCHEMA_VERSION, OutputMeta, PartialOutput, write_embeddings_file
+from vnpd.output.hdf5 import SCHEMA_VERSION, OutputMeta, PartialOutput
 from vnpd.output.verify import REQUIRED_ATTRS, IncompleteOutputError, read_output, verify_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,13 +290,13 @@ def test_publish_refuses_to_overwrite(tmp_path: Path) -> None:
     assert unique_destination(outbox, "other.h5") == outbox / "other.h5"
 
 
-def test_publish_to_outbox_and_resume_after_crash_between_link_and_unlink(tmp_path: Path) -> None:
+def test_publish_to_a_taken_name_and_resume_after_crash_between_link_and_unlink(tmp_path: Path) -> None:
     src = tmp_path / "job.partial.h5"
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     filled_partial(src, 2, 4).finalize(META)
     (outbox / "x.h5").write_bytes(b"taken")
-    assert publish_to_outbox(src, outbox, "x.h5") == outbox / "x.1.h5"
+    assert publish_atomically(src, unique_destination(outbox, "x.h5")) == outbox / "x.1.h5"
     src2 = tmp_path / "job2.partial.h5"
     filled_partial(src2, 2, 4).finalize(META)
     os.link(src2, outbox / "y.h5")  # as if the daemon died right after linking
@@ -440,25 +439,6 @@ def test_sigkill_at_any_instant_leaves_no_file_or_a_complete_one(tmp_path: Path,
         _, ids, _, attrs = read_output(dest)
         assert len(ids) == 3998 and attrs["quarantined_ids"] == ["s5", "s7"]
     assert [p.name for p in dest.parent.iterdir()] in ([], ["in.h5"])
-
-
-def test_write_embeddings_file_replaces_user_path(tmp_path: Path) -> None:
-    path = tmp_path / "out.h5"
-    path.write_bytes(b"old output")
-    emb = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
-    write_embeddings_file(path, emb, ["a", "b", "c"], np.array([4, 5, 6]), META)
-    verify_output(path)
-    got, ids, lengths, attrs = read_output(path)
-    np.testing.assert_array_equal(got, emb)
-    assert ids == ["a", "b", "c"] and lengths.tolist() == [4, 5, 6]
-    assert attrs["num_sequences"] == 3
-    write_embeddings_file(path, emb.astype(np.float16), ["a", "b", "c"], np.array([4, 5, 6]),
-                          META)
-    assert read_output(path)[0].dtype == np.float16
-    with pytest.raises(ValueError):
-        write_embeddings_file(path, emb, ["a", "b"], np.array([4, 5]), META)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]  # no temp left
-    assert read_output(path)[1] == ["a", "b", "c"]  # failed write left the old file
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -9,8 +9,8 @@ other modules' files too (the index, the inbox, the failure reports).
 Example::
 
     output_name_for("sample.fasta")                              # "sample.h5"
-    publish_to_outbox(state / "job7.h5", outbox, "sample.h5")    # outbox/sample.h5, or
-                                                                 # sample.1.h5 if taken
+    dest = unique_destination(outbox, "sample.h5")   # outbox/sample.h5, or sample.1.h5 if taken
+    publish_atomically(state / "job7.h5", dest)      # FileExistsError if a racer took it
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def publish_atomically(src: Path, dest: Path) -> Path:
 def unique_destination(outbox: Path, name: str) -> Path:
     """``outbox/name`` if free, else the first free ``stem.1.h5``, ``stem.2.h5``, ...
 
-    Another writer may take the name before it is used: ``publish_to_outbox`` retries.
+    Another writer may take the name before it is used: the caller retries on the
+    ``FileExistsError`` that ``publish_atomically`` then raises (vnpd.daemon.completion does).
     """
     candidate = outbox / name
     stem, suffix = Path(name).stem, Path(name).suffix
@@ -89,15 +90,6 @@ def unique_destination(outbox: Path, name: str) -> Path:
         i += 1
         candidate = outbox / f"{stem}.{i}{suffix}"
     return candidate
-
-
-def publish_to_outbox(src: Path, outbox: Path, name: str) -> Path:
-    """Publish ``src`` into ``outbox`` under ``name`` or a numbered variant; return it."""
-    while True:
-        try:
-            return publish_atomically(src, unique_destination(outbox, name))
-        except FileExistsError:
-            continue  # lost a race for that name; pick the next free one
 
 
 def output_name_for(source_name: str) -> str:
