@@ -22,6 +22,7 @@ import vnpd
 from vnpd.output import verify
 from vnpd.output.outbox import (
     fsync_dir,
+    link_without_replacing,
     output_name_for,
     publish_atomically,
     sha256_file,
@@ -303,6 +304,42 @@ def test_publish_to_a_taken_name_and_resume_after_crash_between_link_and_unlink(
     assert publish_atomically(src2, outbox / "y.h5") == outbox / "y.h5"
     assert not src2.exists()
     verify_output(outbox / "y.h5")
+
+
+def no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make os.link fail as it does on a filesystem without hard links."""
+    def refuse(src: object, dst: object, **_: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", refuse)
+
+
+def test_link_without_replacing_falls_back_to_a_checked_rename(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    src, taken, free = tmp_path / "src", tmp_path / "taken", tmp_path / "free"
+    src.write_bytes(b"new")
+    taken.write_bytes(b"old")
+    link_without_replacing(src, tmp_path / "linked")  # hard links work here
+    assert src.exists() and (tmp_path / "linked").read_bytes() == b"new"
+    no_hard_links(monkeypatch)
+    with pytest.raises(FileExistsError):
+        link_without_replacing(src, taken)
+    assert taken.read_bytes() == b"old" and src.exists()
+    link_without_replacing(src, free)
+    assert free.read_bytes() == b"new" and not src.exists()
+
+
+def test_publish_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    src = tmp_path / "job.partial.h5"
+    filled_partial(src, 2, 4).finalize(META)
+    (outbox / "x.h5").write_bytes(b"taken")
+    no_hard_links(monkeypatch)
+    with pytest.raises(FileExistsError):
+        publish_atomically(src, outbox / "x.h5")
+    assert publish_atomically(src, unique_destination(outbox, "x.h5")) == outbox / "x.1.h5"
+    assert not src.exists() and (outbox / "x.h5").read_bytes() == b"taken"
+    verify_output(outbox / "x.1.h5")
 
 
 def test_verify_output_catches_incomplete_files(tmp_path: Path) -> None:

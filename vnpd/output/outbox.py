@@ -44,6 +44,32 @@ def fsync_dir(path: Path) -> None:
     fsync_file(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
+# errno values of link(2) on filesystems (or mounts) that do not do hard links.
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK)
+
+
+def link_without_replacing(src: Path, dest: Path) -> None:
+    """Give the file ``src`` the new name ``dest`` (same filesystem), never replacing a file.
+
+    A hard link: an atomic create that fails if ``dest`` exists, unlike rename(2), and
+    ``src`` keeps its name (the caller unlinks it once ``dest`` is durable). On filesystems
+    without hard links it falls back to an existence check plus rename, and ``src`` is
+    then gone. Raises FileExistsError if ``dest`` exists, and other OSErrors as link(2)
+    and rename(2) raise them (EXDEV across filesystems). The inbox (``vnpd submit``) and
+    the outbox (``publish_atomically``) both name files this way.
+    """
+    try:
+        os.link(src, dest)
+    except OSError as exc:  # FileExistsError (EEXIST) is re-raised here too
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # A rename could replace a file created in the instant after this check; the
+        # daemon owns its directories, so that window is accepted.
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
+        os.rename(src, dest)
+
+
 def publish_atomically(src: Path, dest: Path) -> Path:
     """Move the finished file ``src`` to ``dest`` (same filesystem) without overwriting.
 
@@ -57,18 +83,10 @@ def publish_atomically(src: Path, dest: Path) -> Path:
     """
     fsync_file(src)
     try:
-        os.link(src, dest)
+        link_without_replacing(src, dest)
     except FileExistsError:
-        if not os.path.samefile(src, dest):
+        if not os.path.samefile(src, dest):  # the same file: linked before a crash
             raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        # No hard links here: a rename could replace a file created in the instant
-        # after this check; the daemon owns the outbox, so that window is accepted.
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
-        os.rename(src, dest)
     fsync_dir(dest.parent)
     if src.exists():
         src.unlink()
