@@ -5,7 +5,7 @@ scaled by head_dim**-0.5 (as fair-esm does), ``cu_seqlens`` (n+1,) int32 on the 
 device and the longest sequence length, and return (T, H, hd). Attention never crosses
 a sequence boundary.
 
-Order of preference: flash-attn's varlen kernel if importable (DESIGN); cuDNN's fused
+Order of preference: flash-attn's varlen kernel if importable (docs/OPERATIONS.md); cuDNN's fused
 attention through nvidia-cudnn-frontend (the optional ``cudnn`` extra) on Hopper and newer,
 where it ran 1.4x faster than torch's FA2 kernel on the 3B workload (docs/BENCHMARKS.md);
 torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16); else an exact path

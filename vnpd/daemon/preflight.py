@@ -3,7 +3,7 @@
 :func:`validate_config` checks the four directories (created if missing, writable, one
 filesystem), the worker devices against the GPUs visible here, and the model file;
 :func:`resolve_devices` turns ``workers.devices`` into worker devices ("auto" counts the
-NVIDIA GPUs). GPUs are counted without torch or CUDA, so ``vnpd check`` and the daemon's
+NVIDIA GPUs). GPUs are counted without torch or CUDA, so ``vnpd validate-config`` and the daemon's
 start stay fast and never initialise a GPU. Problems raise ``ConfigError``, all at once.
 
 Example::
