@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vnpd.config import (
-    EX_CONFIG, SCHEMA, Config, ConfigError, load_config, parse_listen)
+    EX_CONFIG, SCHEMA, Config, ConfigError, load_config, load_engine_choices, parse_listen)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.toml"
@@ -221,6 +221,46 @@ def test_config_and_metrics_agree_on_listen() -> None:
         Metrics().start_server("::1:9464")
     assert load_config(None, env={"VNPD_METRICS_LISTEN": ""}).metrics.listen == ""
     assert Metrics().start_server("") is None
+
+
+def test_engine_choices_default_to_auto_and_take_the_usual_order(tmp_path: Path):
+    assert (Config().model.attention, Config().model.compile_mode) == ("auto", "auto")
+    path = write(tmp_path / "vnpd.toml", '[model]\nattention = "cudnn"\ncompile_mode = "ops"\n')
+    assert load_config(path, env={}).model.attention == "cudnn"
+    cfg = load_config(path, env={"VNPD_MODEL_ATTENTION": "exact"},
+                      overrides={"model.compile_mode": "layer"})
+    assert (cfg.model.attention, cfg.model.compile_mode) == ("exact", "layer")
+
+
+def test_old_engine_variables_are_aliases(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", '[model]\nattention = "cudnn"\n')
+    cfg = load_config(path, env={"VNPD_ATTENTION": "torch_varlen",
+                                 "VNPD_COMPILE_MODE": "fused-torch-gemm"})
+    assert (cfg.model.attention, cfg.model.compile_mode) == ("torch_varlen", "fused-torch-gemm")
+    # VNPD_COMPILE=0 turned compiling off whatever VNPD_COMPILE_MODE said; other values did not.
+    env = {"VNPD_COMPILE": "0", "VNPD_COMPILE_MODE": "ops"}
+    assert load_config(None, env=env).model.compile_mode == "off"
+    assert load_config(None, env={"VNPD_COMPILE": "1"}).model.compile_mode == "auto"
+    # The section's own name beats the alias; a flag beats both; "" is unset.
+    env = {"VNPD_ATTENTION": "cudnn", "VNPD_MODEL_ATTENTION": "exact"}
+    assert load_config(None, env=env).model.attention == "exact"
+    assert load_config(None, env=env, overrides={"model.attention": "flash_attn"}
+                       ).model.attention == "flash_attn"
+    assert load_config(None, env={"VNPD_ATTENTION": ""}).model.attention == "auto"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, env={"VNPD_ATTENTION": "fast"})
+    assert "model.attention (from VNPD_ATTENTION): 'fast' is not one of auto, flash_attn" \
+        in problems_of(excinfo)
+
+
+def test_load_engine_choices_reads_only_its_two_keys():
+    env = {"VNPD_ATTENTION": "exact", "VNPD_COMPILE": "0", "VNPD_WORKERS_DEVICES": "gpu9",
+           "VNPD_MODEL_DTYPE": "nonsense"}  # not embed's business: not read, no error
+    assert load_engine_choices(env) == ("exact", "off")
+    assert load_engine_choices(env, attention="cudnn", compile_mode="ops") == ("cudnn", "ops")
+    assert load_engine_choices({}) == ("auto", "auto")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_engine_choices({"VNPD_MODEL_COMPILE_MODE": "fast"})
 
 
 def test_accepted_edge_values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ from vnpd.compute.families.esm2_checkpoint import load_esm2
 from vnpd.output.outbox import sha256_file
 
 
-def run_embed(*args: str) -> subprocess.CompletedProcess[str]:
+def run_embed(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vnpd", "embed", *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_embed_schema_and_values_match_fair_esm(tmp_path: Path, wide_model: Path) -> None:
@@ -55,6 +57,24 @@ def test_embed_float16_output_and_bfloat16_compute(tmp_path: Path, tiny_model: P
     assert result.returncode == 0, result.stderr
     with h5py.File(out, "r") as f:
         assert f["embeddings"].dtype == np.float16 and f.attrs["dtype"] == "bfloat16"
+
+
+def test_embed_attention_from_environment_alias_and_flag(tmp_path: Path,
+                                                         tiny_model: Path) -> None:
+    """VNPD_ATTENTION still reaches the engine (through the config), and a flag beats it."""
+    src = write_fasta(tmp_path / "a.fa", random_sequences([10, 40], seed=3))
+    out = tmp_path / "a.h5"
+    forced = run_embed(str(src), "-o", str(out), "--model", str(tiny_model),
+                       env={"VNPD_ATTENTION": "torch_varlen"})  # a GPU backend, on the CPU
+    assert forced.returncode == 78 and "'torch_varlen' is not available" in forced.stderr
+    bad = run_embed(str(src), "-o", str(out), "--model", str(tiny_model),
+                    env={"VNPD_COMPILE_MODE": "fast"})
+    assert bad.returncode == 78 and "model.compile_mode (from VNPD_COMPILE_MODE)" in bad.stderr
+    flag = run_embed(str(src), "-o", str(out), "--model", str(tiny_model), "--attention", "exact",
+                     "--compile-mode", "off", env={"VNPD_ATTENTION": "torch_varlen"})
+    assert flag.returncode == 0, flag.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["attention_backend"] == "exact"
 
 
 def test_embed_bad_input_names_record_and_line_and_writes_nothing(tmp_path: Path,

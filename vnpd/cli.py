@@ -16,7 +16,8 @@ from pathlib import Path
 import structlog
 
 from vnpd import __version__
-from vnpd.compute.choices import COMPUTE_DTYPES, OUTPUT_DTYPES
+from vnpd.compute.choices import (ATTENTION_BACKENDS, AUTO, COMPILE_MODES, COMPILE_OFF,
+                                  COMPUTE_DTYPES, OUTPUT_DTYPES)
 from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
 from vnpd.config import EX_CONFIG
 from vnpd.log import configure_logging
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = last)")
     p.add_argument("--max-tokens", type=int, default=0, help="token budget (0 = auto)")
     p.add_argument("--truncation", type=int, default=FAIR_ESM_TRUNCATION)
+    p.add_argument("--attention", choices=(AUTO, *ATTENTION_BACKENDS), default=None,
+                   help="attention backend (default: [model] attention from VNPD_MODEL_ATTENTION "
+                        "or VNPD_ATTENTION, else auto = the first available)")
+    p.add_argument("--compile-mode", choices=(AUTO, COMPILE_OFF, *COMPILE_MODES), default=None,
+                   help="how the forward is compiled (default: from VNPD_MODEL_COMPILE_MODE, "
+                        "VNPD_COMPILE_MODE or VNPD_COMPILE=0, else auto = fused on CUDA, "
+                        "off on CPU)")
     p.add_argument("--log-level", default="warning")
 
     p = sub.add_parser("validate-config", help="check a configuration file")
@@ -83,12 +91,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from vnpd.compute.engine import Engine
     from vnpd.inputs.fasta import FastaError
     from vnpd.compute.families.esm2_checkpoint import CheckpointError, ModelNotFoundError
+    from vnpd.config import ConfigError, load_engine_choices
 
     configure_logging("auto", args.log_level, stream=sys.stderr)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     try:
+        attention, compile_mode = load_engine_choices(attention=args.attention,
+                                                      compile_mode=args.compile_mode)
+    except ConfigError as exc:
+        sys.stderr.write(f"vnpd embed: {exc}\n")
+        return EX_CONFIG
+    try:
         engine = Engine.load(args.model, device=args.device, dtype=dtype, layer=args.layer,
-                             truncation=args.truncation, max_tokens=args.max_tokens)
+                             truncation=args.truncation, max_tokens=args.max_tokens,
+                             attention=attention, compile_mode=compile_mode)
     except (ModelNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"vnpd embed: {exc}\n")
         return EX_CONFIG

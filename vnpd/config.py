@@ -1,7 +1,10 @@
 """Configuration: typed dataclasses from defaults < TOML file < environment < CLI overrides.
 
 Every setting is ``<section>.<key>``. The environment names it ``VNPD_<SECTION>_<KEY>``
-(``VNPD_MODEL_DTYPE=float16``); the CLI passes ``{"model.dtype": "float16"}``.
+(``VNPD_MODEL_DTYPE=float16``); the CLI passes ``{"model.dtype": "float16"}``. Three older
+variables are aliases, read here and nowhere else (``LEGACY_ENV``): ``VNPD_ATTENTION``
+(``model.attention``), ``VNPD_COMPILE_MODE`` (``model.compile_mode``) and ``VNPD_COMPILE=0``
+(``model.compile_mode = "off"``).
 :func:`load_config` checks syntax, types and ranges and touches nothing on disk;
 ``vnpd.daemon.preflight.validate_config`` then checks the machine (directories, GPUs, model
 file). Both raise :class:`ConfigError` listing every problem; the CLI exits
@@ -27,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Torch-free: the names the engine accepts and the alphabet's limit, defined once there.
-from vnpd.compute.choices import COMPUTE_DTYPES, OUTPUT_DTYPES
+from vnpd.compute.choices import (ATTENTION_BACKENDS, AUTO, COMPILE_MODES, COMPILE_OFF,
+                                  COMPUTE_DTYPES, OUTPUT_DTYPES)
 from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
 
 EX_CONFIG = 78  # sysexits.h: configuration error; every command exits with it
@@ -37,6 +41,10 @@ AFTER_DONE = ("move", "delete")
 LOG_FORMATS = ("json", "console", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 ENV_PREFIX = "VNPD_"
+# Variables the engine read itself before these were config keys; still honoured, with the
+# priority of the environment, below VNPD_MODEL_ATTENTION / VNPD_MODEL_COMPILE_MODE.
+LEGACY_ENV = {"VNPD_ATTENTION": "model.attention", "VNPD_COMPILE_MODE": "model.compile_mode"}
+LEGACY_COMPILE_SWITCH = "VNPD_COMPILE"  # "0" = model.compile_mode "off"; any other value: no-op
 
 
 class ConfigError(Exception):
@@ -67,6 +75,8 @@ class ModelConfig:
     output_dtype: str = "float32"
     truncation: int = FAIR_ESM_TRUNCATION
     max_tokens_per_batch: int = 0  # 0 = size from device memory
+    attention: str = AUTO  # "auto" (first available) or a backend name to force
+    compile_mode: str = AUTO  # "auto" (fused on CUDA, eager on CPU), "off" or a mode
 
 
 @dataclass
@@ -142,7 +152,9 @@ SCHEMA: dict[str, dict[str, object]] = {
     name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
 
 ENUMS: dict[str, tuple[str, ...]] = {
-    "model.dtype": COMPUTE_DTYPES, "model.output_dtype": OUTPUT_DTYPES, "jobs.on_poison": ON_POISON,
+    "model.dtype": COMPUTE_DTYPES, "model.output_dtype": OUTPUT_DTYPES,
+    "model.attention": (AUTO, *ATTENTION_BACKENDS),
+    "model.compile_mode": (AUTO, COMPILE_OFF, *COMPILE_MODES), "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS}
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
@@ -162,7 +174,9 @@ def load_config(path: Path | None, *, env: Mapping[str, str] | None = None,
     """Build a :class:`Config` from defaults, then ``path``, then ``env``, then ``overrides``.
 
     ``env`` defaults to ``os.environ``; only ``VNPD_<SECTION>_<KEY>`` variables are read
-    (strings, parsed by the key's type; lists as TOML/JSON ``["cpu","cpu"]`` or ``cpu,cpu``).
+    (strings, parsed by the key's type; lists as TOML/JSON ``["cpu","cpu"]`` or ``cpu,cpu``),
+    and the aliases of ``LEGACY_ENV`` and ``VNPD_COMPILE``, which the ``VNPD_MODEL_*``
+    names override.
     ``overrides`` maps ``"section.key"`` to a typed value or a string parsed like the
     environment; ``None`` values are skipped (an unset CLI flag). Relative paths resolve
     against the file's directory (file) or the working directory (env, overrides).
@@ -176,7 +190,9 @@ def load_config(path: Path | None, *, env: Mapping[str, str] | None = None,
     if path is not None:
         source = Path(path).expanduser().absolute()
         problems += _apply_file(source, values, origins)
-    problems += _apply_env(os.environ if env is None else env, values, origins)
+    env = os.environ if env is None else env
+    problems += _apply_legacy_env(env, values, origins)
+    problems += _apply_env(env, values, origins)
     problems += _apply_overrides(overrides or {}, values, origins)
     cfg = Config(**{s: SECTIONS[s](**values[s]) for s in SECTIONS}, source=source)
     cfg.logging.level = cfg.logging.level.lower()
@@ -210,10 +226,24 @@ def _apply_file(source: Path, values: dict, origins: dict[str, str]) -> list[str
     return problems
 
 
+def _apply_legacy_env(env: Mapping[str, str], values: dict,
+                      origins: dict[str, str]) -> list[str]:
+    """The older engine variables, as the settings they now are; "" counts as unset."""
+    problems = []
+    for name, dotted in LEGACY_ENV.items():
+        if env.get(name):
+            section, _, key = dotted.partition(".")
+            problems += _set(values, origins, section, key, env[name], name, True, Path.cwd())
+    if env.get(LEGACY_COMPILE_SWITCH, "").strip() == "0":  # it wins over VNPD_COMPILE_MODE
+        problems += _set(values, origins, "model", "compile_mode", COMPILE_OFF,
+                         f"{LEGACY_COMPILE_SWITCH}=0", True, Path.cwd())
+    return problems
+
+
 def _apply_env(env: Mapping[str, str], values: dict, origins: dict[str, str]) -> list[str]:
     problems = []
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in LEGACY_ENV or name == LEGACY_COMPILE_SWITCH:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
         if section not in SCHEMA:
@@ -345,6 +375,23 @@ def _suggest_key(key: str, fmt: str) -> str:
     names = {k: f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]}
     match = difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)
     return f"; did you mean {fmt.format(names[match[0]])}?" if match else ""
+
+
+def load_engine_choices(env: Mapping[str, str] | None = None, *, attention: str | None = None,
+                        compile_mode: str | None = None) -> tuple[str, str]:
+    """``(model.attention, model.compile_mode)`` for ``vnpd embed``, which has no config file.
+
+    The same order as :func:`load_config` over those two keys only: defaults < the
+    environment (``VNPD_MODEL_ATTENTION``, ``VNPD_MODEL_COMPILE_MODE`` and the aliases
+    ``VNPD_ATTENTION``, ``VNPD_COMPILE_MODE``, ``VNPD_COMPILE=0``) < the arguments (CLI
+    flags; None = not given). Other variables are not read. Raises :class:`ConfigError`.
+    """
+    env = os.environ if env is None else env
+    names = {*LEGACY_ENV, LEGACY_COMPILE_SWITCH, f"{ENV_PREFIX}MODEL_ATTENTION",
+             f"{ENV_PREFIX}MODEL_COMPILE_MODE"}
+    cfg = load_config(None, env={k: v for k, v in env.items() if k in names},
+                      overrides={"model.attention": attention, "model.compile_mode": compile_mode})
+    return cfg.model.attention, cfg.model.compile_mode
 
 
 # ---------------------------------------------------------------- static checks
