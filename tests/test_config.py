@@ -1,4 +1,4 @@
-"""Tests for vnpd/config.py: real TOML files in tmp_path, env passed as dicts."""
+"""Tests for vnpd/config/ (its public API, vnpd.config): real TOML files in tmp_path, env passed as dicts."""
 
 from __future__ import annotations
 
