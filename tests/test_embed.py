@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 from tests.conftest import random_sequences, write_fasta
 from tests.compute.families.test_esm2 import fair_esm_means
 from vnpd import __version__
-from vnpd.embed import ProgressBar
+from vnpd.embed import embed_file, progress_bar
 from vnpd.compute.families.esm2_checkpoint import load_esm2
 from vnpd.output.outbox import sha256_file
 
@@ -103,14 +104,31 @@ def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
             pass
 
     tty = Tty()
-    bar = ProgressBar(10, stream=tty)  # type: ignore[arg-type]
-    bar.update(5, 500)
+    bar = progress_bar(10, stream=tty)  # type: ignore[arg-type]
+    bar.set_postfix_str("123 tok/s", refresh=False)
+    bar.update(5)
     bar.close()
-    assert "5/10 seq" in tty.text and "tok/s" in tty.text
+    assert "5/10" in tty.text and "seq" in tty.text and "123 tok/s" in tty.text
     with open(tmp_path / "log", "w") as f:
-        quiet = ProgressBar(10, stream=f)
-        quiet.update(5, 500)
+        quiet = progress_bar(10, stream=f)
+        quiet.update(5)
+        quiet.close()
     assert (tmp_path / "log").read_text() == ""
+
+
+def test_embed_file_progress_shows_the_token_rate_on_a_tty(tmp_path: Path,
+                                                           tiny_model: Path) -> None:
+    from vnpd.compute.engine import Engine
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    src = write_fasta(tmp_path / "a.fa", random_sequences([10, 40, 7], seed=4))
+    engine = Engine.load(str(tiny_model), device="cpu", dtype="float32")
+    tty = Tty()
+    assert embed_file(src, tmp_path / "a.h5", engine, progress_stream=tty) == 3
+    assert "3/3" in tty.getvalue() and "tok/s" in tty.getvalue()
 
 
 def test_python_dash_m_and_version() -> None:
