@@ -16,7 +16,7 @@ from tests.compute.families.test_esm2 import fair_esm_means
 from vnpd import __version__
 from vnpd.embed import embed_file, progress_bar
 from vnpd.compute.families.esm2_checkpoint import load_esm2
-from vnpd.output.outbox import sha256_file
+from vnpd.inputs.index import sha256_file
 
 
 def run_embed(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,6 @@ and atomic publish."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import signal
@@ -25,7 +24,6 @@ from vnpd.output.outbox import (
     link_without_replacing,
     output_name_for,
     publish_atomically,
-    sha256_file,
     unique_destination,
 )
 from vnpd.output.hdf5 import SCHEMA_VERSION, OutputMeta, PartialOutput
@@ -495,17 +493,6 @@ def test_sigkill_at_any_instant_leaves_no_file_or_a_complete_one(tmp_path: Path,
 ])
 def test_output_name_for(source: str, expected: str) -> None:
     assert output_name_for(source) == expected
-
-
-def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
-    path = tmp_path / "big.bin"
-    data = np.random.default_rng(3).bytes((3 << 20) + 12345)
-    path.write_bytes(data)
-    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
-    assert sha256_file(path, chunk=4096) == hashlib.sha256(data).hexdigest()
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
 
 
 def test_fsync_dir_runs_on_a_directory(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 A finished file moves from state/ into the outbox by a hard link (``publish_atomically``),
 so a reader of the outbox sees no file or a complete one, whenever a crash comes. Nothing
 here knows HDF5: ``vnpd.output.hdf5`` writes the file, ``vnpd.output.verify`` checks it, and this
-module puts it in place. ``fsync_file``, ``fsync_dir`` and ``sha256_file`` serve the
-other modules' files too (the index, the inbox, the failure reports).
+module puts it in place. ``fsync_file``, ``fsync_dir`` and ``link_without_replacing``
+serve the other modules' files too (the inbox, the failure reports).
 
 Example::
 
@@ -128,7 +128,12 @@ def output_name_for(source_name: str) -> str:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces.
+
+    Transitional copy of ``vnpd.inputs.index.sha256_file``, kept only because
+    vnpd.daemon.completion still imports it from here: delete it when that import moves
+    (output may not import inputs, so this cannot be an alias).
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
