@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.engine import WORKLOADS, make_sequences, run_engine, workload_lengths  # noqa: E402
 from vnpd.compute.engine import Engine  # noqa: E402
 from vnpd.compute.families.esm2_checkpoint import save_esm2_checkpoint  # noqa: E402
-from vnpd.compute.packing import tokens_for  # noqa: E402
+from vnpd.compute.tokenizer import tokens_for  # noqa: E402
 
 
 def write_checkpoint(workload: str, out: Path) -> Path:

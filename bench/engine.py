@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vnpd.compute.engine import Engine  # noqa: E402
-from vnpd.compute.packing import build_batch, pack_batches, tokens_for  # noqa: E402
+from vnpd.compute.packing import build_batch, pack_batches  # noqa: E402
+from vnpd.compute.tokenizer import tokens_for  # noqa: E402
 
 WORKLOADS = {
     "3b-uniprot": dict(layers=36, dim=2560, heads=40),
@@ -155,7 +156,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=2000)
     ap.add_argument("--runs", default="bfloat16:fused:0,float16:fused:0",
                     help="engine runs, comma list of dtype:variant:budget[:attention]; variant "
-                         "is a VNPD_COMPILE_MODE (fused, fused-torch-gemm, ops, layer, layer-autotune), compiled "
+                         "is a [model] compile_mode (fused, fused-torch-gemm, ops, layer, layer-autotune), compiled "
                          "(= ops) or eager (no compilation); budget 0 = sized from free memory; "
                          "attention forces a backend (cudnn, torch_varlen, flash_attn), "
                          "else the engine's own choice")
@@ -203,14 +204,14 @@ def main() -> None:
 
     for spec in args.runs.split(","):
         dtype, variant, budget, *forced = spec.split(":")
-        # variant: eager | compiled (= VNPD_COMPILE_MODE "ops") | fused | fused-torch-gemm |
-        # layer | layer-autotune
-        os.environ["VNPD_COMPILE_MODE"] = "ops" if variant == "compiled" else variant
+        # variant: eager (compile_mode "off") | compiled (= compile_mode "ops") | fused |
+        # fused-torch-gemm | layer | layer-autotune
+        compile_mode = {"eager": "off", "compiled": "ops"}.get(variant, variant)
         try:
             # A fresh copy of the fp32 weights: the reference stays untouched.
             engine = Engine(copy.deepcopy(model), model_name=args.workload,
                             device=torch.device("cuda"), dtype=getattr(torch, dtype), layer=-1,
-                            max_tokens=int(budget), compile_kernels=(variant != "eager"),
+                            max_tokens=int(budget), compile_mode=compile_mode,
                             attention=forced[0] if forced else None)
             t0 = time.perf_counter()
             engine.warmup()

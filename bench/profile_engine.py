@@ -171,8 +171,7 @@ def main() -> None:
             saved[key] = getattr(inductor_config, key)
             setattr(inductor_config, key, type(saved[key])(int(value)) if value.isdigit()
                     else value)
-        os.environ["VNPD_COMPILE_MODE"] = mode if mode != "eager" else "ops"
-        packed = PackedESM2(model, backend, compile_kernels=mode != "eager")
+        packed = PackedESM2(model, backend, compile_mode="off" if mode == "eager" else mode)
         layer = model.num_layers
         t0 = time.perf_counter()
         for tok, cu, ml in batches[:2]:

@@ -1,8 +1,8 @@
-"""Reliability matrix: repeat every fault scenario of tests/daemon/test_faults.py N times.
+"""Reliability matrix: repeat every fault scenario of tests/fault_scenarios.py N times.
 
 Each scenario runs the real daemon (two CPU workers, a tiny random ESM-2), injects its
 fault, and accounts for every input sequence against a clean `vnpd embed` run (see the
-module docstring of tests/daemon/test_faults.py). The daemon-SIGKILL scenario is split into one
+module docstring of tests/fault_scenarios.py). The daemon-SIGKILL scenario is split into one
 row per kill point, with a different random delay on each run. The matrix gives, per
 row: runs, clean runs, sequences, lost, duplicated, wrong rows, quarantined (expected
 and found), outbox files checked by the concurrent reader, and seconds per run.
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.daemon.test_faults import (KILL_POINTS, OUTCOME_COUNTS, SCENARIOS, Outcome,  # noqa: E402
-                               Reference, run_kill_point)
+from tests.fault_scenarios import (KILL_POINTS, OUTCOME_COUNTS, SCENARIOS, Outcome,  # noqa: E402
+                                   Reference, run_kill_point)
 from vnpd.log import configure_logging  # noqa: E402
 from vnpd.compute.families.esm2_checkpoint import make_test_model  # noqa: E402
 

@@ -1,9 +1,8 @@
-"""Tests for vnpd/config.py: real TOML files in tmp_path, env passed as dicts."""
+"""Tests for vnpd/config/ (its public API, vnpd.config): real TOML files in tmp_path, env passed as dicts."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import tomllib
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vnpd.config import (
-    EX_CONFIG, SCHEMA, Config, ConfigError, config_to_dict, load_config)
+    EX_CONFIG, SCHEMA, Config, ConfigError, load_config, load_engine_choices, parse_listen)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.toml"
@@ -183,12 +182,85 @@ def test_enum_errors():
     ({"workers.devices": ["gpu0"]}, "'gpu0' is not a device"),
     ({"workers.devices": []}, "the device list is empty"),
     ({"metrics.listen": "9464"}, "metrics.listen (from override metrics.listen): expected HOST:PORT"),
+    ({"metrics.listen": "::1:9464"}, "metrics.listen (from override metrics.listen): put an IPv6 "
+                                     "host in brackets"),
     ({"model.checkpoint": " "}, "model.checkpoint"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, env={}, overrides=overrides)
     assert fragment in problems_of(excinfo)
+
+
+@pytest.mark.parametrize("listen, expected", [
+    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+    ("0.0.0.0:0", ("0.0.0.0", 0)),
+    ("[::1]:9464", ("::1", 9464)),
+    ("[::]:80", ("::", 80)),
+    ("localhost:9464", ("localhost", 9464)),
+    ("", None),  # the endpoint disabled
+])
+def test_parse_listen(listen: str, expected: tuple[str, int] | None) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["9464", ":9464", "::1:9464", "host:", "host:x",
+                                    "host:70000", "[]:9464"])
+def test_parse_listen_rejects(listen: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(listen)
+
+
+def test_config_and_metrics_agree_on_listen() -> None:
+    """The config check and the endpoint use one parser: what one rejects, so does the other."""
+    from vnpd.daemon.metrics import Metrics
+
+    with pytest.raises(ConfigError, match="brackets"):
+        load_config(None, env={"VNPD_METRICS_LISTEN": "::1:9464"})
+    with pytest.raises(ValueError, match="brackets"):
+        Metrics().start_server("::1:9464")
+    assert load_config(None, env={"VNPD_METRICS_LISTEN": ""}).metrics.listen == ""
+    assert Metrics().start_server("") is None
+
+
+def test_engine_choices_default_to_auto_and_take_the_usual_order(tmp_path: Path):
+    assert (Config().model.attention, Config().model.compile_mode) == ("auto", "auto")
+    path = write(tmp_path / "vnpd.toml", '[model]\nattention = "cudnn"\ncompile_mode = "ops"\n')
+    assert load_config(path, env={}).model.attention == "cudnn"
+    cfg = load_config(path, env={"VNPD_MODEL_ATTENTION": "exact"},
+                      overrides={"model.compile_mode": "layer"})
+    assert (cfg.model.attention, cfg.model.compile_mode) == ("exact", "layer")
+
+
+def test_old_engine_variables_are_aliases(tmp_path: Path):
+    path = write(tmp_path / "vnpd.toml", '[model]\nattention = "cudnn"\n')
+    cfg = load_config(path, env={"VNPD_ATTENTION": "torch_varlen",
+                                 "VNPD_COMPILE_MODE": "fused-torch-gemm"})
+    assert (cfg.model.attention, cfg.model.compile_mode) == ("torch_varlen", "fused-torch-gemm")
+    # VNPD_COMPILE=0 turned compiling off whatever VNPD_COMPILE_MODE said; other values did not.
+    env = {"VNPD_COMPILE": "0", "VNPD_COMPILE_MODE": "ops"}
+    assert load_config(None, env=env).model.compile_mode == "off"
+    assert load_config(None, env={"VNPD_COMPILE": "1"}).model.compile_mode == "auto"
+    # The section's own name beats the alias; a flag beats both; "" is unset.
+    env = {"VNPD_ATTENTION": "cudnn", "VNPD_MODEL_ATTENTION": "exact"}
+    assert load_config(None, env=env).model.attention == "exact"
+    assert load_config(None, env=env, overrides={"model.attention": "flash_attn"}
+                       ).model.attention == "flash_attn"
+    assert load_config(None, env={"VNPD_ATTENTION": ""}).model.attention == "auto"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, env={"VNPD_ATTENTION": "fast"})
+    assert "model.attention (from VNPD_ATTENTION): 'fast' is not one of auto, flash_attn" \
+        in problems_of(excinfo)
+
+
+def test_load_engine_choices_reads_only_its_two_keys():
+    env = {"VNPD_ATTENTION": "exact", "VNPD_COMPILE": "0", "VNPD_WORKERS_DEVICES": "gpu9",
+           "VNPD_MODEL_DTYPE": "nonsense"}  # not embed's business: not read, no error
+    assert load_engine_choices(env) == ("exact", "off")
+    assert load_engine_choices(env, attention="cudnn", compile_mode="ops") == ("cudnn", "ops")
+    assert load_engine_choices({}) == ("auto", "auto")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_engine_choices({"VNPD_MODEL_COMPILE_MODE": "fast"})
 
 
 def test_accepted_edge_values():
@@ -245,17 +317,12 @@ def test_example_file_lists_every_key_with_its_default():
     assert dataclasses.replace(cfg, source=None) == Config()
 
 
-def test_config_to_dict_is_json_ready(tmp_path: Path):
-    path = write(tmp_path / "vnpd.toml", '[workers]\ndevices = ["cpu"]\n')
-    data = config_to_dict(load_config(path, env={}))
-    assert data["paths"]["inbox"] == "/var/lib/vnpd/inbox"
-    assert data["source"] == str(path) and data["workers"]["devices"] == ["cpu"]
-    assert json.loads(json.dumps(data)) == data
-    assert config_to_dict(Config())["source"] is None
-
-
 def test_config_and_preflight_never_import_torch():
+    # "auto" with CUDA_VISIBLE_DEVICES="" counts the GPUs (nvidia-smi or /proc) and then
+    # finds none visible: the whole GPU count runs, and ends in a ConfigError.
     code = ("import sys, vnpd.config as c, vnpd.daemon.preflight as p; c.load_config(None, env={}); "
-            "p.resolve_devices(['cpu']); p.visible_gpu_count({'PATH': ''}); "
+            "p.resolve_devices(['cpu'])\n"
+            "try: p.resolve_devices('auto', env={'PATH': '', 'CUDA_VISIBLE_DEVICES': ''})\n"
+            "except c.ConfigError: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +21,15 @@ from vnpd.inputs.nucleotide_source import NucleotideSource
 from vnpd.inputs.source import SourceSettings
 from vnpd.output.verify import read_output
 from vnpd import __version__
-from vnpd.embed import ProgressBar
+from vnpd.embed import embed_file, progress_bar
 from vnpd.compute.families.esm2_checkpoint import load_esm2
-from vnpd.output.outbox import sha256_file
+from vnpd.inputs.index import sha256_file
 
 
-def run_embed(*args: str) -> subprocess.CompletedProcess[str]:
+def run_embed(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vnpd", "embed", *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_embed_schema_and_values_match_fair_esm(tmp_path: Path, wide_model: Path) -> None:
@@ -109,6 +112,24 @@ def test_embed_float16_output_and_bfloat16_compute(tmp_path: Path, tiny_model: P
         assert f["embeddings"].dtype == np.float16 and f.attrs["dtype"] == "bfloat16"
 
 
+def test_embed_attention_from_environment_alias_and_flag(tmp_path: Path,
+                                                         tiny_model: Path) -> None:
+    """VNPD_ATTENTION still reaches the engine (through the config), and a flag beats it."""
+    src = write_fasta(tmp_path / "a.fa", random_sequences([10, 40], seed=3))
+    out = tmp_path / "a.h5"
+    forced = run_embed(str(src), "-o", str(out), "--model", str(tiny_model),
+                       env={"VNPD_ATTENTION": "torch_varlen"})  # a GPU backend, on the CPU
+    assert forced.returncode == 78 and "'torch_varlen' is not available" in forced.stderr
+    bad = run_embed(str(src), "-o", str(out), "--model", str(tiny_model),
+                    env={"VNPD_COMPILE_MODE": "fast"})
+    assert bad.returncode == 78 and "model.compile_mode (from VNPD_COMPILE_MODE)" in bad.stderr
+    flag = run_embed(str(src), "-o", str(out), "--model", str(tiny_model), "--attention", "exact",
+                     "--compile-mode", "off", env={"VNPD_ATTENTION": "torch_varlen"})
+    assert flag.returncode == 0, flag.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["attention_backend"] == "exact"
+
+
 def test_embed_bad_input_names_record_and_line_and_writes_nothing(tmp_path: Path,
                                                                   tiny_model: Path) -> None:
     src = tmp_path / "bad.fasta"
@@ -135,14 +156,31 @@ def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
             pass
 
     tty = Tty()
-    bar = ProgressBar(10, stream=tty)  # type: ignore[arg-type]
-    bar.update(5, 500)
+    bar = progress_bar(10, stream=tty)  # type: ignore[arg-type]
+    bar.set_postfix_str("123 tok/s", refresh=False)
+    bar.update(5)
     bar.close()
-    assert "5/10 seq" in tty.text and "tok/s" in tty.text
+    assert "5/10" in tty.text and "seq" in tty.text and "123 tok/s" in tty.text
     with open(tmp_path / "log", "w") as f:
-        quiet = ProgressBar(10, stream=f)
-        quiet.update(5, 500)
+        quiet = progress_bar(10, stream=f)
+        quiet.update(5)
+        quiet.close()
     assert (tmp_path / "log").read_text() == ""
+
+
+def test_embed_file_progress_shows_the_token_rate_on_a_tty(tmp_path: Path,
+                                                           tiny_model: Path) -> None:
+    from vnpd.compute.engine import Engine
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    src = write_fasta(tmp_path / "a.fa", random_sequences([10, 40, 7], seed=4))
+    engine = Engine.load(str(tiny_model), device="cpu", dtype="float32")
+    tty = Tty()
+    assert embed_file(src, tmp_path / "a.h5", engine, progress_stream=tty) == 3
+    assert "3/3" in tty.getvalue() and "tok/s" in tty.getvalue()
 
 
 def test_python_dash_m_and_version() -> None:

@@ -16,10 +16,13 @@ from pathlib import Path
 import structlog
 
 from vnpd import __version__
+from vnpd.compute.choices import (ATTENTION_BACKENDS, AUTO, COMPILE_MODES, COMPILE_OFF,
+                                  COMPUTE_DTYPES, OUTPUT_DTYPES)
+from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
+from vnpd.config import EX_CONFIG
 from vnpd.log import configure_logging
 
-EX_DATAERR = 65
-EX_CONFIG = 78
+EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 
 log = structlog.get_logger()
 
@@ -53,12 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="esm2_t36_3B_UR50D",
                    help="fair-esm model name or path to a .pt checkpoint")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--output-dtype", choices=OUTPUT_DTYPES, default="float32")
     p.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = last)")
     p.add_argument("--max-tokens", type=int, default=0, help="token budget (0 = auto)")
-    p.add_argument("--truncation", type=int, default=1022)
+    p.add_argument("--truncation", type=int, default=FAIR_ESM_TRUNCATION)
+    p.add_argument("--attention", choices=(AUTO, *ATTENTION_BACKENDS), default=None,
+                   help="attention backend (default: [model] attention from VNPD_MODEL_ATTENTION "
+                        "or VNPD_ATTENTION, else auto = the first available)")
+    p.add_argument("--compile-mode", choices=(AUTO, COMPILE_OFF, *COMPILE_MODES), default=None,
+                   help="how the forward is compiled (default: from VNPD_MODEL_COMPILE_MODE, "
+                        "VNPD_COMPILE_MODE or VNPD_COMPILE=0, else auto = fused on CUDA, "
+                        "off on CPU)")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--kind", choices=["protein", "nucleotide"], default="protein",
                    help="what the input holds; nucleotide is made into proteins first")
@@ -95,12 +105,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from vnpd.compute.engine import Engine
     from vnpd.inputs.fasta import FastaError
     from vnpd.compute.families.esm2_checkpoint import CheckpointError, ModelNotFoundError
+    from vnpd.config import ConfigError, load_engine_choices
 
     configure_logging("auto", args.log_level, stream=sys.stderr)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     try:
+        attention, compile_mode = load_engine_choices(attention=args.attention,
+                                                      compile_mode=args.compile_mode)
+    except ConfigError as exc:
+        sys.stderr.write(f"vnpd embed: {exc}\n")
+        return EX_CONFIG
+    try:
         engine = Engine.load(args.model, device=args.device, dtype=dtype, layer=args.layer,
-                             truncation=args.truncation, max_tokens=args.max_tokens)
+                             truncation=args.truncation, max_tokens=args.max_tokens,
+                             attention=attention, compile_mode=compile_mode)
     except (ModelNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"vnpd embed: {exc}\n")
         return EX_CONFIG

@@ -26,55 +26,37 @@ from pathlib import Path
 from typing import TextIO
 
 import structlog
+from tqdm import tqdm
 
 from vnpd.compute.engine import Engine, PendingResult
+from vnpd.compute.packing import build_batch, pack_batches
+from vnpd.compute.tokenizer import tokens_for
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.inputs.source import SourceSettings
-from vnpd.output.outbox import fsync_dir
-from vnpd.compute.packing import build_batch, pack_batches, tokens_for
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
+from vnpd.output.outbox import fsync_dir
 
 log = structlog.get_logger()
 
 WINDOW_SEQUENCES = 100_000
 
 
-class ProgressBar:
-    """A one-line progress bar on a TTY (sequences, tok/s, ETA); silent elsewhere."""
+def progress_bar(total: int, stream: TextIO | None = None) -> tqdm:
+    """A tqdm bar over ``total`` sequences on ``stream`` (default stderr), silent unless a TTY.
 
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
-        self.total = total
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty()
-        self.started = time.monotonic()
-        self.done = 0
-        self.tokens = 0
-
-    def update(self, sequences: int, tokens: int) -> None:
-        self.done += sequences
-        self.tokens += tokens
-        if not self.enabled:
-            return
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        frac = self.done / max(self.total, 1)
-        eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
-        bar = "#" * int(30 * frac)
-        self.stream.write(f"\r[{bar:<30}] {self.done}/{self.total} seq  "
-                          f"{self.tokens / elapsed:,.0f} tok/s  ETA {eta:,.0f}s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+    ``embed_file`` adds the token rate (``tok/s``) as the bar's postfix.
+    """
+    return tqdm(total=total, unit="seq", file=sys.stderr if stream is None else stream,
+                disable=None, dynamic_ncols=True)  # None: disabled where not a TTY
 
 
 def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "float32",
-               in_flight: int = 2, progress: ProgressBar | None = None,
+               in_flight: int = 2, progress_stream: TextIO | None = None,
                settings: SourceSettings = SourceSettings()) -> int:
     """Embed every row of ``src`` (read as ``settings.kind``) into ``out`` atomically;
     returns the row count.
 
+    A progress bar goes to ``progress_stream`` (default stderr) when it is a TTY.
     Raises :class:`vnpd.inputs.fasta.FastaError` (before any compute) for invalid input; ``out``
     is then untouched.
     """
@@ -82,33 +64,37 @@ def embed_file(src: Path, out: Path, engine: Engine, *, output_dtype: str = "flo
     work = out.with_name(f".{out.name}.source-{os.getpid()}")
     try:
         return _embed_source(src, out, engine, work, output_dtype=output_dtype,
-                             in_flight=in_flight, progress=progress, settings=settings)
+                             in_flight=in_flight, progress_stream=progress_stream,
+                             settings=settings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _embed_source(src: Path, out: Path, engine: Engine, work: Path, *, output_dtype: str,
-                  in_flight: int, progress: ProgressBar | None, settings: SourceSettings) -> int:
+                  in_flight: int, progress_stream: TextIO | None,
+                  settings: SourceSettings) -> int:
     started = time.monotonic()
     partial_path = out.with_name(f".{out.name}.partial-{os.getpid()}")
     source = SOURCE_KINDS[settings.kind].build(src, work, settings)
     lengths_all = source.lengths
     n = source.num_rows
-    progress = progress or ProgressBar(n)
-    progress.total = n
+    progress = progress_bar(n, progress_stream)
+    progress_started, tokens_done = time.monotonic(), 0
     partial = PartialOutput.create(partial_path, n, engine.embed_dim, output_dtype)
     written = 0
     try:
         pending: deque[PendingResult] = deque()
 
         def drain_one() -> None:
-            nonlocal written
+            nonlocal written, tokens_done
             done = pending.popleft()
             rows = done.result()
             partial.write_rows(done.positions, rows)
             written += rows.shape[0]
-            progress.update(rows.shape[0], int(tokens_for(lengths_all[done.positions],
-                                                          engine.truncation).sum()))
+            tokens_done += int(tokens_for(lengths_all[done.positions], engine.truncation).sum())
+            elapsed = max(time.monotonic() - progress_started, 1e-9)
+            progress.set_postfix_str(f"{tokens_done / elapsed:,.0f} tok/s", refresh=False)
+            progress.update(rows.shape[0])
 
         rows_left = source.rows()
         for start in range(0, n, WINDOW_SEQUENCES):

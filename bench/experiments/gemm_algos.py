@@ -1,6 +1,6 @@
 """One-off experiment, 2026-11-23 (H100): cuBLASLt epilogues for the 3B projections.
 
-1. Is cuBLASLt's GELU epilogue the exact erf GELU (DESIGN requires erf) or tanh's?
+1. Is cuBLASLt's GELU epilogue the exact erf GELU (fair-esm's, which vnpd must match, is erf) or tanh's?
 2. The residual add: torch's F.linear + our add+LN kernel, against cuBLASLt with the
    residual read in the epilogue + the norm-only kernel (vnpd/compute/cublaslt.py), per shape.
 

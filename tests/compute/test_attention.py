@@ -90,16 +90,16 @@ def test_torch_varlen_signature_is_read() -> None:
     assert backend is not None and backend.name == "torch_varlen"
 
 
-def test_vnpd_attention_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VNPD_ATTENTION", "exact")
-    assert select_attention(DEVICE, torch.bfloat16).name == "exact"
-    monkeypatch.setenv("VNPD_ATTENTION", "cudnn")
+def test_prefer_forces_a_backend_and_the_environment_is_not_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert select_attention(DEVICE, torch.bfloat16, prefer="exact").name == "exact"
     if DEVICE.type == "cpu":
         with pytest.raises(RuntimeError, match="'cudnn' is not available"):
-            select_attention(DEVICE, torch.bfloat16)
-    monkeypatch.setenv("VNPD_ATTENTION", "")  # empty: the automatic choice
-    assert select_attention(torch.device("cpu"), torch.float32).name == "exact"
-    # The daemon's config loader reads VNPD_<SECTION>_<KEY>; this variable is not one.
-    from vnpd.config import load_config
-
-    load_config(None, env={"VNPD_ATTENTION": "cudnn"})
+            select_attention(DEVICE, torch.bfloat16, prefer="cudnn")
+    with pytest.raises(RuntimeError, match="'fast' is unknown"):
+        select_attention(DEVICE, torch.bfloat16, prefer="fast")
+    assert select_attention(torch.device("cpu"), torch.float32, prefer="auto").name == "exact"
+    # VNPD_ATTENTION is the config's alias of [model] attention (tests/test_config.py);
+    # the engine itself reads no environment.
+    monkeypatch.setenv("VNPD_ATTENTION", "cudnn")
+    assert select_attention(torch.device("cpu"), torch.bfloat16).name == "exact"

@@ -1,14 +1,14 @@
-"""Packing invariants (Hypothesis) and token encoding against fair-esm's alphabet."""
+"""Packing invariants (Hypothesis); the alphabet itself is tested in test_tokenizer.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from esm.data import Alphabet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnpd.compute.packing import build_batch, encode, pack_batches, tokens_for
+from vnpd.compute.packing import build_batch, pack_batches
+from vnpd.compute.tokenizer import encode, tokens_for
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=3000), min_size=0, max_size=400)
 
@@ -62,19 +62,6 @@ def test_build_batch_restores_input_order(lengths: list[int]) -> None:
         for j, pos in enumerate(batch.positions):
             toks = batch.tokens[batch.cu_seqlens[j]:batch.cu_seqlens[j + 1]]
             np.testing.assert_array_equal(toks, encode(seqs[pos]))
-
-
-def test_encode_matches_fair_esm_batch_converter() -> None:
-    alphabet = Alphabet.from_architecture("ESM-1b")
-    converter = alphabet.get_batch_converter(1022)
-    seq = "ACDEFGHIKLMNPQRSTVWYXBUZO" * 50  # 1250 residues: truncated to 1022
-    _, _, toks = converter([("a", seq)])
-    np.testing.assert_array_equal(encode(seq), toks[0].numpy())
-
-
-def test_encode_rejects_foreign_characters() -> None:
-    with pytest.raises(ValueError, match="'J'"):
-        encode("ACJ")
 
 
 def test_budget_must_hold_a_minimal_sequence() -> None:

@@ -1,5 +1,5 @@
 """How a job ends (vnpd/daemon/completion.py), driven directly: real journal, index, partial
-file and outbox; no daemon. The crash points and full disks are in tests/daemon/test_faults.py.
+file and outbox; no daemon. The crash points and full disks are in tests/fault_scenarios.py.
 """
 
 from __future__ import annotations

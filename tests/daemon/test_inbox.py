@@ -454,6 +454,21 @@ def test_submit_picks_a_fresh_name_on_collision(tmp_path: Path) -> None:
     assert (inbox / "x.2.fasta").read_bytes() == b">new\nMK\n"
 
 
+def test_submit_without_hard_links_never_replaces_a_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a filesystem without hard links, submit renames after a check, still no clobber."""
+    def refuse(src: object, dst: object, **_: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(os, "link", refuse)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    src = _write(tmp_path / "x.fasta", b">new\nMK\n")
+    _write(inbox / "x.fasta", b"already here")
+    assert [p.name for p in submit_files([src, src], inbox)] == ["x.1.fasta", "x.2.fasta"]
+    assert (inbox / "x.fasta").read_bytes() == b"already here"
+    assert sorted(os.listdir(inbox)) == ["x.1.fasta", "x.2.fasta", "x.fasta"]  # no temp left
+
+
 def test_submit_refuses_non_regular_sources_before_copying(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from vnpd.daemon.metrics import BusyTracker, Metrics, parse_listen
+from vnpd.daemon.metrics import BusyTracker, Metrics
 
 
 def scrape(host: str, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -131,24 +131,6 @@ def test_ipv6_listen() -> None:
         assert scrape(*bound)[("vnpd_tokens_total", ())] == 7
     finally:
         metrics.stop_server()
-
-
-@pytest.mark.parametrize("listen, expected", [
-    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
-    ("0.0.0.0:0", ("0.0.0.0", 0)),
-    ("[::1]:9464", ("::1", 9464)),
-    ("[::]:80", ("::", 80)),
-    ("localhost:9464", ("localhost", 9464)),
-])
-def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(listen) == expected
-
-
-@pytest.mark.parametrize("listen", ["9464", ":9464", "::1:9464", "host:", "host:x",
-                                    "host:70000", "[]:9464"])
-def test_parse_listen_rejects(listen: str) -> None:
-    with pytest.raises(ValueError):
-        parse_listen(listen)
 
 
 def test_busy_tracker_window_math() -> None:

@@ -25,8 +25,6 @@ from vnpd.inputs.fasta import (
     FastaRecord,
     iter_fasta,
     iter_fasta_from,
-    read_record_at,
-    validate_fasta,
 )
 
 PROTEIN = "MKVLAAGIVGLLLAACSSEKPAQTQEQAVSQDSTSGNAVQRLTDAAVKAAKEGKVDAVIA"
@@ -40,6 +38,20 @@ def write(tmp_path: Path, content: str | bytes, name: str = "in.fasta") -> Path:
 
 def parse(path: Path, **kwargs: int) -> list[FastaRecord]:
     return list(iter_fasta(path, **kwargs))
+
+
+def check_ids(path: Path) -> int:
+    """Validate ``path`` with duplicate ids, as vnpd.inputs.index does; return the count."""
+    checker = DuplicateIdChecker()
+    for record in iter_fasta(path):
+        checker.add(record)
+    checker.finish(path)
+    return checker.count
+
+
+def record_at(path: Path, offset: int) -> FastaRecord:
+    """The one record whose ``>`` is at ``offset``, re-read as index windows re-read it."""
+    return next(iter_fasta_from(path, offset, 0))
 
 
 def parse_error(path: Path, **kwargs: int) -> FastaError:
@@ -102,7 +114,7 @@ def test_utf8_header_is_accepted(tmp_path: Path) -> None:
 def test_utf8_bom_is_skipped(tmp_path: Path) -> None:
     records = parse(write(tmp_path, b"\xef\xbb\xbf>a\nMKV\n"))
     assert records == [FastaRecord(0, "a", "MKV", 1, 3)]
-    assert read_record_at(tmp_path / "in.fasta", 3).sequence == "MKV"
+    assert record_at(tmp_path / "in.fasta", 3).sequence == "MKV"
 
 
 def test_utf8_bom_at_a_line_start_is_skipped_for_concatenated_files(tmp_path: Path) -> None:
@@ -111,7 +123,7 @@ def test_utf8_bom_at_a_line_start_is_skipped_for_concatenated_files(tmp_path: Pa
     records = parse(write(tmp_path, content))
     assert [(r.id, r.sequence, r.line) for r in records] == [("a", "MKV", 1), ("b", "LAAGIV", 3)]
     assert [content[r.offset:r.offset + 1] for r in records] == [b">", b">"]
-    assert read_record_at(tmp_path / "in.fasta", records[1].offset).sequence == "LAAGIV"
+    assert record_at(tmp_path / "in.fasta", records[1].offset).sequence == "LAAGIV"
 
 
 def test_utf8_bom_inside_a_line_is_an_error(tmp_path: Path) -> None:
@@ -351,7 +363,7 @@ def test_duplicate_id_names_id_second_line_and_first_line(tmp_path: Path) -> Non
     path = write(tmp_path, ">a\nMKV\n>dup x\nMKV\n>b\nMKV\n>dup y\nLAA\n")
     assert len(parse(path)) == 4  # iter_fasta alone does not check ids
     with pytest.raises(FastaError) as info:
-        validate_fasta(path)
+        check_ids(path)
     err = info.value
     assert err.reason == "duplicate id 'dup' (first at line 3)"
     assert (err.record_id, err.record_index, err.line) == ("dup", 3, 7)
@@ -362,23 +374,23 @@ def test_duplicate_found_after_many_records(tmp_path: Path) -> None:
     lines = [f">r{i}\nMKV\n" for i in range(n)] + [">r70000\nMKV\n"]
     path = write(tmp_path, "".join(lines))
     with pytest.raises(FastaError) as info:
-        validate_fasta(path)
+        check_ids(path)
     assert (info.value.record_id, info.value.line, info.value.record_index) == ("r70000", 2 * n + 1, n)
     assert "first at line 140001" in info.value.reason
 
 
 def test_unique_ids_pass_and_count_is_returned(tmp_path: Path) -> None:
     n = DuplicateIdChecker._BLOCK + 3
-    assert validate_fasta(write(tmp_path, "".join(f">r{i}\nMKV\n" for i in range(n)))) == n
+    assert check_ids(write(tmp_path, "".join(f">r{i}\nMKV\n" for i in range(n)))) == n
 
 
 def test_hash_collision_without_equal_ids_is_not_a_duplicate(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fasta, "hash", lambda _: 42, raising=False)
-    assert validate_fasta(write(tmp_path, ">a\nMKV\n>b\nMKV\n>c\nMKV\n")) == 3
+    assert check_ids(write(tmp_path, ">a\nMKV\n>b\nMKV\n>c\nMKV\n")) == 3
     with pytest.raises(FastaError) as info:
         content = b"\xef\xbb\xbf;c\r\n>a\r\nMKV\r\n>b\r\nMKV\r\n>a x\r\nMKV"
-        validate_fasta(write(tmp_path, content, "dup.fasta"))
+        check_ids(write(tmp_path, content, "dup.fasta"))
     assert (info.value.record_id, info.value.record_index, info.value.line) == ("a", 2, 6)
     assert info.value.reason == "duplicate id 'a' (first at line 2)"
 
@@ -388,7 +400,7 @@ def test_duplicate_checker_cannot_be_pickled() -> None:
         pickle.dumps(DuplicateIdChecker())
 
 
-# --- error object, read_record_at -----------------------------------------------------
+# --- error object, iter_fasta_from -----------------------------------------------------
 
 def test_fasta_error_to_dict_and_pickle() -> None:
     err = FastaError("invalid residue 'J' at position 17", record_id="p1", record_index=3, line=9)
@@ -401,11 +413,11 @@ def test_fasta_error_to_dict_and_pickle() -> None:
     assert str(FastaError("empty record id", record_index=1, line=3)) == "line 3, record #2: empty record id"
 
 
-def test_read_record_at_every_offset(tmp_path: Path) -> None:
+def test_iter_fasta_from_every_offset(tmp_path: Path) -> None:
     path = write(tmp_path, ";c\n>a d\nmkv\nLAA*\n\n>b\r\nGIV\r\n>c\nM")
     for record in parse(path):
-        assert read_record_at(path, record.offset) == FastaRecord(-1, record.id, record.sequence, -1,
-                                                                  record.offset)
+        assert record_at(path, record.offset) == FastaRecord(0, record.id, record.sequence, -1,
+                                                             record.offset)
 
 
 def test_iter_fasta_from_streams_the_rest_numbered_from_first_index(tmp_path: Path) -> None:
@@ -426,17 +438,6 @@ def test_iter_fasta_from_validates_with_record_index_but_unknown_line(tmp_path: 
         list(iter_fasta_from(path, 8, 1))
 
 
-def test_read_record_at_rejects_an_offset_without_header(tmp_path: Path) -> None:
-    with pytest.raises(FastaError, match="no FASTA header"):
-        read_record_at(write(tmp_path, ">a\nMKV\n"), 3)
-
-
-def test_read_record_at_validates_with_unknown_line(tmp_path: Path) -> None:
-    path = write(tmp_path, ">a\nMKV\n>b\nMKJ\n")
-    with pytest.raises(FastaError) as info:
-        read_record_at(path, 7)
-    assert info.value.to_dict() == {"reason": "invalid residue 'J' at position 3", "record": "b",
-                                    "record_index": None, "line": None}
 
 
 # --- cross-check with Biopython, and round-trip properties -----------------------------
@@ -502,10 +503,10 @@ def test_round_trip_random_valid_files(tmp_path_factory: pytest.TempPathFactory,
         out = out.rstrip(b"\r\n")
     path = write(tmp_path_factory.mktemp("prop"), bytes(out))
     assert parse(path) == expected
-    assert validate_fasta(path) == len(expected)
+    assert check_ids(path) == len(expected)
     for record in expected:
-        assert read_record_at(path, record.offset) == FastaRecord(-1, record.id, record.sequence, -1,
-                                                                  record.offset)
+        assert record_at(path, record.offset) == FastaRecord(0, record.id, record.sequence, -1,
+                                                             record.offset)
     start = data.draw(st.integers(0, len(expected) - 1), label="iter_fasta_from start")
     assert list(iter_fasta_from(path, expected[start].offset, start)) == [
         FastaRecord(r.index, r.id, r.sequence, -1, r.offset) for r in expected[start:]]

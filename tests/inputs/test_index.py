@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,8 +15,7 @@ import pytest
 from tests.conftest import random_sequences, write_fasta
 from vnpd.inputs.fasta import FastaError
 from vnpd.inputs import index as index_module
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, iter_windows
-from vnpd.output.outbox import sha256_file
+from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, iter_windows, sha256_file
 
 
 def test_index_offsets_lengths_and_windows(tmp_path: Path) -> None:
@@ -121,3 +121,14 @@ def test_parent_memory_stays_bounded_for_millions_of_records(tmp_path: Path) -> 
     growth_mb = (result["after_kb"] - result["before_kb"]) / 1024
     # 16 B/record index + 8 B/record id hashes, with growth slack: far below 1 GB.
     assert growth_mb < 250, f"indexing {n} records grew the process by {growth_mb:.0f} MB"
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    data = np.random.default_rng(3).bytes((3 << 20) + 12345)
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path, chunk=4096) == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()

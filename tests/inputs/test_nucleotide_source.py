@@ -16,7 +16,7 @@ from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.inputs.nucleotide import gene_proteins, make_gene_finder, six_frame_proteins
 from vnpd.inputs.nucleotide_source import NucleotideSource
 from vnpd.inputs.source import SourceSettings
-from vnpd.output.outbox import sha256_file
+from vnpd.inputs.index import sha256_file
 
 
 def write_dna(path: Path, records: dict[str, str], width: int = 70, newline: str = "\n") -> Path:

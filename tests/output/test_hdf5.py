@@ -4,7 +4,6 @@ and atomic publish."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import signal
@@ -22,13 +21,12 @@ import vnpd
 from vnpd.output import verify
 from vnpd.output.outbox import (
     fsync_dir,
+    link_without_replacing,
     output_name_for,
     publish_atomically,
-    publish_to_outbox,
-    sha256_file,
     unique_destination,
 )
-from vnpd.output.hdf5 import SCHEMA_VERSION, OutputMeta, PartialOutput, write_embeddings_file
+from vnpd.output.hdf5 import SCHEMA_VERSION, OutputMeta, PartialOutput
 from vnpd.output.verify import REQUIRED_ATTRS, IncompleteOutputError, read_output, verify_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,19 +326,55 @@ def test_publish_refuses_to_overwrite(tmp_path: Path) -> None:
     assert unique_destination(outbox, "other.h5") == outbox / "other.h5"
 
 
-def test_publish_to_outbox_and_resume_after_crash_between_link_and_unlink(tmp_path: Path) -> None:
+def test_publish_to_a_taken_name_and_resume_after_crash_between_link_and_unlink(tmp_path: Path) -> None:
     src = tmp_path / "job.partial.h5"
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     filled_partial(src, 2, 4).finalize(META)
     (outbox / "x.h5").write_bytes(b"taken")
-    assert publish_to_outbox(src, outbox, "x.h5") == outbox / "x.1.h5"
+    assert publish_atomically(src, unique_destination(outbox, "x.h5")) == outbox / "x.1.h5"
     src2 = tmp_path / "job2.partial.h5"
     filled_partial(src2, 2, 4).finalize(META)
     os.link(src2, outbox / "y.h5")  # as if the daemon died right after linking
     assert publish_atomically(src2, outbox / "y.h5") == outbox / "y.h5"
     assert not src2.exists()
     verify_output(outbox / "y.h5")
+
+
+def no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make os.link fail as it does on a filesystem without hard links."""
+    def refuse(src: object, dst: object, **_: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", refuse)
+
+
+def test_link_without_replacing_falls_back_to_a_checked_rename(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    src, taken, free = tmp_path / "src", tmp_path / "taken", tmp_path / "free"
+    src.write_bytes(b"new")
+    taken.write_bytes(b"old")
+    link_without_replacing(src, tmp_path / "linked")  # hard links work here
+    assert src.exists() and (tmp_path / "linked").read_bytes() == b"new"
+    no_hard_links(monkeypatch)
+    with pytest.raises(FileExistsError):
+        link_without_replacing(src, taken)
+    assert taken.read_bytes() == b"old" and src.exists()
+    link_without_replacing(src, free)
+    assert free.read_bytes() == b"new" and not src.exists()
+
+
+def test_publish_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    src = tmp_path / "job.partial.h5"
+    filled_partial(src, 2, 4).finalize(META)
+    (outbox / "x.h5").write_bytes(b"taken")
+    no_hard_links(monkeypatch)
+    with pytest.raises(FileExistsError):
+        publish_atomically(src, outbox / "x.h5")
+    assert publish_atomically(src, unique_destination(outbox, "x.h5")) == outbox / "x.1.h5"
+    assert not src.exists() and (outbox / "x.h5").read_bytes() == b"taken"
+    verify_output(outbox / "x.1.h5")
 
 
 def test_verify_output_catches_incomplete_files(tmp_path: Path) -> None:
@@ -479,25 +513,6 @@ def test_sigkill_at_any_instant_leaves_no_file_or_a_complete_one(tmp_path: Path,
     assert [p.name for p in dest.parent.iterdir()] in ([], ["in.h5"])
 
 
-def test_write_embeddings_file_replaces_user_path(tmp_path: Path) -> None:
-    path = tmp_path / "out.h5"
-    path.write_bytes(b"old output")
-    emb = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
-    write_embeddings_file(path, emb, ["a", "b", "c"], np.array([4, 5, 6]), META)
-    verify_output(path)
-    got, ids, lengths, attrs = read_output(path)
-    np.testing.assert_array_equal(got, emb)
-    assert ids == ["a", "b", "c"] and lengths.tolist() == [4, 5, 6]
-    assert attrs["num_sequences"] == 3
-    write_embeddings_file(path, emb.astype(np.float16), ["a", "b", "c"], np.array([4, 5, 6]),
-                          META)
-    assert read_output(path)[0].dtype == np.float16
-    with pytest.raises(ValueError):
-        write_embeddings_file(path, emb, ["a", "b"], np.array([4, 5]), META)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]  # no temp left
-    assert read_output(path)[1] == ["a", "b", "c"]  # failed write left the old file
-
-
 @pytest.mark.parametrize("source, expected", [
     ("sample.fasta", "sample.h5"),
     ("sample.FASTA", "sample.h5"),
@@ -515,17 +530,6 @@ def test_write_embeddings_file_replaces_user_path(tmp_path: Path) -> None:
 ])
 def test_output_name_for(source: str, expected: str) -> None:
     assert output_name_for(source) == expected
-
-
-def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
-    path = tmp_path / "big.bin"
-    data = np.random.default_rng(3).bytes((3 << 20) + 12345)
-    path.write_bytes(data)
-    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
-    assert sha256_file(path, chunk=4096) == hashlib.sha256(data).hexdigest()
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
 
 
 def test_fsync_dir_runs_on_a_directory(tmp_path: Path) -> None:

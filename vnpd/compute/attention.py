@@ -5,7 +5,7 @@ scaled by head_dim**-0.5 (as fair-esm does), ``cu_seqlens`` (n+1,) int32 on the 
 device and the longest sequence length, and return (T, H, hd). Attention never crosses
 a sequence boundary.
 
-Order of preference: flash-attn's varlen kernel if importable (DESIGN); cuDNN's fused
+Order of preference: flash-attn's varlen kernel if importable (docs/OPERATIONS.md); cuDNN's fused
 attention through nvidia-cudnn-frontend (the optional ``cudnn`` extra) on Hopper and newer,
 where it ran 1.4x faster than torch's FA2 kernel on the 3B workload (docs/BENCHMARKS.md);
 torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16); else an exact path
@@ -21,12 +21,13 @@ Example::
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 import torch
+
+from vnpd.compute.choices import ATTENTION_BACKENDS, AUTO
 
 log = structlog.get_logger()
 
@@ -153,11 +154,14 @@ def select_attention(device: torch.device, dtype: torch.dtype,
                      prefer: str | None = None, head_dim: int = 64) -> AttentionBackend:
     """Choose the backend for a device and compute dtype, and log the choice.
 
-    ``prefer`` (else the environment variable ``VNPD_ATTENTION``) forces one of
-    "flash_attn", "cudnn", "torch_varlen", "exact"; a forced backend that is unavailable
-    raises RuntimeError. ``head_dim`` is the model's, for the start-up check of cuDNN.
+    ``prefer`` None or "auto" takes the first available in ``ATTENTION_BACKENDS`` order;
+    one of "flash_attn", "cudnn", "torch_varlen", "exact" forces it, and a forced backend
+    that is unavailable (or an unknown name) raises RuntimeError. ``head_dim`` is the
+    model's, for the start-up check of cuDNN. The caller decides ``prefer`` (config key
+    ``[model] attention``); nothing here reads the environment.
     """
-    prefer = prefer or os.environ.get("VNPD_ATTENTION") or None
+    if prefer == AUTO:
+        prefer = None
     fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     candidates: list[tuple[str, Callable[[], AttentionBackend | None]]] = []
     if fast_ok:
@@ -166,6 +170,9 @@ def select_attention(device: torch.device, dtype: torch.dtype,
                                                   head_dim)),
                        ("torch_varlen", _torch_varlen_backend)]
     candidates.append(("exact", lambda: AttentionBackend("exact", exact_attention)))
+    if prefer is not None and prefer not in ATTENTION_BACKENDS:
+        raise RuntimeError(f"attention backend {prefer!r} is unknown; use auto or one of "
+                           f"{', '.join(ATTENTION_BACKENDS)}")
     if prefer is not None:
         chosen = dict(candidates).get(prefer, lambda: None)()
         if chosen is None:

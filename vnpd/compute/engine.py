@@ -23,13 +23,17 @@ import structlog
 import torch
 
 from vnpd.compute.attention import select_attention
+from vnpd.compute.choices import COMPUTE_DTYPES
 from vnpd.compute.families.esm2 import PackedESM2, resolve_layer
 from vnpd.compute.families.esm2_checkpoint import load_esm2, resolve_checkpoint
-from vnpd.compute.packing import FAIR_ESM_TRUNCATION, TokenBatch
+from vnpd.compute.packing import TokenBatch
+from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
 
 log = structlog.get_logger()
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names are config's (vnpd.compute.choices); this maps them to torch dtypes.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert tuple(TORCH_DTYPES) == COMPUTE_DTYPES, "vnpd.compute.choices and the engine disagree"
 DEFAULT_CPU_TOKENS = 4096
 MAX_AUTO_TOKENS = 1 << 17
 # Peak activation bytes per token, in units of embed_dim × element size: x, h, the fused
@@ -88,7 +92,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, model_name: str, device: torch.device,
                  dtype: torch.dtype, layer: int, truncation: int = FAIR_ESM_TRUNCATION,
                  max_tokens: int = 0, attention: str | None = None,
-                 compile_kernels: bool | None = None) -> None:
+                 compile_mode: str | None = None) -> None:
         self.device = device
         self.dtype = dtype
         self.model_name = model_name
@@ -99,7 +103,7 @@ class Engine:
         model = model.to(device=device, dtype=dtype)
         backend = select_attention(device, dtype, prefer=attention,
                                    head_dim=model.embed_dim // model.attention_heads)
-        self.packed = PackedESM2(model, backend, compile_kernels=compile_kernels)
+        self.packed = PackedESM2(model, backend, compile_mode=compile_mode)
         self.attention_backend = backend.name
         self.max_tokens = max_tokens or auto_token_budget(device, self.embed_dim, dtype)
         log.info("engine_ready", model=model_name, device=str(device), dtype=str(dtype).split(".")[-1],
@@ -109,18 +113,24 @@ class Engine:
     @classmethod
     def load(cls, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
              layer: int = -1, truncation: int = FAIR_ESM_TRUNCATION, max_tokens: int = 0,
-             attention: str | None = None, compile_kernels: bool | None = None) -> "Engine":
-        """Resolve and load a checkpoint (never downloads) and build an engine on ``device``."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+             attention: str | None = None, compile_mode: str | None = None) -> "Engine":
+        """Resolve and load a checkpoint (never downloads) and build an engine on ``device``.
+
+        ``attention`` and ``compile_mode`` are the config's ``[model]`` keys of those names
+        (None = "auto"): see ``select_attention`` and ``PackedESM2``. Raises
+        ModelNotFoundError/CheckpointError (the file), ValueError (a bad name or dtype) and
+        RuntimeError (no CUDA, or a forced attention backend that is unavailable).
+        """
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype!r}")
         dev = parse_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
         path: Path = resolve_checkpoint(checkpoint)
         model, _ = load_esm2(path)
-        return cls(model, model_name=checkpoint, device=dev, dtype=DTYPES[dtype], layer=layer,
+        return cls(model, model_name=checkpoint, device=dev, dtype=TORCH_DTYPES[dtype], layer=layer,
                    truncation=truncation, max_tokens=max_tokens, attention=attention,
-                   compile_kernels=compile_kernels)
+                   compile_mode=compile_mode)
 
     def submit(self, batch: TokenBatch) -> PendingResult:
         """Launch the forward for ``batch`` and return without waiting for the device."""

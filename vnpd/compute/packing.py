@@ -1,6 +1,7 @@
 """Token-budget packing and batch tensors.
 
-A sequence of L residues costs ``min(L, truncation) + 2`` tokens (BOS and EOS count).
+A sequence of L residues costs ``min(L, truncation) + 2`` tokens (BOS and EOS count;
+``vnpd.compute.tokenizer`` holds the alphabet and that cost).
 :func:`pack_batches` groups sequence positions into batches whose token sum stays within
 the budget, by first-fit over the sequences sorted longest first (first-fit decreasing).
 A sequence that alone exceeds the budget gets a batch of its own. Every position appears
@@ -19,35 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAIR_ESM_TRUNCATION = 1022  # extract.py: 1024 positions minus BOS and EOS
-
-# fair-esm ESM-1b alphabet: <cls>=0 <pad>=1 <eos>=2 <unk>=3, residues from 4, <mask>=32.
-_RESIDUE_TOKENS = "LAGVSERTIDPKQNFYMHWCXBUZO"
-BOS_IDX, PAD_IDX, EOS_IDX = 0, 1, 2
-_LOOKUP = np.full(256, -1, dtype=np.int64)
-for _i, _c in enumerate(_RESIDUE_TOKENS):
-    _LOOKUP[ord(_c)] = 4 + _i
-
-
-def tokens_for(lengths: np.ndarray | int, truncation: int = FAIR_ESM_TRUNCATION) -> np.ndarray:
-    """Token cost of sequences of the given residue lengths (BOS + kept residues + EOS)."""
-    return np.minimum(np.asarray(lengths, dtype=np.int64), truncation) + 2
-
-
-def encode(sequence: str, truncation: int = FAIR_ESM_TRUNCATION) -> np.ndarray:
-    """Token ids (BOS, residues[:truncation], EOS) in fair-esm's ESM-1b alphabet.
-
-    Raises ValueError on a character outside the residue alphabet (the FASTA reader
-    rejects those before they get here).
-    """
-    body = _LOOKUP[np.frombuffer(sequence[:truncation].encode("ascii"), dtype=np.uint8)]
-    if (body < 0).any():
-        bad = sequence[int(np.argmax(body < 0))]
-        raise ValueError(f"residue {bad!r} is not in the ESM-2 alphabet")
-    out = np.empty(body.shape[0] + 2, dtype=np.int64)
-    out[0], out[-1] = BOS_IDX, EOS_IDX
-    out[1:-1] = body
-    return out
+from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION, encode, tokens_for
 
 
 def pack_batches(lengths: np.ndarray, max_tokens: int,

@@ -43,10 +43,10 @@ from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.status import utc_now
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError
+from vnpd.inputs.index import sha256_file
 from vnpd.inputs.source import SequenceSource
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
-from vnpd.output.outbox import (output_name_for, publish_atomically, sha256_file,
-                                unique_destination)
+from vnpd.output.outbox import output_name_for, publish_atomically, unique_destination
 from vnpd.output.verify import verify_output
 from vnpd.workers.pool import ModelInfo
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from vnpd.output.outbox import fsync_dir, unique_destination
+from vnpd.output.outbox import fsync_dir, link_without_replacing, unique_destination
 
 log = structlog.get_logger()
 
@@ -378,15 +378,10 @@ def _publish_no_clobber(tmp: Path, inbox: Path, name: str) -> Path:
     while True:
         dest = unique_destination(inbox, name)
         try:
-            os.link(tmp, dest)  # unlike rename(2), fails if the name was taken meanwhile
+            link_without_replacing(tmp, dest)
         except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            os.rename(tmp, dest)  # no hard links here: checked-then-renamed is the best
-            return dest
-        tmp.unlink()
+            continue  # the name was taken meanwhile: take the next free one
+        tmp.unlink(missing_ok=True)  # gone already if the fallback renamed it
         return dest
 
 

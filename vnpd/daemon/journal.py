@@ -149,9 +149,6 @@ class Journal:
         """File names in state/claimed/ that some job, finished or not, has recorded."""
         return {Path(r[0]).name for r in self.db.execute("SELECT claimed_path FROM jobs")}
 
-    def recent_jobs(self, limit: int = 50) -> list[JobRow]:
-        return self._jobs("ORDER BY id DESC LIMIT ?", (limit,))
-
     def _jobs(self, where: str, args: tuple[object, ...]) -> list[JobRow]:
         cur = self.db.execute(
             "SELECT id, name, claimed_path, state, sha256, cache_key, num_records, total_tokens, "
@@ -233,15 +230,6 @@ class Journal:
             seqs += len(blob) // 8
             tokens += t
         return seqs, tokens
-
-    def is_complete(self, job_id: int, num_records: int) -> bool:
-        """Every position is either in a done batch or quarantined, and none is pending."""
-        pending = self.db.execute("SELECT COUNT(*) FROM batches WHERE job_id=? AND done=0",
-                                  (job_id,)).fetchone()[0]
-        if pending:
-            return False
-        job = self.job(job_id)
-        return job.next_position >= num_records
 
     # Quarantine ---------------------------------------------------------------------
     def quarantine(self, job_id: int, batch_no: int, position: int, record: str,

@@ -23,13 +23,14 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from vnpd.config import parse_listen
+
 # Batch device time: from a handful of short sequences on a big GPU (~10 ms) to a
 # full token budget of long sequences on a CPU worker (minutes).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                    300.0, 600.0)
 
 JOB_OUTCOMES = ("published", "failed", "duplicate")
-RESTART_REASONS = ("crash", "hang", "heartbeat", "oom", "sticky_error", "poison")
 
 
 class BusyTracker:
@@ -74,26 +75,6 @@ class BusyTracker:
                 busy += end - start
                 cursor = end
         return min(1.0, busy / self.window_s)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """Split ``"HOST:PORT"`` (IPv6 as ``"[::1]:9464"``) into ``(host, port)``.
-
-    >>> parse_listen("[::1]:9464")
-    ('::1', 9464)
-
-    Raises ``ValueError`` for a missing host or port, an out-of-range port, or an
-    IPv6 address without brackets.
-    """
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"metrics listen address {listen!r}: put IPv6 hosts in brackets, "
-                         "e.g. [::1]:9464")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics listen address {listen!r}: expected HOST:PORT")
-    return host, int(port)
 
 
 class Metrics:
@@ -154,13 +135,18 @@ class Metrics:
         ``""`` disables the endpoint and returns ``None``. Port 0 binds a free port,
         which is returned. The server runs on a daemon thread; call
         :meth:`stop_server` to close it. Raises ``ValueError`` for a malformed
-        address, ``OSError`` if it cannot bind, ``RuntimeError`` if already started.
+        address (see ``vnpd.config.parse_listen``), ``OSError`` if it cannot bind,
+        ``RuntimeError`` if already started.
         """
-        if not listen:
+        try:
+            address = parse_listen(listen)
+        except ValueError as exc:
+            raise ValueError(f"metrics listen address: {exc}") from None
+        if address is None:
             return None
         if self._server is not None:
             raise RuntimeError("metrics server already started")
-        host, port = parse_listen(listen)
+        host, port = address
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         return host, int(self._server.server_address[1])
 

@@ -3,7 +3,7 @@
 :func:`validate_config` checks the four directories (created if missing, writable, one
 filesystem), the worker devices against the GPUs visible here, and the model file;
 :func:`resolve_devices` turns ``workers.devices`` into worker devices ("auto" counts the
-NVIDIA GPUs). GPUs are counted without torch or CUDA, so ``vnpd check`` and the daemon's
+NVIDIA GPUs). GPUs are counted without torch or CUDA, so ``vnpd validate-config`` and the daemon's
 start stay fast and never initialise a GPU. Problems raise ``ConfigError``, all at once.
 
 Example::
@@ -35,7 +35,7 @@ def resolve_devices(devices: list[str] | str, *, env: Mapping[str, str] | None =
                     ) -> list[str]:
     """The worker devices: ``"auto"`` -> every visible NVIDIA GPU as ``cuda:N``.
 
-    GPUs are counted without torch or CUDA (see :func:`visible_gpu_count`). Explicit lists
+    GPUs are counted without torch or CUDA (see :func:`_count_visible_gpus`). Explicit lists
     hold ``"cpu"`` (may repeat) and ``"cuda:N"`` (``"cuda"`` means ``cuda:0``; no
     duplicates); a string other than "auto" is a comma-separated list. Explicit indexes
     are not checked against the GPUs present here; :func:`validate_config` does that.
@@ -56,18 +56,14 @@ def resolve_devices(devices: list[str] | str, *, env: Mapping[str, str] | None =
     return normalized
 
 
-def visible_gpu_count(env: Mapping[str, str] | None = None) -> int:
-    """NVIDIA GPUs this process could use, without importing torch or initialising CUDA.
+def _count_visible_gpus(env: Mapping[str, str]) -> tuple[int, str]:
+    """(NVIDIA GPUs this process could use, how they were found, for the error messages).
 
-    Physical GPUs are counted with ``nvidia-smi -L`` when it is on PATH and succeeds, else
-    from ``/proc/driver/nvidia/gpus/*``. ``CUDA_VISIBLE_DEVICES`` then applies with CUDA's
+    Counted without importing torch or initialising CUDA. Physical GPUs are counted with
+    ``nvidia-smi -L`` when it is on PATH and succeeds, else from
+    ``/proc/driver/nvidia/gpus/*``. ``CUDA_VISIBLE_DEVICES`` then applies with CUDA's
     rules: empty hides every GPU, and the list stops at the first invalid index.
     """
-    return _count_visible_gpus(os.environ if env is None else env)[0]
-
-
-def _count_visible_gpus(env: Mapping[str, str]) -> tuple[int, str]:
-    """(visible GPU count, how it was found) for the error messages."""
     physical, how = _count_physical_gpus(env)
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None:

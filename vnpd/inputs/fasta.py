@@ -2,8 +2,8 @@
 
 ``iter_fasta`` reads a file in binary, line by line, and yields one ``FastaRecord`` per
 record with its 1-based header line and the byte offset of its ``>``. It holds at most
-one record in memory, so files of any size can be indexed; ``iter_fasta_from`` and
-``read_record_at`` re-read records from those offsets. ``DuplicateIdChecker`` finds
+one record in memory, so files of any size can be indexed; ``iter_fasta_from`` re-reads
+records from those offsets. ``DuplicateIdChecker`` finds
 repeated ids in bounded memory. Every problem is a ``FastaError`` naming the record and
 the line; docs/INPUT.md lists the rules, and says why Biopython is not used to parse.
 
@@ -26,8 +26,11 @@ from typing import BinaryIO, NoReturn
 
 import numpy as np
 
-ALLOWED_RESIDUES: frozenset[str] = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
-"""The 20 standard amino acids plus X B U Z O: the residue letters of fair-esm's ESM-1b alphabet."""
+from vnpd.compute.tokenizer import RESIDUE_LETTERS
+
+ALLOWED_RESIDUES: frozenset[str] = frozenset(RESIDUE_LETTERS)
+"""The 20 standard amino acids plus X B U Z O: the residue letters of fair-esm's ESM-1b alphabet,
+taken from the tokenizer so that what the reader accepts is exactly what ``encode`` can encode."""
 
 NUCLEOTIDE_MIN_LENGTH = 30
 """Records at least this long made only of A C G T U N are rejected as nucleotide sequences."""
@@ -115,8 +118,7 @@ class FastaRecord:
     ``id`` is the header text after ``>`` up to the first whitespace. ``sequence`` holds
     only letters of ``ALLOWED_RESIDUES``: upper-cased, whitespace removed, terminal ``*``
     stripped. ``index`` is 0-based, ``line`` (of the header) 1-based; ``line`` is -1 from
-    ``iter_fasta_from``, and both are -1 from ``read_record_at``. ``offset`` is the byte
-    offset of the ``>``.
+    ``iter_fasta_from``. ``offset`` is the byte offset of the ``>``.
     """
 
     index: int
@@ -132,7 +134,7 @@ def iter_fasta(path: Path, *, max_residues: int = 1_000_000,
 
     Raises ``FastaError`` at the first problem (records before it have been yielded):
     see docs/INPUT.md for the rules. Duplicate ids are not checked here; use
-    ``DuplicateIdChecker`` or ``validate_fasta``. Raises ``OSError`` if the file cannot be read.
+    ``DuplicateIdChecker``. Raises ``OSError`` if the file cannot be read.
     """
     with open(path, "rb") as fh:
         start = _check_file_start(fh.read(_HEAD_BYTES))
@@ -160,30 +162,6 @@ def iter_fasta_from(path: Path, offset: int, first_index: int, *, max_residues: 
         except FastaError as exc:
             raise FastaError(exc.reason, record_id=exc.record_id,
                              record_index=exc.record_index) from None
-
-
-def read_record_at(path: Path, offset: int, *, max_residues: int = 1_000_000) -> FastaRecord:
-    """Re-read the one record whose header ``>`` is at byte ``offset``, validated as ``iter_fasta`` does.
-
-    As ``iter_fasta_from``, but the result's ``index`` and ``line`` are both -1, and a
-    ``FastaError`` has ``line`` and ``record_index`` None.
-    """
-    records = iter_fasta_from(path, offset, -1, max_residues=max_residues)
-    try:
-        return next(records)
-    except FastaError as exc:
-        raise FastaError(exc.reason, record_id=exc.record_id) from None
-    finally:
-        records.close()
-
-
-def validate_fasta(path: Path, *, max_residues: int = 1_000_000) -> int:
-    """Validate the whole file, duplicate ids included; return its record count or raise ``FastaError``."""
-    checker = DuplicateIdChecker()
-    for record in iter_fasta(path, max_residues=max_residues):
-        checker.add(record)
-    checker.finish(path)
-    return checker.count
 
 
 class DuplicateIdChecker:

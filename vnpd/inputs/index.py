@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -28,11 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta, iter_fasta_from
-from vnpd.output.outbox import sha256_file
 
 _CHUNK = 65536
 _WRITER_HINT = ("a writer still had it open: write files elsewhere (or under a .part name) "
                 "and rename them into the inbox, see docs/INBOX.md")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces: an input's ``source_sha256``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

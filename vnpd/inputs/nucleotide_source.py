@@ -33,11 +33,10 @@ from typing import Any
 import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
+from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, sha256_file
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
                                     make_gene_finder, six_frame_proteins)
 from vnpd.inputs.source import SequenceSource, SourceSettings
-from vnpd.output.outbox import sha256_file
 
 MAX_RECORD_BASES = 1_000_000_000
 """Longest nucleotide record accepted (1 Gbp): whole chromosomes pass, a runaway file does not."""

@@ -11,7 +11,7 @@ Example::
     out.flush()                                      # durable: the journal may record it
     out.finalize(meta, quarantined=[1])              # the file now holds "a" and "c"
     verify_output(out.path)
-    publish_to_outbox(out.path, outbox, output_name_for("sample.fasta"))
+    publish_atomically(out.path, unique_destination(outbox, output_name_for("sample.fasta")))
 
 Why the layout is what it is:
 - Datasets are contiguous and allocated in full at ``create``. Rows arrive scattered
@@ -51,9 +51,9 @@ import numpy as np
 import structlog
 
 from vnpd import __version__
+from vnpd.compute.choices import OUTPUT_DTYPES
 from vnpd.output.outbox import fsync_dir, fsync_file
-from vnpd.output.verify import (OUTPUT_DTYPES, IncompleteOutputError, _block_rows, _check_datasets,
-                         verify_output)
+from vnpd.output.verify import IncompleteOutputError, _block_rows, _check_datasets
 
 SCHEMA_VERSION = 1
 _LIBVER = ("v108", "v108")
@@ -382,36 +382,3 @@ def _write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
     attrs.create("quarantined_ids", data=np.array(quarantined_ids, dtype=object),
                  shape=(len(quarantined_ids),), dtype=_STR)
     attrs["schema_version"] = np.int64(SCHEMA_VERSION)
-
-
-def write_embeddings_file(path: Path, embeddings: np.ndarray, ids: Sequence[str],
-                          lengths: np.ndarray, meta: OutputMeta, *,
-                          output_dtype: str | None = None) -> None:
-    """Write a complete output file at ``path`` in one go (for ``vnpd embed``).
-
-    The file is built under a hidden temp name in the same directory, finalized and
-    verified, then renamed over ``path`` (replacing it: the user named it).
-    ``output_dtype`` defaults to float16 for a float16 array and float32 otherwise.
-    Raises ValueError on inconsistent inputs; the temp file never outlives a failure.
-    """
-    embeddings = np.asarray(embeddings)
-    if output_dtype is None:
-        output_dtype = "float16" if embeddings.dtype == np.float16 else "float32"
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D, not of shape {embeddings.shape}")
-    n, dim = embeddings.shape
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        out = PartialOutput.create(tmp, n, dim, output_dtype)
-        try:
-            out.write_ids_lengths(0, ids, np.asarray(lengths))
-            out.write_rows(np.arange(n), embeddings)
-            out.finalize(meta)
-        finally:
-            out.close()
-        verify_output(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -3,20 +3,19 @@
 A finished file moves from state/ into the outbox by a hard link (``publish_atomically``),
 so a reader of the outbox sees no file or a complete one, whenever a crash comes. Nothing
 here knows HDF5: ``vnpd.output.hdf5`` writes the file, ``vnpd.output.verify`` checks it, and this
-module puts it in place. ``fsync_file``, ``fsync_dir`` and ``sha256_file`` serve the
-other modules' files too (the index, the inbox, the failure reports).
+module puts it in place. ``fsync_file``, ``fsync_dir`` and ``link_without_replacing``
+serve the other modules' files too (the inbox, the failure reports).
 
 Example::
 
     output_name_for("sample.fasta")                              # "sample.h5"
-    publish_to_outbox(state / "job7.h5", outbox, "sample.h5")    # outbox/sample.h5, or
-                                                                 # sample.1.h5 if taken
+    dest = unique_destination(outbox, "sample.h5")   # outbox/sample.h5, or sample.1.h5 if taken
+    publish_atomically(state / "job7.h5", dest)      # FileExistsError if a racer took it
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from pathlib import Path
 
@@ -44,6 +43,32 @@ def fsync_dir(path: Path) -> None:
     fsync_file(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
+# errno values of link(2) on filesystems (or mounts) that do not do hard links.
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK)
+
+
+def link_without_replacing(src: Path, dest: Path) -> None:
+    """Give the file ``src`` the new name ``dest`` (same filesystem), never replacing a file.
+
+    A hard link: an atomic create that fails if ``dest`` exists, unlike rename(2), and
+    ``src`` keeps its name (the caller unlinks it once ``dest`` is durable). On filesystems
+    without hard links it falls back to an existence check plus rename, and ``src`` is
+    then gone. Raises FileExistsError if ``dest`` exists, and other OSErrors as link(2)
+    and rename(2) raise them (EXDEV across filesystems). The inbox (``vnpd submit``) and
+    the outbox (``publish_atomically``) both name files this way.
+    """
+    try:
+        os.link(src, dest)
+    except OSError as exc:  # FileExistsError (EEXIST) is re-raised here too
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # A rename could replace a file created in the instant after this check; the
+        # daemon owns its directories, so that window is accepted.
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
+        os.rename(src, dest)
+
+
 def publish_atomically(src: Path, dest: Path) -> Path:
     """Move the finished file ``src`` to ``dest`` (same filesystem) without overwriting.
 
@@ -57,18 +82,10 @@ def publish_atomically(src: Path, dest: Path) -> Path:
     """
     fsync_file(src)
     try:
-        os.link(src, dest)
+        link_without_replacing(src, dest)
     except FileExistsError:
-        if not os.path.samefile(src, dest):
+        if not os.path.samefile(src, dest):  # the same file: linked before a crash
             raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        # No hard links here: a rename could replace a file created in the instant
-        # after this check; the daemon owns the outbox, so that window is accepted.
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
-        os.rename(src, dest)
     fsync_dir(dest.parent)
     if src.exists():
         src.unlink()
@@ -80,7 +97,8 @@ def publish_atomically(src: Path, dest: Path) -> Path:
 def unique_destination(outbox: Path, name: str) -> Path:
     """``outbox/name`` if free, else the first free ``stem.1.h5``, ``stem.2.h5``, ...
 
-    Another writer may take the name before it is used: ``publish_to_outbox`` retries.
+    Another writer may take the name before it is used: the caller retries on the
+    ``FileExistsError`` that ``publish_atomically`` then raises (vnpd.daemon.completion does).
     """
     candidate = outbox / name
     stem, suffix = Path(name).stem, Path(name).suffix
@@ -89,15 +107,6 @@ def unique_destination(outbox: Path, name: str) -> Path:
         i += 1
         candidate = outbox / f"{stem}.{i}{suffix}"
     return candidate
-
-
-def publish_to_outbox(src: Path, outbox: Path, name: str) -> Path:
-    """Publish ``src`` into ``outbox`` under ``name`` or a numbered variant; return it."""
-    while True:
-        try:
-            return publish_atomically(src, unique_destination(outbox, name))
-        except FileExistsError:
-            continue  # lost a race for that name; pick the next free one
 
 
 def output_name_for(source_name: str) -> str:
@@ -115,12 +124,3 @@ def output_name_for(source_name: str) -> str:
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)] + ".h5"
     return name + ".h5"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-OUTPUT_DTYPES = ("float32", "float16")
+from vnpd.compute.choices import OUTPUT_DTYPES
 REQUIRED_ATTRS = ("model", "layer", "dtype", "pooling", "truncation", "attention_backend",
                   "vnpd_version", "source_name", "source_sha256", "num_sequences",
                   "created_utc", "quarantined_ids", "schema_version")

@@ -99,7 +99,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         device = "cpu" if spec.device == "cpu" else "cuda:0"  # we see only our GPU
         engine = Engine.load(spec.checkpoint, device=device, dtype=spec.dtype, layer=spec.layer,
                              truncation=spec.truncation, max_tokens=spec.max_tokens,
-                             **_engine_options(spec))
+                             attention=spec.attention, compile_mode=spec.compile_mode)
         engine.warmup()
     except BaseException as exc:
         log.error("worker_load_failed", error=str(exc))
@@ -117,17 +117,6 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     _serve(conn, channel, state, engine, faults)
     state.stop.set()
     log.info("worker_exit", batches_done=state.batches_done)
-
-
-def _engine_options(spec: WorkerSpec) -> dict[str, Any]:
-    """The spec's engine options that the engine's load accepts (attention, compile mode)."""
-    import inspect
-
-    from vnpd.compute.engine import Engine
-
-    accepted = inspect.signature(Engine.load).parameters
-    options = {"attention": spec.attention, "compile_mode": spec.compile_mode}
-    return {k: v for k, v in options.items() if k in accepted and v is not None}
 
 
 def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,

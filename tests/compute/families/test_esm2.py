@@ -105,19 +105,28 @@ def test_half_precision_on_cpu_stays_close(tiny_model: Path, dtype: torch.dtype)
     assert cos.min() > 0.999
 
 
+def test_compile_mode_auto_is_eager_on_cpu_and_unknown_modes_are_refused(
+        tiny_model: Path) -> None:
+    model, _ = load_esm2(tiny_model)
+    backend = select_attention(torch.device("cpu"), torch.float32)
+    for mode in (None, "auto", "off"):
+        packed = PackedESM2(model, backend, compile_mode=mode)
+        assert (packed.compiled, packed.compile_mode) == (False, "")
+    with pytest.raises(ValueError, match="'fast'"):
+        PackedESM2(model, backend, compile_mode="fast")
+
+
 @pytest.mark.parametrize("mode", ["fused", "fused-torch-gemm", "ops", "layer"])
-def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path) -> None:
     """The compiled paths used on GPUs compute the same function (inductor on CPU; the
     "fused" mode's Triton kernels under Triton's interpreter)."""
-    monkeypatch.setenv("VNPD_COMPILE_MODE", mode)
     # On a GPU machine the kernels run compiled, on CUDA tensors (Triton's interpreter is
     # only set up where there is no GPU); fp32 either way, against fair-esm on CPU.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference, alphabet = load_esm2(tiny_model)
     ours, _ = load_esm2(tiny_model)
     packed = PackedESM2(ours.to(device), select_attention(device, torch.float32),
-                        compile_kernels=True)
+                        compile_mode=mode)
     assert packed.compile_mode == mode
     # The residual add runs inside cuBLASLt's GEMM epilogue only where cuBLASLt exists.
     assert packed.gemm == ("cublaslt" if mode == "fused" and device.type == "cuda" else "torch")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from collections.abc import Callable
 
 import structlog
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vnpd.compute.attention import AttentionBackend
+from vnpd.compute.choices import AUTO, COMPILE_MODES, COMPILE_OFF
 
 log = structlog.get_logger()
 
@@ -124,14 +124,17 @@ def transformer_layer(x: torch.Tensor, h: torch.Tensor, w: tuple[torch.Tensor, .
     return proj_add_norm(x, f, fc2_w, fc2_b, next_w, next_b, eps[1])
 
 
-COMPILE_MODES = ("fused", "fused-torch-gemm", "ops", "layer", "layer-autotune")
-
-
 class PackedESM2:
     """Packed (varlen) inference over a fair-esm ``ESM2`` module, sharing its weights."""
 
     def __init__(self, model: torch.nn.Module, attention: AttentionBackend, *,
-                 compile_kernels: bool | None = None) -> None:
+                 compile_mode: str | None = None) -> None:
+        """Share ``model``'s weights (fused q/k/v) and set up the forward.
+
+        ``compile_mode`` (config ``[model] compile_mode``): None or "auto" = "fused" on
+        CUDA and eager on the CPU; "off" = eager; or one of ``COMPILE_MODES``, used on any
+        device. Raises ValueError for another value.
+        """
         self.model = model
         self.attention = attention
         self.num_layers: int = model.num_layers
@@ -142,9 +145,11 @@ class PackedESM2:
         self.qkv_bias: list[torch.Tensor] = []
         self._fuse_qkv()
         device = next(model.parameters()).device
-        if compile_kernels is None:
-            compile_kernels = device.type == "cuda" and os.environ.get("VNPD_COMPILE", "1") != "0"
-        self.compiled = compile_kernels
+        if compile_mode is None or compile_mode == AUTO:
+            compile_mode = "fused" if device.type == "cuda" else COMPILE_OFF
+        if compile_mode != COMPILE_OFF and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be {AUTO}, {COMPILE_OFF} or one of "
+                             f"{', '.join(COMPILE_MODES)}, not {compile_mode!r}")
         # "fused" (the default): Triton kernels (vnpd/compute/kernels.py) for the rotary (in
         # place; q/k/v are read as views of the fused projection), the layer norms and
         # GELU, with the residual adds inside cuBLASLt's GEMM epilogue (vnpd/compute/cublaslt.py).
@@ -154,9 +159,8 @@ class PackedESM2:
         # each; "layer" compiles the whole layer (GEMMs as cuBLAS calls);
         # "layer-autotune" also lets inductor pick Triton GEMMs with fused epilogues.
         # dynamic=True: the token count T varies by batch.
-        self.compile_mode = os.environ.get("VNPD_COMPILE_MODE", "fused") if compile_kernels else ""
-        if self.compile_mode and self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"VNPD_COMPILE_MODE must be one of {COMPILE_MODES}")
+        self.compile_mode = "" if compile_mode == COMPILE_OFF else compile_mode
+        self.compiled = bool(self.compile_mode)
         self.gemm = "torch"  # or "cublaslt": who runs the residual GEMMs
         self._layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = transformer_layer
         self._pieces: dict[str, Callable[..., object]] = {}

@@ -1,0 +1,48 @@
+"""The one alphabet: fair-esm's ESM-1b tokens, the truncation rule and token costs.
+
+Everything that turns residues into token ids or counts tokens uses this module: packing,
+the scheduler's budgets, the FASTA reader's residue check (``RESIDUE_LETTERS``) and the
+config's truncation limit. It imports only numpy, so the parent process (which must not
+import torch) can use it.
+
+Example::
+
+    encode("MKV")          # array([ 0, 20, 15,  7,  2])  (BOS, M, K, V, EOS)
+    tokens_for([5, 2000])  # array([   7, 1024])          (truncated to 1022 + BOS + EOS)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FAIR_ESM_TRUNCATION = 1022  # extract.py: 1024 positions minus BOS and EOS
+
+# fair-esm ESM-1b alphabet: <cls>=0 <pad>=1 <eos>=2 <unk>=3, residues from 4, <mask>=32.
+RESIDUE_LETTERS = "LAGVSERTIDPKQNFYMHWCXBUZO"
+"""The residue letters in token order: the 20 standard amino acids plus X B U Z O."""
+BOS_IDX, PAD_IDX, EOS_IDX = 0, 1, 2
+_FIRST_RESIDUE_IDX = 4
+_LOOKUP = np.full(256, -1, dtype=np.int64)
+for _i, _c in enumerate(RESIDUE_LETTERS):
+    _LOOKUP[ord(_c)] = _FIRST_RESIDUE_IDX + _i
+
+
+def tokens_for(lengths: np.ndarray | int, truncation: int = FAIR_ESM_TRUNCATION) -> np.ndarray:
+    """Token cost of sequences of the given residue lengths (BOS + kept residues + EOS)."""
+    return np.minimum(np.asarray(lengths, dtype=np.int64), truncation) + 2
+
+
+def encode(sequence: str, truncation: int = FAIR_ESM_TRUNCATION) -> np.ndarray:
+    """Token ids (BOS, residues[:truncation], EOS) in fair-esm's ESM-1b alphabet.
+
+    Raises ValueError on a character outside the residue alphabet (the FASTA reader
+    rejects those before they get here).
+    """
+    body = _LOOKUP[np.frombuffer(sequence[:truncation].encode("ascii"), dtype=np.uint8)]
+    if (body < 0).any():
+        bad = sequence[int(np.argmax(body < 0))]
+        raise ValueError(f"residue {bad!r} is not in the ESM-2 alphabet")
+    out = np.empty(body.shape[0] + 2, dtype=np.int64)
+    out[0], out[-1] = BOS_IDX, EOS_IDX
+    out[1:-1] = body
+    return out
