@@ -18,7 +18,7 @@ from vnpd.daemon.journal import Journal
 from vnpd.daemon.metrics import Metrics
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
 from vnpd.daemon.jobs import ActiveJob
-from vnpd.inputs.source import ProteinSource
+from vnpd.inputs.protein import ProteinSource
 from vnpd.workers.pool import ModelInfo
 from vnpd.output.verify import read_output
 

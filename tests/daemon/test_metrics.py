@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from vnpd.config import parse_listen
 from vnpd.daemon.metrics import BusyTracker, Metrics
 
 
@@ -36,7 +37,7 @@ def ipv6_loopback_available() -> bool:
 
 def test_scrape_shows_updates() -> None:
     metrics = Metrics()
-    bound = metrics.start_server("127.0.0.1:0")
+    bound = metrics.start_server(parse_listen("127.0.0.1:0"))
     assert bound is not None
     host, port = bound
     assert host == "127.0.0.1" and port > 0
@@ -96,7 +97,7 @@ def test_registries_are_independent() -> None:
 
 def test_stop_server_releases_the_port() -> None:
     metrics = Metrics()
-    bound = metrics.start_server("127.0.0.1:0")
+    bound = metrics.start_server(parse_listen("127.0.0.1:0"))
     assert bound is not None
     host, port = bound
     scrape(host, port)
@@ -105,18 +106,18 @@ def test_stop_server_releases_the_port() -> None:
     with pytest.raises(urllib.error.URLError):
         scrape(host, port)
     again = Metrics()  # the same port can be bound again at once
-    assert again.start_server(f"127.0.0.1:{port}") == ("127.0.0.1", port)
+    assert again.start_server(("127.0.0.1", port)) == ("127.0.0.1", port)
     again.stop_server()
 
 
 def test_disabled_and_double_start() -> None:
     metrics = Metrics()
-    assert metrics.start_server("") is None
+    assert metrics.start_server(parse_listen("")) is None
     metrics.stop_server()
-    assert metrics.start_server("127.0.0.1:0") is not None
+    assert metrics.start_server(parse_listen("127.0.0.1:0")) is not None
     try:
         with pytest.raises(RuntimeError):
-            metrics.start_server("127.0.0.1:0")
+            metrics.start_server(parse_listen("127.0.0.1:0"))
     finally:
         metrics.stop_server()
 
@@ -124,7 +125,7 @@ def test_disabled_and_double_start() -> None:
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
 def test_ipv6_listen() -> None:
     metrics = Metrics()
-    bound = metrics.start_server("[::1]:0")
+    bound = metrics.start_server(parse_listen("[::1]:0"))
     assert bound is not None and bound[0] == "::1"
     try:
         metrics.tokens_total.inc(7)

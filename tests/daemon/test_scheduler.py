@@ -20,7 +20,7 @@ from vnpd.workers.protocol import WorkerSpec
 from vnpd.output.hdf5 import PartialOutput
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.scheduler import Scheduler
-from vnpd.inputs.source import ProteinSource
+from vnpd.inputs.protein import ProteinSource
 from vnpd.workers.local import LocalPool
 from vnpd.workers.pool import Dispatch
 

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from vnpd import __version__
-from vnpd.config import EX_CONFIG, Config, ConfigError, load_config
+from vnpd.config import EX_CONFIG, Config, ConfigError, load_config, parse_listen
 from vnpd.daemon.completion import JobCompletion
 from vnpd.daemon.inbox import InboxWatcher
 from vnpd.daemon.intake import Intake
@@ -36,6 +36,7 @@ from vnpd.daemon.preflight import resolve_devices, validate_config
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
+from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.log import configure_logging
 from vnpd.workers.local import LocalPool
 from vnpd.workers.pool import WorkerPool
@@ -104,7 +105,7 @@ class Daemon:
                              stopping=self.stopping, wake=self.wake,
                              work_added=self.pool.changed, spawn=self._spawn,
                              spawn_publish=self._spawn_publish, model=self.pool.ready,
-                             faults=self.faults)
+                             faults=self.faults, source_type=SOURCE_KINDS[cfg.input.kind])
         self.publishing: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.last_progress = time.monotonic()
@@ -145,7 +146,7 @@ class Daemon:
                  model=self.cfg.model.checkpoint, inbox=str(self.cfg.paths.inbox),
                  outbox=str(self.cfg.paths.outbox))
         self.intake.remove_stray_files()
-        listen = self.metrics.start_server(self.cfg.metrics.listen)
+        listen = self.metrics.start_server(parse_listen(self.cfg.metrics.listen))
         if listen:
             self.metrics_address = f"{listen[0]}:{listen[1]}"
             log.info("metrics_listening", address=self.metrics_address)

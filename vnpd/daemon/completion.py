@@ -29,13 +29,12 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import structlog
 
 from vnpd import __version__
-from vnpd.config import Config
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal, JobRow
 from vnpd.daemon.metrics import Metrics
@@ -49,6 +48,9 @@ from vnpd.output.hdf5 import OutputMeta, PartialOutput
 from vnpd.output.outbox import output_name_for, publish_atomically, unique_destination
 from vnpd.output.verify import verify_output
 from vnpd.workers.pool import ModelInfo
+
+if TYPE_CHECKING:  # annotations only: the daemon hands in the loaded configuration
+    from vnpd.config import Config
 
 log = structlog.get_logger()
 

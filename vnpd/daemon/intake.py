@@ -11,7 +11,7 @@ Example::
     intake = Intake(cfg, journal, scheduler, completion, claimed_dir=state / "claimed",
                     jobs_dir=state / "jobs", stopping=stopping, wake=wake,
                     work_added=pool.changed, spawn=spawn, spawn_publish=spawn_publish,
-                    model=pool.ready, faults=FaultPlan())
+                    model=pool.ready, faults=FaultPlan(), source_type=ProteinSource)
     intake.remove_stray_files()   # before anything runs
     spawn(intake.run())           # resume, then claim until ``stopping`` is set
 """
@@ -25,12 +25,11 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from vnpd.compute.packing import tokens_for
-from vnpd.config import Config
 from vnpd.daemon.completion import JobCompletion
 from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
 from vnpd.daemon.jobs import ActiveJob
@@ -39,12 +38,14 @@ from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError
-from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.inputs.source import SequenceSource, SourceSettings
 from vnpd.output.hdf5 import PartialOutput
 from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.verify import IncompleteOutputError
 from vnpd.workers.pool import ModelInfo
+
+if TYPE_CHECKING:  # annotations only: the daemon hands in the loaded configuration
+    from vnpd.config import Config
 
 log = structlog.get_logger()
 
@@ -55,8 +56,9 @@ class Intake:
     The daemon owns the tasks: ``spawn`` starts one that it tracks, ``spawn_publish``
     sends a job whose partial file is already finalized to publishing, ``model`` waits
     for the model's facts (its width sizes the output), and ``work_added`` is set when a
-    job has batches to dispatch. ``indexing`` (the jobs being indexed) is read by the
-    daemon's status.
+    job has batches to dispatch. ``source_type`` is the input kind's
+    :class:`SequenceSource`. ``indexing`` (the jobs being indexed) is read by the daemon's
+    status.
     """
 
     def __init__(self, cfg: Config, journal: Journal, scheduler: Scheduler,
@@ -64,7 +66,8 @@ class Intake:
                  stopping: asyncio.Event, wake: asyncio.Event, work_added: asyncio.Event,
                  spawn: Callable[[Any], asyncio.Task[Any]],
                  spawn_publish: Callable[[ActiveJob], None],
-                 model: Callable[[], Awaitable[ModelInfo]], faults: FaultPlan) -> None:
+                 model: Callable[[], Awaitable[ModelInfo]], faults: FaultPlan,
+                 source_type: type[SequenceSource]) -> None:
         self.cfg, self.journal, self.completion = cfg, journal, completion
         self.scheduler = scheduler
         self.claimed_dir, self.jobs_dir = claimed_dir, jobs_dir
@@ -72,7 +75,7 @@ class Intake:
         self._spawn, self._spawn_publish, self._model = spawn, spawn_publish, model
         self.faults = faults
         self.settings = source_settings(cfg)
-        self.source_type = SOURCE_KINDS[self.settings.kind]
+        self.source_type = source_type
         self.settle = SettleTracker(cfg.inbox.settle_s)
         self.indexing: set[int] = set()
         self.unrecorded_claims = False  # a claim the journal could not record (disk full)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vnpd.compute.packing import TokenBatch
-from vnpd.inputs.source import SequenceSource
-from vnpd.output.hdf5 import PartialOutput
+if TYPE_CHECKING:  # annotations only: this module stays a leaf of the import graph
+    from vnpd.compute.packing import TokenBatch
+    from vnpd.inputs.source import SequenceSource
+    from vnpd.output.hdf5 import PartialOutput
 
 
 @dataclass

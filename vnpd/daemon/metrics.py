@@ -8,7 +8,7 @@ The full metric list, with example alert rules, is in docs/OPERATIONS.md.
 Example::
 
     metrics = Metrics()
-    metrics.start_server("127.0.0.1:9464")    # -> ("127.0.0.1", 9464)
+    metrics.start_server(("127.0.0.1", 9464))  # -> ("127.0.0.1", 9464)
     metrics.tokens_total.inc(4096)
     metrics.busy_interval("cuda:0", start=t0, end=t1)
     metrics.update_busy(now=time.time())
@@ -22,8 +22,6 @@ from collections import deque
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from vnpd.config import parse_listen
 
 # Batch device time: from a handful of short sequences on a big GPU (~10 ms) to a
 # full token budget of long sequences on a CPU worker (minutes).
@@ -129,19 +127,14 @@ class Metrics:
         for device, tracker in self._busy.items():
             self.device_busy_fraction.labels(device=device).set(tracker.fraction(now))
 
-    def start_server(self, listen: str) -> tuple[str, int] | None:
-        """Serve ``/metrics`` over HTTP on ``listen``; return the bound ``(host, port)``.
+    def start_server(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
+        """Serve ``/metrics`` over HTTP on ``address``; return the bound ``(host, port)``.
 
-        ``""`` disables the endpoint and returns ``None``. Port 0 binds a free port,
-        which is returned. The server runs on a daemon thread; call
-        :meth:`stop_server` to close it. Raises ``ValueError`` for a malformed
-        address (see ``vnpd.config.parse_listen``), ``OSError`` if it cannot bind,
-        ``RuntimeError`` if already started.
+        ``address`` is ``metrics.listen`` as parsed by ``vnpd.config.parse_listen``;
+        None disables the endpoint and returns None. Port 0 binds a free port, which is
+        returned. The server runs on a daemon thread; call :meth:`stop_server` to close
+        it. Raises ``OSError`` if it cannot bind, ``RuntimeError`` if already started.
         """
-        try:
-            address = parse_listen(listen)
-        except ValueError as exc:
-            raise ValueError(f"metrics listen address: {exc}") from None
         if address is None:
             return None
         if self._server is not None:

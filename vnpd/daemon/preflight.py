@@ -24,7 +24,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from vnpd.config import Config, ConfigError, PathsConfig, check_values, parse_devices
+from vnpd.config.checks import check_values, parse_devices
+from vnpd.config.schema import Config, ConfigError, PathsConfig
 
 PROC_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 

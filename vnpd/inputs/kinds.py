@@ -8,7 +8,8 @@ Example: ``SOURCE_KINDS["nucleotide"].build(path, directory, settings)``.
 from __future__ import annotations
 
 from vnpd.inputs.nucleotide_source import NucleotideSource
-from vnpd.inputs.source import ProteinSource, SequenceSource
+from vnpd.inputs.protein import ProteinSource
+from vnpd.inputs.source import SequenceSource
 
 SOURCE_KINDS: dict[str, type[SequenceSource]] = {
     "protein": ProteinSource, "nucleotide": NucleotideSource}

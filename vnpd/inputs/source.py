@@ -7,7 +7,8 @@ gives the per-row fields and the attributes that its input kind adds to the outp
 
 Input kinds live beside this file, one module each, and are registered in
 :data:`vnpd.inputs.kinds.SOURCE_KINDS`: ``protein`` (a protein FASTA, indexed in place)
-here, ``nucleotide`` (proteins derived from DNA) in :mod:`vnpd.inputs.nucleotide_source`.
+in :mod:`vnpd.inputs.protein`, ``nucleotide`` (proteins derived from DNA) in
+:mod:`vnpd.inputs.nucleotide_source`.
 
 Example::
 
@@ -25,12 +26,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from vnpd.inputs.fasta import FastaRecord
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
+if TYPE_CHECKING:  # annotations only: the interface imports no implementation
+    from vnpd.inputs.fasta import FastaRecord
 
 
 @dataclass(frozen=True)
@@ -97,40 +98,3 @@ class SequenceSource(ABC):
     def attributes(self) -> dict[str, Any]:
         """Root attributes this kind adds to the output."""
         return {"input_kind": self.kind}
-
-
-class ProteinSource(SequenceSource):
-    """A protein FASTA file: row i is record i, read in place through its index."""
-
-    kind = "protein"
-
-    def __init__(self, path: Path, index: FileIndex) -> None:
-        self.path = path
-        self.index = index
-
-    @classmethod
-    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":
-        return cls(path, index_fasta(path))
-
-    @classmethod
-    def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":
-        return cls(path, FileIndex.load(directory))
-
-    def save(self, directory: Path) -> list[Path]:
-        self.index.save(directory)
-        return sorted(directory.iterdir())
-
-    @property
-    def num_rows(self) -> int:
-        return self.index.num_records
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.index.lengths
-
-    @property
-    def sha256(self) -> str:
-        return self.index.sha256
-
-    def rows(self, start: int = 0) -> Iterator[FastaRecord]:
-        return iter_indexed(self.path, self.index, start)

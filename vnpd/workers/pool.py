@@ -28,11 +28,12 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from vnpd.compute.packing import TokenBatch
+if TYPE_CHECKING:  # annotations only
+    from vnpd.compute.packing import TokenBatch
 
 
 @dataclass(frozen=True)

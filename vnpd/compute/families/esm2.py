@@ -24,13 +24,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
 import torch.nn.functional as F
 
-from vnpd.compute.attention import AttentionBackend
 from vnpd.compute.choices import AUTO, COMPILE_MODES, COMPILE_OFF
+
+if TYPE_CHECKING:  # annotations only: the engine picks the backend and hands it in
+    from vnpd.compute.attention import AttentionBackend
 
 log = structlog.get_logger()
 
