@@ -64,6 +64,9 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
         parse_listen(cfg.metrics.listen)
     except ValueError as exc:
         problems.append(f"{name('metrics.listen')}: {exc}")
+    if cfg.cache.max_gb * (1 << 30) < (1 << 20):
+        problems.append(f"{name('cache.max_gb')}: must be at least 1 MiB (0.001), "
+                        f"got {cfg.cache.max_gb!r}")
     if not cfg.nucleotide.chunk_length >= 3:
         problems.append(f"{name('nucleotide.chunk_length')}: must be at least 3 (one codon), "
                         f"got {cfg.nucleotide.chunk_length!r}")

@@ -133,6 +133,16 @@ class NucleotideConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The embedding cache: identical sequences computed once, across jobs and restarts
+    (docs/DAEMON.md, "Compute once"). ``path`` "" = ``<state>/cache``."""
+
+    enabled: bool = True
+    max_gb: float = 50.0
+    path: str = ""
+
+
+@dataclass
 class Config:
     """The whole configuration; ``source`` is the TOML file it came from, if any."""
 
@@ -145,6 +155,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     input: InputConfig = field(default_factory=InputConfig)
     nucleotide: NucleotideConfig = field(default_factory=NucleotideConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     source: Path | None = None
 
 
@@ -166,6 +177,6 @@ POSITIVE = (
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",
     "workers.batch_deadline_base_s", "workers.crash_budget", "workers.crash_window_s",
     "workers.degraded_retry_s", "inbox.rescan_interval_s", "jobs.max_active_jobs",
-    "jobs.publish_retry_max_s")
+    "jobs.publish_retry_max_s", "cache.max_gb")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
                 "inbox.settle_s")

@@ -33,6 +33,7 @@ from vnpd.daemon.journal import Journal
 from vnpd.daemon.metrics import Metrics
 from vnpd.daemon.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.daemon.preflight import resolve_devices, validate_config
+from vnpd.daemon.reuse import RowCache, open_row_cache
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
@@ -108,6 +109,7 @@ class Daemon:
                              faults=self.faults, source_type=SOURCE_KINDS[cfg.input.kind])
         self.publishing: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.cache: RowCache | None = None
         self.last_progress = time.monotonic()
         self.started = time.time()
         self.ready_sent = False
@@ -155,6 +157,7 @@ class Daemon:
                                polling=self.cfg.inbox.polling)
         watcher.start()
         self._spawn(self._model_ready())
+        self._spawn(self._open_cache())
         self._spawn(self._supervise())
         self._spawn(self._complete_jobs())
         self._spawn(self._status_loop())
@@ -218,6 +221,9 @@ class Daemon:
             await asyncio.gather(*unfinished, return_exceptions=True)
         for job in list(self.scheduler.jobs.values()):
             job.partial.close()
+        if self.cache is not None:
+            self.scheduler.cache = None
+            await asyncio.to_thread(self.cache.close)
         self.metrics.stop_server()
         self._write_status(self._status(final=True))
         self.journal.close()
@@ -273,6 +279,22 @@ class Daemon:
         for outcome in self.pool.take_outcomes():
             self.scheduler.apply(outcome)
 
+    async def _open_cache(self) -> None:
+        """Open the embedding cache once the model's resolved layer is known."""
+        c, m = self.cfg.cache, self.cfg.model
+        if not c.enabled:
+            return
+        info = await self.pool.ready()
+        directory = Path(c.path) if c.path else self.cfg.paths.state / "cache"
+        try:
+            self.cache = await asyncio.to_thread(open_row_cache, directory, c.max_gb,
+                                                 m.checkpoint, info.layer, m.dtype,
+                                                 m.output_dtype, m.truncation)
+        except Exception as exc:  # a cache that cannot open costs speed, never results
+            log.error("cache_unavailable", path=str(directory), error=str(exc))
+            return
+        self.scheduler.cache = self.cache
+
     async def _model_ready(self) -> None:
         """Pack for the budget the devices chose, once the model is known."""
         info = await self.pool.ready()
@@ -307,6 +329,10 @@ class Daemon:
             for device, held in self.pool.inflight().items():
                 self.metrics.batches_inflight.labels(device=device).set(held)
             self.metrics.update_busy(time.time())
+            if self.cache is not None:
+                reads, writes = await asyncio.to_thread(self.cache.stats)
+                self.metrics.update_cache(reads.hits, reads.misses, writes.evictions,
+                                          writes.file_bytes)
             await asyncio.sleep(1.0)
 
     def _write_status(self, status: dict[str, Any]) -> None:

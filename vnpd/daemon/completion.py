@@ -55,15 +55,26 @@ if TYPE_CHECKING:  # annotations only: the daemon hands in the loaded configurat
 log = structlog.get_logger()
 
 def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: OutputMeta,
-                     quarantined: list[int]) -> None:
-    """Finalize the partial file with its ids and lengths, read from ``source``, and the
-    row fields and attributes of its input kind.
+                     quarantined: list[int], reuse: dict[str, int] | None = None) -> None:
+    """Finalize the partial file with its ids and lengths, read from ``source``, the row
+    fields and attributes of its input kind, and ``reuse`` (how many rows were computed,
+    served from the cache, or copies of an earlier row).
 
     Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
     """
     ids = (r.id for r in source.rows())
     partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=source.lengths,
-                     row_fields=source.row_fields(), attributes=source.attributes())
+                     row_fields=source.row_fields(),
+                     attributes={**source.attributes(), **(reuse or {})})
+
+
+def reuse_counts(journal: Journal, job_id: int, duplicate_records: int) -> dict[str, int]:
+    """The output attributes that account for compute-once: ``computed_sequences`` (run
+    through the model for this job), ``cache_hits`` and ``duplicate_records`` (rows that
+    repeat an earlier row of the file)."""
+    computed, hits = journal.reuse_counts(job_id)
+    return {"computed_sequences": computed, "cache_hits": hits,
+            "duplicate_records": duplicate_records}
 
 
 class JobCompletion:
@@ -108,7 +119,10 @@ class JobCompletion:
                 partial.close()  # finalized before a crash: never compact it twice
             else:
                 meta = await self.output_meta(job)
-                await asyncio.to_thread(finalize_partial, partial, job.source, meta, quarantined)
+                dups = job.duplicates.duplicate_rows if job.duplicates is not None else 0
+                reuse = reuse_counts(self.journal, job.job_id, dups)
+                await asyncio.to_thread(finalize_partial, partial, job.source, meta, quarantined,
+                                        reuse)
                 self.faults.crash_at("finalized")
         row = self.journal.job(job.job_id)
         dest = Path(row.output) if row.output else None
@@ -150,10 +164,23 @@ class JobCompletion:
         shutil.rmtree(self.jobs_dir / str(row.id), ignore_errors=True)
         self.metrics.jobs_total.labels(outcome="published").inc()
         self.metrics.last_publish_timestamp_seconds.set(time.time())
+        reuse = self._reuse_summary(dest)
+        self.metrics.duplicate_records_total.inc(reuse.get("duplicate_records", 0))
         log.info("job_published", job=row.id, file=row.name, output=str(dest),
                  sequences=row.num_records, tokens=tokens, seconds=round(seconds, 3),
                  tokens_per_s=round(tokens / seconds, 1) if seconds > 0 and tokens else None,
-                 quarantined=[q.record for q in self.journal.quarantined(row.id)])
+                 quarantined=[q.record for q in self.journal.quarantined(row.id)],
+                 **reuse)
+
+    def _reuse_summary(self, dest: Path) -> dict[str, int]:
+        """The compute-once counts of a published output, for its summary log line."""
+        try:
+            with h5py.File(dest, "r") as f:
+                return {name: int(f.attrs[name]) for name in
+                        ("computed_sequences", "cache_hits", "duplicate_records")
+                        if name in f.attrs}
+        except OSError:
+            return {}
 
     def published_before_crash(self, row: JobRow) -> Path | None:
         """The output of a job that a crash stopped after step 4, else None."""

@@ -37,6 +37,7 @@ from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.faults import FaultPlan
+from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates
 from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.source import SequenceSource, SourceSettings
 from vnpd.output.hdf5 import PartialOutput
@@ -142,8 +143,7 @@ class Intake:
     async def _index_job(self, job_id: int, name: str, claimed: Path) -> None:
         directory = self.jobs_dir / str(job_id) / "index"
         try:
-            source = await asyncio.to_thread(self.source_type.build, claimed, directory,
-                                             self.settings)
+            source, duplicates = await asyncio.to_thread(self._build_source, claimed, directory)
         except FastaError as exc:
             self.indexing.discard(job_id)
             await self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
@@ -158,7 +158,7 @@ class Intake:
         key = self._cache_key(source.sha256)
 
         async def save() -> None:
-            await asyncio.to_thread(_save_durably, source, directory)
+            await asyncio.to_thread(_save_durably, source, duplicates, directory)
             self.journal.set_indexed(job_id, source.sha256, key, source.num_rows, total_tokens)
         await with_disk_retry(save, "index_save_retry", self.cfg.jobs.publish_retry_max_s,
                               job=job_id, file=name)
@@ -167,10 +167,18 @@ class Intake:
         if copy:
             # Same content, same model settings, already published: copy, don't recompute.
             await self.completion.copy_duplicate(job_id, previous, name)
-        await self._activate(job_id, name, source, total_tokens, resume=copy)
+        await self._activate(job_id, name, source, total_tokens, resume=copy,
+                             duplicates=duplicates)
+
+    def _build_source(self, path: Path, directory: Path
+                      ) -> tuple[SequenceSource, DuplicatePlan]:
+        """Validate and index an input, and find its repeated rows (in a thread)."""
+        source = self.source_type.build(path, directory, self.settings)
+        return source, plan_duplicates(source, self.cfg.model.truncation)
 
     async def _activate(self, job_id: int, name: str, source: SequenceSource,
-                        total_tokens: int, *, resume: bool) -> None:
+                        total_tokens: int, *, resume: bool,
+                        duplicates: DuplicatePlan | None) -> None:
         """Serve a job: resume its partial file (``resume``) or create one. A partial file
         that is already finalized (a crash came before its publish, or it is the copy of
         an identical earlier output) goes straight to publishing."""
@@ -191,7 +199,8 @@ class Intake:
                                           dim, self.cfg.model.output_dtype),
                 "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
         job = ActiveJob(job_id, name, source, partial,
-                        self.journal.job(job_id).next_position, total_tokens)
+                        self.journal.job(job_id).next_position, total_tokens,
+                        duplicates=duplicates)
         if partial.finalized:
             self._spawn_publish(job)
             return
@@ -219,8 +228,11 @@ class Intake:
                 self.journal.set_state(row.id, "failed", error="claimed input file is missing")
             elif row.state in ("indexed", "publishing") and index_dir.exists():
                 source = self.source_type.open(row.claimed_path, index_dir, self.settings)
+                # A job indexed by an older version has no plan: its repeats are computed.
+                duplicates = DuplicatePlan.load(index_dir) \
+                    if DuplicatePlan.exists(index_dir) else None
                 await self._activate(row.id, row.name, source, int(row.total_tokens or 0),
-                                     resume=True)
+                                     resume=True, duplicates=duplicates)
             else:
                 self.journal.reset_job(row.id)
                 self._start_indexing(row.id, row.name, row.claimed_path)
@@ -263,11 +275,11 @@ def source_settings(cfg: Config) -> SourceSettings:
                           chunk_length=cfg.nucleotide.chunk_length)
 
 
-def _save_durably(source: SequenceSource, directory: Path) -> None:
-    """Save what a job's source needs and fsync it: the journal is about to call the
-    job indexed, and a restart after a power cut must find the files whole."""
+def _save_durably(source: SequenceSource, duplicates: DuplicatePlan, directory: Path) -> None:
+    """Save what a job's source needs, and its repeats, and fsync them: the journal is
+    about to call the job indexed, and a restart after a power cut must find them whole."""
     directory.mkdir(parents=True, exist_ok=True)
-    for path in source.save(directory):
+    for path in [*source.save(directory), *duplicates.save(directory)]:
         fsync_file(path)
     fsync_dir(directory)
     fsync_dir(directory.parent)

@@ -18,6 +18,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # annotations only: this module stays a leaf of the import graph
     from vnpd.compute.packing import TokenBatch
+    from vnpd.inputs.duplicates import DuplicatePlan
     from vnpd.inputs.source import SequenceSource
     from vnpd.output.hdf5 import PartialOutput
 
@@ -50,6 +51,7 @@ class ActiveJob:
     done_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     failed: str | None = None
+    duplicates: DuplicatePlan | None = None  # rows that repeat an earlier row: copied
 
     @property
     def num_records(self) -> int:

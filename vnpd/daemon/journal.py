@@ -231,6 +231,26 @@ class Journal:
             tokens += t
         return seqs, tokens
 
+    def done_positions(self, job_id: int) -> np.ndarray:
+        """Every position of the job's done batches."""
+        cur = self.db.execute("SELECT positions FROM batches WHERE job_id=? AND done=1",
+                              (job_id,))
+        parts = [np.frombuffer(blob, dtype=np.int64) for (blob,) in cur.fetchall()]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def reuse_counts(self, job_id: int) -> tuple[int, int]:
+        """(rows computed by the model, rows served from the cache) of the done batches:
+        a batch journaled with no tokens holds cache hits."""
+        cur = self.db.execute("SELECT positions, tokens FROM batches WHERE job_id=? AND done=1",
+                              (job_id,))
+        computed = hits = 0
+        for blob, tokens in cur.fetchall():
+            if tokens:
+                computed += len(blob) // 8
+            else:
+                hits += len(blob) // 8
+        return computed, hits
+
     # Quarantine ---------------------------------------------------------------------
     def quarantine(self, job_id: int, batch_no: int, position: int, record: str,
                    reason: str) -> None:
@@ -240,6 +260,15 @@ class Journal:
             self.db.execute("INSERT OR REPLACE INTO quarantine (job_id, position, reason, record) "
                             "VALUES (?, ?, ?, ?)", (job_id, position, reason, record))
             self.db.execute("DELETE FROM batches WHERE job_id=? AND batch_no=?", (job_id, batch_no))
+
+    def quarantine_more(self, job_id: int, positions: np.ndarray, record: str,
+                        reason: str) -> None:
+        """Quarantine more positions (copies of a quarantined sequence) in one transaction."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO quarantine (job_id, position, reason, record) "
+                "VALUES (?, ?, ?, ?)", [(job_id, int(p), reason, record) for p in positions])
 
     def quarantined(self, job_id: int) -> list[QuarantineRow]:
         cur = self.db.execute("SELECT position, record, reason FROM quarantine WHERE job_id=? "

@@ -112,11 +112,37 @@ class Metrics:
         self.batches_inflight = Gauge(
             "vnpd_batches_inflight", "Batches sent to a worker and not yet answered",
             ["device"], registry=r)
+        self.cache_hits_total = Counter(
+            "vnpd_cache_hits_total", "Sequences served from the embedding cache", registry=r)
+        self.cache_misses_total = Counter(
+            "vnpd_cache_misses_total", "Sequences looked up in the embedding cache and not found",
+            registry=r)
+        self.cache_evictions_total = Counter(
+            "vnpd_cache_evictions_total", "Entries evicted from the embedding cache (LRU)",
+            registry=r)
+        self.cache_bytes = Gauge(
+            "vnpd_cache_bytes", "Size of the embedding cache's files on disk", registry=r)
+        self.duplicate_records_total = Counter(
+            "vnpd_duplicate_records_total",
+            "Records that repeat an earlier record of their file, copied instead of computed",
+            registry=r)
+        self._cache_seen = (0, 0, 0)
         for outcome in JOB_OUTCOMES:  # export zeros, so rate() and alerts see the series
             self.jobs_total.labels(outcome=outcome)
         self._busy: dict[str, BusyTracker] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def update_cache(self, hits: int, misses: int, evictions: int, size_bytes: int) -> None:
+        """Bring the cache counters up to the store's running totals."""
+        seen = self._cache_seen
+        for counter, total, before in zip(
+                (self.cache_hits_total, self.cache_misses_total, self.cache_evictions_total),
+                (hits, misses, evictions), seen):
+            if total > before:
+                counter.inc(total - before)
+        self._cache_seen = (max(hits, seen[0]), max(misses, seen[1]), max(evictions, seen[2]))
+        self.cache_bytes.set(size_bytes)
 
     def busy_interval(self, device: str, start: float, end: float) -> None:
         """Record one batch's device time (wall clock) for ``device``'s busy fraction."""

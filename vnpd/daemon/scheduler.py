@@ -32,6 +32,7 @@ from vnpd.compute.packing import TokenBatch, build_batch, pack_batches, tokens_f
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
+from vnpd.daemon.reuse import RowCache, followers_rows, split_window
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError, FastaRecord
 from vnpd.workers.pool import BatchDone, BatchesLost, BatchFailed, Dispatch, Outcome
@@ -59,6 +60,7 @@ class Scheduler:
         self.on_poison = on_poison
         self.metrics = metrics
         self.faults = faults
+        self.cache: RowCache | None = None  # set by the daemon once the cache is open
         self.jobs: dict[int, ActiveJob] = {}
         self.finished: asyncio.Queue[ActiveJob] = asyncio.Queue()
         self._rr: deque[int] = deque()
@@ -72,10 +74,16 @@ class Scheduler:
         suspects (batches that failed before the restart) at the very front."""
         rows = self.journal.pending_batches(job.job_id)
         for row in sorted(rows, key=lambda r: r.attempts == 0):
-            job.queue.append(QueuedBatch(row.batch_no, row.positions, row.tokens,
+            # A batch of cache hits whose rows a crash lost (no tokens) is computed.
+            tokens = row.tokens or int(tokens_for(np.asarray(job.source.lengths[row.positions]),
+                                                  self.truncation).sum())
+            job.queue.append(QueuedBatch(row.batch_no, row.positions, tokens,
                                          attempts=row.attempts))
         job.done_sequences, job.done_tokens = self.journal.progress(job.job_id)
         job.done_sequences += len(self.journal.quarantined(job.job_id))
+        if job.duplicates is not None:  # the copies written with the done batches' rows
+            job.done_sequences += len(job.duplicates.followers_of(
+                self.journal.done_positions(job.job_id))[0])
         self.jobs[job.job_id] = job
         self._rr.append(job.job_id)
         log.info("job_started", job=job.job_id, file=job.name, sequences=job.num_records,
@@ -160,20 +168,30 @@ class Scheduler:
         # Ids and lengths are not written here but at finalize, from the input: ids are
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
         lengths = np.asarray(job.source.lengths[start:stop])
-        plan = pack_batches(lengths, self.max_tokens, self.truncation)
+        # Repeats of earlier rows are copied, cached rows served: neither is computed.
+        compute, hit, hit_rows = split_window(job.duplicates, self.cache, start, stop)
+        plan = [compute[b] for b in pack_batches(lengths[compute], self.max_tokens,
+                                                 self.truncation)]
         cost = tokens_for(lengths, self.truncation)
+        batches = [(local + start, int(cost[local].sum())) for local in plan]
+        if len(hit):
+            batches.append((hit + start, 0))  # no tokens: a batch of cache hits
         try:
-            numbers = self.journal.add_batches(
-                job.job_id, [(local + start, int(cost[local].sum())) for local in plan], stop)
+            numbers = self.journal.add_batches(job.job_id, batches, stop)
         except sqlite3.OperationalError as exc:
             # A full disk: nothing was journaled or queued; the window is read again later.
             self._disk_failed("window_read_failed", exc, job=job.job_id, start=start)
             return
+        if len(hit):
+            self._write_rows(job, hit + start, hit_rows)
+            job.unflushed.append(numbers.pop())
         for no, local in zip(numbers, plan):
             batch = build_batch(local + start, [records[i].sequence for i in local],
                                 self.truncation, [records[i].id for i in local])
             job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens, batch))
         job.next_position = stop
+        if not plan:
+            self._check_complete(job)  # a window of repeats and hits only: maybe the last
 
     def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
         if queued.batch is None:
@@ -214,10 +232,11 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None or queued.batch_no not in job.inflight:
             return  # job failed meanwhile, or a duplicate result: never written twice
-        job.partial.write_rows(queued.positions, rows)
+        self._write_rows(job, queued.positions, rows)
+        if self.cache is not None and job.duplicates is not None:
+            self.cache.store(np.asarray(job.duplicates.keys[queued.positions]), rows)
         job.inflight.discard(queued.batch_no)
         job.unflushed.append(queued.batch_no)
-        job.done_sequences += len(queued.positions)
         job.done_tokens += queued.tokens
         if self.metrics is not None:
             self.metrics.sequences_total.inc(len(queued.positions))
@@ -225,6 +244,14 @@ class Scheduler:
         log.debug("batch_done", job=job_id, batch=queued.batch_no, device=device,
                   sequences=len(queued.positions), tokens=queued.tokens,
                   seconds=round(seconds, 3))
+
+    def _write_rows(self, job: ActiveJob, positions: np.ndarray, rows: np.ndarray) -> None:
+        """Write rows at their positions, and copies at the positions that repeat them."""
+        job.partial.write_rows(positions, rows)
+        followers, copies = followers_rows(job.duplicates, positions, rows)
+        if len(followers):
+            job.partial.write_rows(followers, copies)
+        job.done_sequences += len(positions) + len(followers)
 
     def commit(self) -> None:
         """Make written rows durable, then journal their batches as done.
@@ -339,7 +366,10 @@ class Scheduler:
             self._finish(job)
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
-        job.done_sequences += 1
+        followers, _ = followers_rows(job.duplicates, queued.positions, np.zeros((1, 0)))
+        if len(followers):  # the same sequence again: it would fail the same way
+            self.journal.quarantine_more(job.job_id, followers, f"same as {record_id}", reason)
+        job.done_sequences += 1 + len(followers)
         self._check_complete(job)
 
     def _check_complete(self, job: ActiveJob) -> None:

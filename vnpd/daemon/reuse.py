@@ -1,0 +1,141 @@
+"""The daemon's embedding cache: rows of sequences computed before, in any job, served
+again instead of recomputed (``[cache]``; the store is :mod:`vnpd.cache.store`).
+
+Lookups run on the event loop, a batch of keys per window of a job (about a microsecond a
+key). Writes run on one background thread, so a slow disk never holds a batch's rows
+back; the queue in front of it is bounded, and rows that do not fit are not cached (the
+cache is an optimisation, never a place where a result must be). Each thread has its own
+handle on the SQLite store.
+
+The namespace of every entry covers what changes a row (the checkpoint's content hash,
+layer, dtypes, truncation, window settings, per-residue output): an entry of another model
+or setting is never served (:func:`vnpd.cache.key.cache_namespace`).
+
+Example::
+
+    cache = RowCache.open(state / "cache", max_bytes=50 << 30, namespace=ns)
+    found = cache.lookup(keys)        # {i: row} for the keys[i] that were cached
+    cache.store(keys, rows)           # later, on the writer thread
+    cache.close()
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from vnpd.cache.store import CacheStats, EmbeddingCache
+from vnpd.inputs.duplicates import DuplicatePlan
+
+log = structlog.get_logger()
+
+ROW = "mean"            # the name of the pooled row in a cache entry
+QUEUE_BATCHES = 256     # batches of rows waiting for the writer thread, at most
+
+
+class RowCache:
+    """A reader handle for lookups on the loop, a writer thread for stores."""
+
+    def __init__(self, reader: EmbeddingCache, writer: EmbeddingCache) -> None:
+        self.reader, self.writer = reader, writer
+        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = \
+            queue.Queue(QUEUE_BATCHES)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._write_loop, daemon=True,
+                                        name="vnpd-cache-writer")
+        self._thread.start()
+
+    @classmethod
+    def open(cls, directory: Path, max_bytes: int, namespace: str) -> "RowCache":
+        """Open (or create, or rebuild if corrupt) the store in ``directory``."""
+        writer = EmbeddingCache.open(directory, max_bytes, namespace)
+        reader = EmbeddingCache.open(directory, max_bytes, namespace)
+        return cls(reader, writer)
+
+    def lookup(self, keys: np.ndarray) -> dict[int, np.ndarray]:
+        """The cached rows of ``keys`` ((k, 32) uint8): ``{i: row}`` for each hit."""
+        if not len(keys):
+            return {}
+        wanted = [bytes(k) for k in np.asarray(keys)]
+        found = self.reader.get_many(wanted)
+        return {i: found[key][ROW] for i, key in enumerate(wanted) if key in found}
+
+    def store(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Queue rows for the store; ``rows[i]`` belongs to ``keys[i]``."""
+        try:
+            self._queue.put_nowait((np.array(keys, copy=True), np.array(rows, copy=True)))
+        except queue.Full:
+            self.dropped += len(keys)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            keys, rows = item
+            try:
+                self.writer.put_many((bytes(k), {ROW: row}) for k, row in zip(keys, rows))
+            except Exception as exc:  # a full disk, say: the rows are in the output anyway
+                log.warning("cache_write_failed", rows=len(keys), error=str(exc))
+
+    def stats(self) -> tuple[CacheStats, CacheStats]:
+        """(reader stats: hits and misses; writer stats: evictions and size)."""
+        return self.reader.stats(), self.writer.stats()
+
+    def close(self) -> None:
+        """Write what is queued, then close both handles."""
+        self._queue.put(None)
+        self._thread.join()
+        self.writer.close()
+        self.reader.close()
+
+
+def split_window(duplicates: DuplicatePlan | None, cache: RowCache | None,
+                 start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which rows ``start..stop-1`` of a job must be computed.
+
+    Returns (local indices to compute, local indices served by the cache, their rows).
+    Followers (rows that repeat an earlier row) are in neither: they get their leader's
+    row when it is written (:func:`followers_rows`).
+    """
+    local = np.arange(stop - start)
+    if duplicates is not None:
+        local = local[duplicates.is_leader(local + start)]
+    if cache is None or duplicates is None or not len(local):
+        return local, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    found = cache.lookup(np.asarray(duplicates.keys[local + start]))
+    if not found:
+        return local, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    hit = np.fromiter(sorted(found), dtype=np.int64, count=len(found))
+    rows = np.stack([found[int(i)] for i in hit])
+    keep = np.ones(len(local), dtype=bool)
+    keep[hit] = False
+    return local[keep], local[hit], rows
+
+
+def followers_rows(duplicates: DuplicatePlan | None, positions: np.ndarray,
+                   rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The follower positions of ``positions`` and the rows they copy."""
+    if duplicates is None:
+        return np.zeros(0, dtype=np.int64), rows[:0]
+    followers, which = duplicates.followers_of(positions)
+    return followers, rows[which]
+
+
+def open_row_cache(directory: Path, max_gb: float, checkpoint: str, layer: int, dtype: str,
+                   output_dtype: str, truncation: int) -> RowCache:
+    """The daemon's cache for this model and these settings (hashes the checkpoint's
+    content once; the digest is remembered beside the cache)."""
+    from vnpd.cache.key import cache_namespace, model_content_hash
+    from vnpd.compute.families.esm2_checkpoint import resolve_checkpoint
+
+    digest = model_content_hash(resolve_checkpoint(checkpoint), memo_dir=directory)
+    namespace = cache_namespace(digest, layers=[layer], dtype=dtype, output_dtype=output_dtype,
+                                truncation=truncation, long_sequences="truncate",
+                                window_stride=max(1, truncation // 2), per_residue=False)
+    log.info("cache_open", path=str(directory), max_gb=max_gb, model_sha256=digest[:16])
+    return RowCache.open(directory, int(max_gb * (1 << 30)), namespace)
