@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = last)")
+    p.add_argument("--layers", type=_layer_list, default=None,
+                   help="several layers in one pass, e.g. --layers=-1,20 (overrides --layer)")
+    p.add_argument("--per-residue", action="store_true",
+                   help="also write every residue's representation (residues, residue_offsets)")
+    p.add_argument("--long-sequences", choices=["truncate", "window"], default="truncate",
+                   help="sequences over --truncation: truncate (extract.py) or window")
+    p.add_argument("--window-stride", type=int, default=0,
+                   help="window mode: residues between window starts (0 = truncation / 2)")
     p.add_argument("--max-tokens", type=int, default=0, help="token budget (0 = auto)")
     p.add_argument("--truncation", type=int, default=1022)
     p.add_argument("--log-level", default="warning")
@@ -82,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers such as -1,20, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer")
+    return layers
+
+
 def _chunk_length(text: str) -> int:
     value = int(text)
     if value < 3:
@@ -90,9 +108,10 @@ def _chunk_length(text: str) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from vnpd.embed import embed_file
+    from vnpd.embed import EmbedOptions, embed_file
     from vnpd.inputs.source import SourceSettings
     from vnpd.compute.engine import Engine
+    from vnpd.compute.windows import plan_windows
     from vnpd.inputs.fasta import FastaError
     from vnpd.compute.families.esm2_checkpoint import CheckpointError, ModelNotFoundError
 
@@ -100,7 +119,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     try:
         engine = Engine.load(args.model, device=args.device, dtype=dtype, layer=args.layer,
-                             truncation=args.truncation, max_tokens=args.max_tokens)
+                             layers=args.layers, truncation=args.truncation,
+                             max_tokens=args.max_tokens)
+        options = EmbedOptions(per_residue=args.per_residue,
+                               long_sequences=args.long_sequences,
+                               window_stride=args.window_stride)
+        if options.long_sequences == "window":
+            plan_windows(0, engine.truncation, options.stride(engine.truncation))
     except (ModelNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"vnpd embed: {exc}\n")
         return EX_CONFIG
@@ -108,7 +133,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         settings = SourceSettings(kind=args.kind, proteins=args.proteins,
                                   chunk_length=args.chunk_length)
         embed_file(args.input, args.output, engine, output_dtype=args.output_dtype,
-                   settings=settings)
+                   settings=settings, options=options)
     except FastaError as exc:
         sys.stderr.write(f"vnpd embed: {args.input}: {exc}\n")
         return EX_DATAERR
