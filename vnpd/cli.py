@@ -169,7 +169,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
-    from vnpd.config import ConfigError, load_config
+    from vnpd.config import ConfigError, config_warnings, load_config
     from vnpd.daemon.preflight import validate_config
 
     try:
@@ -178,6 +178,8 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"vnpd validate-config: {args.config}: invalid\n{exc}\n")
         return EX_CONFIG
+    for warning in config_warnings(cfg):
+        sys.stderr.write(f"vnpd validate-config: warning: {warning}\n")
     sys.stdout.write(f"{args.config}: ok\n")
     return 0
 

@@ -66,6 +66,14 @@ class ModelConfig:
     output_dtype: str = "float32"
     truncation: int = 1022
     max_tokens_per_batch: int = 0  # 0 = size from device memory
+    layers: list[int] = field(default_factory=list)  # several layers, one pass; [] = [layer]
+    long_sequences: str = "truncate"  # "truncate" (extract.py) | "window" (vnpd embed only, yet)
+    window_stride: int = 0  # window: residues between window starts; 0 = truncation // 2
+
+    def resolved_layers(self) -> list[int]:
+        """The layers to compute, as configured (fair-esm numbering, not yet resolved
+        against a model): ``layers`` if given, else ``[layer]``."""
+        return list(self.layers) if self.layers else [self.layer]
 
 
 @dataclass
@@ -140,6 +148,13 @@ class NucleotideConfig:
 
 
 @dataclass
+class OutputConfig:
+    """What the output files hold besides one mean row per sequence (docs/OUTPUT.md)."""
+
+    per_residue: bool = False  # also every residue's rows: residues + residue_offsets
+
+
+@dataclass
 class Config:
     """The whole configuration; ``source`` is the TOML file it came from, if any."""
 
@@ -152,6 +167,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     input: InputConfig = field(default_factory=InputConfig)
     nucleotide: NucleotideConfig = field(default_factory=NucleotideConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     source: Path | None = None
 
 
@@ -166,6 +182,8 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES, "model.output_dtype": OUTPUT_DTYPES, "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS}
 ENUMS.update({"input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS})
+LONG_SEQUENCES = ("truncate", "window")  # as vnpd.compute.windows (no torch import here)
+ENUMS["model.long_sequences"] = LONG_SEQUENCES
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",
@@ -173,7 +191,7 @@ POSITIVE = (
     "workers.degraded_retry_s", "inbox.rescan_interval_s", "jobs.max_active_jobs",
     "jobs.publish_retry_max_s")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
-                "inbox.settle_s")
+                "inbox.settle_s", "model.window_stride")
 _CUDA_RE = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -346,6 +364,18 @@ def _coerce(value: object, hint: object) -> object:
         if isinstance(value, (str, os.PathLike)) and str(value).strip():
             return Path(value)
         raise ValueError("a non-empty path string")
+    if hint == list[int]:  # model.layers: [-1, 20], or "-1,20" from the environment
+        if isinstance(value, str):
+            try:
+                return [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError("a list of integers such as [-1, 20] or -1,20") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ValueError("a list of integers such as [-1, 20]")
     # workers.devices: "auto", a list of device strings, or a comma-separated string.
     if isinstance(value, str):
         return "auto" if value.strip() == "auto" else [d.strip() for d in value.split(",")]
@@ -418,10 +448,33 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
     if cfg.metrics.listen and not _valid_listen(cfg.metrics.listen):
         problems.append(f"{name('metrics.listen')}: expected HOST:PORT (e.g. 127.0.0.1:9464) "
                         f"or \"\" to disable, got {cfg.metrics.listen!r}")
+    if m.layers and "model.layer" in origins and "model.layers" in origins \
+            and m.layers != [m.layer]:
+        problems.append(f"{name('model.layers')} and {name('model.layer')} disagree: "
+                        f"set one (layers = {m.layers} computes all of them)")
+    if len(set(m.layers)) != len(m.layers):
+        problems.append(f"{name('model.layers')}: a layer is listed twice: {m.layers}")
+    if 1 <= m.truncation <= MAX_TRUNCATION and m.window_stride > m.truncation:
+        problems.append(f"{name('model.window_stride')}: must be at most truncation "
+                        f"({m.truncation}), or windows would leave gaps; got {m.window_stride}")
+    if m.long_sequences == "window":
+        problems.append(f"{name('model.long_sequences')}: \"window\" is not yet supported by "
+                        f"the daemon (vnpd run); use vnpd embed --long-sequences window, or "
+                        f"\"truncate\" here")
     if not cfg.nucleotide.chunk_length >= 3:
         problems.append(f"{name('nucleotide.chunk_length')}: must be at least 3 (one codon), "
                         f"got {cfg.nucleotide.chunk_length!r}")
     return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that work but are likely not what was meant (``vnpd validate-config``)."""
+    warnings = []
+    if cfg.output.per_residue and cfg.model.output_dtype == "float32":
+        warnings.append("output.per_residue with model.output_dtype = \"float32\" writes "
+                        "4 bytes per value per residue (3B: 10.2 GB per million residues "
+                        "and layer); \"float16\" halves that (docs/OUTPUT.md)")
+    return warnings
 
 
 def _valid_listen(listen: str) -> bool:

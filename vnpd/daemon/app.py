@@ -127,7 +127,9 @@ class Daemon:
                 env = {"CUDA_VISIBLE_DEVICES": visible_list[n] if visible_list else str(n)}
             specs.append(WorkerSpec(
                 worker_id=i, device=device, checkpoint=cfg.model.checkpoint, dtype=cfg.model.dtype,
-                layer=cfg.model.layer, truncation=cfg.model.truncation,
+                layer=cfg.model.layer, layers=tuple(cfg.model.resolved_layers()),
+                residues=cfg.model.output_dtype if cfg.output.per_residue else None,
+                truncation=cfg.model.truncation,
                 max_tokens=cfg.model.max_tokens_per_batch,
                 heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
                 log_format=cfg.logging.format, log_level=cfg.logging.level,

@@ -202,19 +202,23 @@ class Scheduler:
     def apply(self, outcome: Outcome) -> None:
         """Take in what became of a batch: rows to write, a failure, or lost batches."""
         if isinstance(outcome, BatchDone):
-            self.batch_done(outcome.dispatch, outcome.rows, outcome.device, outcome.seconds)
+            self.batch_done(outcome.dispatch, outcome.rows, outcome.device, outcome.seconds,
+                            outcome.residues, outcome.residue_counts)
         elif isinstance(outcome, BatchFailed):
             self.batch_failed(outcome.dispatch, outcome.kind, outcome.message)
         elif isinstance(outcome, BatchesLost):
             self.batches_lost(outcome.dispatches, outcome.reason)
 
     def batch_done(self, dispatch: Dispatch, rows: np.ndarray, device: str,
-                   seconds: float) -> None:
+                   seconds: float, residues: np.ndarray | None = None,
+                   residue_counts: np.ndarray | None = None) -> None:
         job_id, queued = dispatch.key
         job = self.jobs.get(job_id)
         if job is None or queued.batch_no not in job.inflight:
             return  # job failed meanwhile, or a duplicate result: never written twice
         job.partial.write_rows(queued.positions, rows)
+        if residues is not None:  # per_residue: written before the same flush as the rows
+            job.partial.write_residues(queued.positions, residues, residue_counts)
         job.inflight.discard(queued.batch_no)
         job.unflushed.append(queued.batch_no)
         job.done_sequences += len(queued.positions)
