@@ -126,6 +126,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
                                window_stride=args.window_stride)
         if options.long_sequences == "window":
             plan_windows(0, engine.truncation, options.stride(engine.truncation))
+        if options.per_residue and args.output_dtype == "float32":
+            sys.stderr.write("vnpd embed: warning: --per-residue in float32 takes 4 bytes per "
+                             "value per residue; --output-dtype float16 halves it\n")
     except (ModelNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"vnpd embed: {exc}\n")
         return EX_CONFIG
