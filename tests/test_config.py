@@ -331,3 +331,32 @@ def test_config_and_preflight_never_import_torch():
             "except c.ConfigError: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_layers_per_residue_and_long_sequences_keys(tmp_path: Path):
+    from vnpd.config import config_warnings
+
+    path = write(tmp_path / "vnpd.toml", '[model]\nlayers = [-1, 20]\n[output]\nper_residue = true\n')
+    cfg = load_config(path, env={})
+    assert cfg.model.resolved_layers() == [-1, 20] and cfg.output.per_residue
+    assert load_config(None, env={}).model.resolved_layers() == [-1]
+    assert load_config(None, env={"VNPD_MODEL_LAYER": "5"}).model.resolved_layers() == [5]
+    assert load_config(None, env={"VNPD_MODEL_LAYERS": "-1,3"}).model.layers == [-1, 3]
+    assert load_config(None, env={"VNPD_MODEL_LAYERS": "[0, 3]"}).model.layers == [0, 3]
+    assert any("float16" in w for w in config_warnings(cfg))
+    cfg16 = load_config(path, env={"VNPD_MODEL_OUTPUT_DTYPE": "float16"})
+    assert config_warnings(cfg16) == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[model]\nlayers = [-1, -1]\n', "listed twice"),
+    ('[model]\nlayer = 3\nlayers = [-1, 20]\n', "disagree"),
+    ('[model]\nlayers = ["last"]\n', "list of integers"),
+    ('[model]\nlong_sequences = "window"\n', "not yet supported by the daemon"),
+    ('[model]\nlong_sequences = "slide"\n', "truncate, window"),
+    ('[model]\ntruncation = 100\nwindow_stride = 101\n', "at most truncation"),
+    ('[model]\nwindow_stride = -1\n', "0 or more"),
+])
+def test_layers_and_window_problems(tmp_path: Path, text: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path / "vnpd.toml", text), env={})

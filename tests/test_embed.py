@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import random_sequences, write_fasta
-from tests.compute.families.test_esm2 import fair_esm_means
+import torch
+
+from tests.compute.families.test_esm2 import fair_esm_means, fair_esm_representations
 from tests.inputs.test_nucleotide import phage_like, random_dna
 from vnpd.inputs.nucleotide_source import NucleotideSource
 from vnpd.inputs.source import SourceSettings
@@ -187,3 +189,118 @@ def test_python_dash_m_and_version() -> None:
     result = subprocess.run([sys.executable, "-m", "vnpd", "--version"], capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == f"vnpd {__version__}"
+
+
+def fair_esm_windowed(model, alphabet, seqs: list[str], layers: list[int], truncation: int,
+                      stride: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The window-mode reference, from fair-esm alone: each window through ESM2.forward by
+    itself; a residue's row is the mean over the windows that contain it, the sequence's
+    mean the mean over its residues. Returns (per-residue (L, n_layers, D), mean) lists."""
+    converter = alphabet.get_batch_converter()
+    per_residue, means = [], []
+    for s in seqs:
+        starts = list(range(0, max(len(s) - truncation, 0), stride)) + [max(len(s) - truncation, 0)]
+        sums = np.zeros((len(s), len(layers), model.embed_dim), np.float64)
+        counts = np.zeros(len(s))
+        for a in starts:
+            window = s[a:a + truncation]
+            _, _, toks = converter([("w", window)])
+            with torch.no_grad():
+                reps = model(toks, repr_layers=layers)["representations"]
+            for j, layer in enumerate(layers):
+                sums[a:a + len(window), j] += reps[layer][0, 1:len(window) + 1].numpy()
+            counts[a:a + len(window)] += 1
+        rows = sums / counts[:, None, None]
+        per_residue.append(rows)
+        means.append(rows.mean(0) if len(s) else np.zeros_like(sums[:1].sum(0)))
+    return per_residue, means
+
+
+@pytest.mark.parametrize("mode", ["window", "truncate"])
+def test_embed_layers_residues_windows_match_fair_esm(tmp_path: Path, tiny_model: Path,
+                                                      mode: str) -> None:
+    """`vnpd embed --layers=-1,1 --per-residue --long-sequences window` against fair-esm:
+    a small truncation (30) makes long sequences cheap; a small budget spreads one
+    sequence's windows over several batches."""
+    truncation, stride = 30, 11
+    seqs = random_sequences([1, 2, 29, 30, 31, 45, 61, 130, 7, 300, 30, 1100, 3], seed=31)
+    src = write_fasta(tmp_path / "in.fasta", seqs)
+    out = tmp_path / "in.h5"
+    result = run_embed(str(src), "-o", str(out), "--model", str(tiny_model), "--layers=-1,1",
+                       "--per-residue", "--long-sequences", mode, "--window-stride", str(stride),
+                       "--truncation", str(truncation), "--max-tokens", "100")
+    assert result.returncode == 0, result.stderr
+    model, alphabet = load_esm2(tiny_model)
+    layers = [2, 1]
+    if mode == "window":
+        want_rows, want_means = fair_esm_windowed(model, alphabet, seqs, layers, truncation,
+                                                  stride)
+    else:
+        reps = fair_esm_representations(model, alphabet, seqs, layers, truncation)
+        want_rows = [np.stack([reps[layer][i] for layer in layers], 1) for i in range(len(seqs))]
+        want_means = [r.mean(0) for r in want_rows]
+    with h5py.File(out, "r") as f:
+        emb, residues, offsets = f["embeddings"][:], f["residues"][:], f["residue_offsets"][:]
+        attrs = dict(f.attrs)
+    assert emb.shape == (len(seqs), 2, model.embed_dim)
+    assert list(attrs["layers"]) == layers and "layer" not in attrs
+    assert attrs["long_sequences"] == mode
+    assert (attrs["window_stride"] == stride) if mode == "window" else "window_stride" not in attrs
+    kept = [len(s) if mode == "window" else min(len(s), truncation) for s in seqs]
+    assert offsets.tolist() == np.r_[0, np.cumsum(kept)].tolist()
+    assert residues.shape == (sum(kept), 2, model.embed_dim) and residues.dtype == np.float32
+    for i in range(len(seqs)):
+        assert np.abs(residues[offsets[i]:offsets[i + 1]] - want_rows[i]).max() <= 1e-5
+        assert np.abs(emb[i] - want_means[i]).max() <= 1e-5
+
+
+def test_window_mode_without_per_residue_and_one_layer(tmp_path: Path, tiny_model: Path) -> None:
+    """Window means need residue rows inside even when none are written; a sequence no
+    longer than the truncation gives exactly what truncate gives."""
+    from vnpd.compute.engine import Engine
+    from vnpd.embed import EmbedOptions, embed_file
+
+    seqs = random_sequences([5, 30, 31, 90, 2, 64], seed=5)
+    src = write_fasta(tmp_path / "in.fasta", seqs)
+    engine = Engine.load(str(tiny_model), layer=1, truncation=30, max_tokens=70)
+    embed_file(src, tmp_path / "w.h5", engine,
+               options=EmbedOptions(long_sequences="window", window_stride=13))
+    embed_file(src, tmp_path / "t.h5", engine)
+    w, _, _, wattrs = read_output(tmp_path / "w.h5")
+    t, _, _, tattrs = read_output(tmp_path / "t.h5")
+    assert w.shape == (6, 64) and wattrs["layer"] == 1 and wattrs["layers"] == [1]
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        assert "residues" not in f and "residue_offsets" not in f
+    short = [i for i, s in enumerate(seqs) if len(s) <= 30]
+    # Same function; only the batches differ (so the GEMMs' summation order may too).
+    np.testing.assert_allclose(w[short], t[short], atol=1e-6)
+    model, alphabet = load_esm2(tiny_model)
+    _, means = fair_esm_windowed(model, alphabet, seqs, [1], 30, 13)
+    np.testing.assert_allclose(w, np.stack(means)[:, 0], atol=1e-5)
+
+
+def test_per_residue_float16(tmp_path: Path, tiny_model: Path) -> None:
+    seqs = random_sequences([3, 50, 1], seed=2)
+    src = write_fasta(tmp_path / "in.fasta", seqs)
+    out = tmp_path / "in.h5"
+    result = run_embed(str(src), "-o", str(out), "--model", str(tiny_model), "--per-residue",
+                       "--output-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    model, alphabet = load_esm2(tiny_model)
+    reps = fair_esm_representations(model, alphabet, seqs, [2])[2]
+    with h5py.File(out, "r") as f:
+        assert f["residues"].dtype == np.float16 and f["residues"].shape == (54, 64)
+        offsets = f["residue_offsets"][:]
+        for i in range(3):
+            np.testing.assert_allclose(f["residues"][offsets[i]:offsets[i + 1]], reps[i],
+                                       atol=2e-2, rtol=1e-2)
+
+
+def test_embed_refuses_bad_layers_and_stride(tmp_path: Path, tiny_model: Path) -> None:
+    src = write_fasta(tmp_path / "in.fasta", ["ACDE"])
+    for args in (["--layers=-1,2"], ["--layers=7"], ["--long-sequences", "window",
+                                                     "--window-stride", "2000"]):
+        result = run_embed(str(src), "-o", str(tmp_path / "o.h5"), "--model", str(tiny_model),
+                           *args)
+        assert result.returncode == 78, (args, result.stderr)
+        assert not (tmp_path / "o.h5").exists()

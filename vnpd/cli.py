@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--output-dtype", choices=OUTPUT_DTYPES, default="float32")
     p.add_argument("--layer", type=int, default=-1, help="representation layer (-1 = last)")
+    p.add_argument("--layers", type=_layer_list, default=None,
+                   help="several layers in one pass, e.g. --layers=-1,20 (overrides --layer)")
+    p.add_argument("--per-residue", action="store_true",
+                   help="also write every residue's representation (residues, residue_offsets)")
+    p.add_argument("--long-sequences", choices=["truncate", "window"], default="truncate",
+                   help="sequences over --truncation: truncate (extract.py) or window")
+    p.add_argument("--window-stride", type=int, default=0,
+                   help="window mode: residues between window starts (0 = truncation / 2)")
     p.add_argument("--max-tokens", type=int, default=0, help="token budget (0 = auto)")
     p.add_argument("--truncation", type=int, default=FAIR_ESM_TRUNCATION)
     p.add_argument("--attention", choices=(AUTO, *ATTENTION_BACKENDS), default=None,
@@ -92,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers such as -1,20, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer")
+    return layers
+
+
 def _chunk_length(text: str) -> int:
     value = int(text)
     if value < 3:
@@ -100,9 +118,10 @@ def _chunk_length(text: str) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from vnpd.embed import embed_file
+    from vnpd.embed import EmbedOptions, embed_file
     from vnpd.inputs.source import SourceSettings
     from vnpd.compute.engine import Engine
+    from vnpd.compute.windows import plan_windows
     from vnpd.inputs.fasta import FastaError
     from vnpd.compute.families.esm2_checkpoint import CheckpointError, ModelNotFoundError
     from vnpd.config import ConfigError, load_engine_choices
@@ -117,8 +136,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return EX_CONFIG
     try:
         engine = Engine.load(args.model, device=args.device, dtype=dtype, layer=args.layer,
-                             truncation=args.truncation, max_tokens=args.max_tokens,
-                             attention=attention, compile_mode=compile_mode)
+                             layers=args.layers, truncation=args.truncation,
+                             max_tokens=args.max_tokens, attention=attention,
+                             compile_mode=compile_mode)
+        options = EmbedOptions(per_residue=args.per_residue,
+                               long_sequences=args.long_sequences,
+                               window_stride=args.window_stride)
+        if options.long_sequences == "window":
+            plan_windows(0, engine.truncation, options.stride(engine.truncation))
+        if options.per_residue and args.output_dtype == "float32":
+            sys.stderr.write("vnpd embed: warning: --per-residue in float32 takes 4 bytes per "
+                             "value per residue; --output-dtype float16 halves it\n")
     except (ModelNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"vnpd embed: {exc}\n")
         return EX_CONFIG
@@ -126,7 +154,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         settings = SourceSettings(kind=args.kind, proteins=args.proteins,
                                   chunk_length=args.chunk_length)
         embed_file(args.input, args.output, engine, output_dtype=args.output_dtype,
-                   settings=settings)
+                   settings=settings, options=options)
     except FastaError as exc:
         sys.stderr.write(f"vnpd embed: {args.input}: {exc}\n")
         return EX_DATAERR
@@ -162,7 +190,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
-    from vnpd.config import ConfigError, load_config
+    from vnpd.config import ConfigError, config_warnings, load_config
     from vnpd.daemon.preflight import validate_config
 
     try:
@@ -171,6 +199,8 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"vnpd validate-config: {args.config}: invalid\n{exc}\n")
         return EX_CONFIG
+    for warning in config_warnings(cfg):
+        sys.stderr.write(f"vnpd validate-config: warning: {warning}\n")
     sys.stdout.write(f"{args.config}: ok\n")
     return 0
 

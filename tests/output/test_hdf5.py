@@ -58,7 +58,7 @@ def test_schema_dtypes_and_attrs(tmp_path: Path) -> None:
         assert string_info is not None and string_info.encoding == "utf-8"
         assert string_info.length is None  # variable length
         assert f["lengths"].dtype == np.int32 and f["lengths"].shape == (5,)
-        assert set(f.attrs.keys()) == set(REQUIRED_ATTRS)
+        assert set(f.attrs.keys()) == set(REQUIRED_ATTRS) | {"layer", "long_sequences"}
     emb, ids, lengths, attrs = read_output(path)
     assert ids == [f"seq{i}" for i in range(5)]
     assert lengths.tolist() == [1, 2, 3, 4, 5]

@@ -10,11 +10,21 @@ Example::
     engine = Engine.load("esm2_t33_650M_UR50D", device="cuda:0", dtype="bfloat16")
     pending = engine.submit(batch)          # returns at once
     rows = pending.result()                 # (n, D) float32, row i = batch.positions[i]
+
+    engine = Engine.load(..., layers=(-1, 20))            # several layers, one pass
+    pending = engine.submit(batch, residues="float16")
+    pending.result()                        # (n, 2, D) float32
+    pending.residues()                      # (R, 2, D) float16, see PendingResult.residues
+
+Per-residue rows leave the device on a side stream (copy_stream): the compute stream
+records an event after the forward, the copy stream waits on it and copies into pinned
+host memory, and its own event tells the host when the rows may be read.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +34,7 @@ import torch
 
 from vnpd.compute.attention import select_attention
 from vnpd.compute.choices import COMPUTE_DTYPES
-from vnpd.compute.families.esm2 import PackedESM2, resolve_layer
+from vnpd.compute.families.esm2 import PackedESM2, resolve_layers
 from vnpd.compute.families.esm2_checkpoint import load_esm2, resolve_checkpoint
 from vnpd.compute.packing import TokenBatch
 from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION
@@ -34,6 +44,7 @@ log = structlog.get_logger()
 # The names are config's (vnpd.compute.choices); this maps them to torch dtypes.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 assert tuple(TORCH_DTYPES) == COMPUTE_DTYPES, "vnpd.compute.choices and the engine disagree"
+RESIDUE_DTYPES = ("float32", "float16")  # numpy-representable: the output dtypes
 DEFAULT_CPU_TOKENS = 4096
 MAX_AUTO_TOKENS = 1 << 17
 # Peak activation bytes per token, in units of embed_dim × element size: x, h, the fused
@@ -74,30 +85,56 @@ class PendingResult:
     host: torch.Tensor
     event: torch.cuda.Event | None
     started: float
+    residue_host: torch.Tensor | None = None
+    residue_event: torch.cuda.Event | None = None
+    lengths: np.ndarray | None = None  # residues per sequence, for the residue offsets
 
     def ready(self) -> bool:
-        return self.event is None or self.event.query()
+        return all(e is None or e.query() for e in (self.event, self.residue_event))
 
     def result(self) -> np.ndarray:
-        """(n, D) float32 rows, aligned with ``positions``. Waits for the device."""
+        """(n, D) float32 rows, or (n, n_layers, D) with several layers, aligned with
+        ``positions``. Waits for the device."""
         if self.event is not None:
             # Reading before the copy finished returns garbage; the event orders it.
             self.event.synchronize()
         return self.host.numpy()
+
+    def residues(self) -> np.ndarray | None:
+        """Residue rows (R, D) or (R, n_layers, D) in the dtype asked for at submit, or
+        None if none were asked for. Sequence i's rows are ``rows[o[i]:o[i+1]]`` with
+        ``o = residue_offsets()``: its residues in order, BOS/EOS excluded, up to
+        truncation. Waits for the copy stream."""
+        if self.residue_host is None:
+            return None
+        if self.residue_event is not None:
+            self.residue_event.synchronize()
+        return self.residue_host.numpy()
+
+    def residue_offsets(self) -> np.ndarray:
+        """(n+1,) int64 offsets of each sequence's rows in :meth:`residues`."""
+        assert self.lengths is not None
+        offsets = np.zeros(self.lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return offsets
 
 
 class Engine:
     """A warm ESM-2 on one device, with a packed forward and mean pooling."""
 
     def __init__(self, model: torch.nn.Module, *, model_name: str, device: torch.device,
-                 dtype: torch.dtype, layer: int, truncation: int = FAIR_ESM_TRUNCATION,
+                 dtype: torch.dtype, layer: int = -1, truncation: int = FAIR_ESM_TRUNCATION,
                  max_tokens: int = 0, attention: str | None = None,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None,
+                 layers: Sequence[int] | None = None) -> None:
         self.device = device
         self.dtype = dtype
         self.model_name = model_name
         self.truncation = truncation
-        self.layer = resolve_layer(layer, model.num_layers)
+        # ``layers`` (several, one pass) wins over ``layer``; both in fair-esm numbering.
+        self.layers: tuple[int, ...] = resolve_layers(
+            (layer,) if layers is None else tuple(layers), model.num_layers)
+        self.layer = self.layers[0]
         self.embed_dim: int = model.embed_dim
         self.num_layers: int = model.num_layers
         model = model.to(device=device, dtype=dtype)
@@ -106,18 +143,21 @@ class Engine:
         self.packed = PackedESM2(model, backend, compile_mode=compile_mode)
         self.attention_backend = backend.name
         self.max_tokens = max_tokens or auto_token_budget(device, self.embed_dim, dtype)
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         log.info("engine_ready", model=model_name, device=str(device), dtype=str(dtype).split(".")[-1],
-                 layer=self.layer, max_tokens=self.max_tokens, attention=self.attention_backend,
+                 layers=list(self.layers), max_tokens=self.max_tokens, attention=self.attention_backend,
                  compiled=self.packed.compiled, gemm=self.packed.gemm)
 
     @classmethod
     def load(cls, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
              layer: int = -1, truncation: int = FAIR_ESM_TRUNCATION, max_tokens: int = 0,
-             attention: str | None = None, compile_mode: str | None = None) -> "Engine":
+             attention: str | None = None, compile_mode: str | None = None,
+             layers: Sequence[int] | None = None) -> "Engine":
         """Resolve and load a checkpoint (never downloads) and build an engine on ``device``.
 
         ``attention`` and ``compile_mode`` are the config's ``[model]`` keys of those names
-        (None = "auto"): see ``select_attention`` and ``PackedESM2``. Raises
+        (None = "auto"): see ``select_attention`` and ``PackedESM2``. ``layers``: the
+        representation layers to pool (default ``[layer]``). Raises
         ModelNotFoundError/CheckpointError (the file), ValueError (a bad name or dtype) and
         RuntimeError (no CUDA, or a forced attention backend that is unavailable).
         """
@@ -130,29 +170,72 @@ class Engine:
         model, _ = load_esm2(path)
         return cls(model, model_name=checkpoint, device=dev, dtype=TORCH_DTYPES[dtype], layer=layer,
                    truncation=truncation, max_tokens=max_tokens, attention=attention,
-                   compile_mode=compile_mode)
+                   compile_mode=compile_mode, layers=layers)
 
-    def submit(self, batch: TokenBatch) -> PendingResult:
-        """Launch the forward for ``batch`` and return without waiting for the device."""
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one sequence's pooled row: (D,) for one layer, (n_layers, D) for more."""
+        return (self.embed_dim,) if len(self.layers) == 1 else (len(self.layers), self.embed_dim)
+
+    def submit(self, batch: TokenBatch, residues: str | None = None) -> PendingResult:
+        """Launch the forward for ``batch`` and return without waiting for the device.
+
+        ``residues``: also return every residue's rows, in this dtype ("float32" or
+        "float16", cast on the device), copied off it on the side stream.
+        """
         started = time.monotonic()
+        residue_dtype = None
+        if residues is not None:
+            if residues not in RESIDUE_DTYPES:
+                raise ValueError(f"residues must be one of {RESIDUE_DTYPES}, not {residues!r}")
+            residue_dtype = TORCH_DTYPES[residues]
+        lengths = (np.diff(batch.cu_seqlens).astype(np.int64) - 2) if residues else None
         if self.device.type != "cuda":
             tokens = torch.from_numpy(batch.tokens)
             cu = torch.from_numpy(batch.cu_seqlens)
-            pooled = self.packed.embed(tokens, cu, batch.max_len, self.layer)
-            return PendingResult(batch.positions, pooled, None, started)
+            pooled, rows = self.packed.collect(tokens, cu, batch.max_len, self.layers,
+                                               residue_dtype)
+            return PendingResult(batch.positions, self._shaped(pooled), None, started,
+                                 None if rows is None else self._shaped(rows), None, lengths)
         tokens_h = torch.from_numpy(batch.tokens).pin_memory()
         cu_h = torch.from_numpy(batch.cu_seqlens).pin_memory()
         tokens = tokens_h.to(self.device, non_blocking=True)
         cu = cu_h.to(self.device, non_blocking=True)
-        pooled = self.packed.embed(tokens, cu, batch.max_len, self.layer)
+        pooled, rows = self.packed.collect(tokens, cu, batch.max_len, self.layers,
+                                           residue_dtype)
+        residue_host = residue_event = None
+        if rows is not None:
+            residue_host, residue_event = self._copy_aside(self._shaped(rows))
+        pooled = self._shaped(pooled)
         host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(pooled, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingResult(batch.positions, host, event, started)
+        return PendingResult(batch.positions, host, event, started, residue_host,
+                             residue_event, lengths)
+
+    def _shaped(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, 0] if len(self.layers) == 1 else t
+
+    def _copy_aside(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Copy device ``rows`` into pinned host memory on the copy stream, once the
+        compute stream has produced them; the returned event marks the copy done."""
+        assert self.copy_stream is not None
+        produced = torch.cuda.Event()
+        produced.record()
+        self.copy_stream.wait_event(produced)
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        with torch.cuda.stream(self.copy_stream):
+            host.copy_(rows, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        # The allocator must not hand rows' memory to the compute stream before the copy.
+        rows.record_stream(self.copy_stream)
+        return host, copied
 
     def embed_batch(self, batch: TokenBatch) -> np.ndarray:
-        """Synchronous convenience: (n, D) float32 rows aligned with ``batch.positions``."""
+        """Synchronous convenience: (n, D) (or (n, n_layers, D)) float32 rows aligned with
+        ``batch.positions``."""
         return self.submit(batch).result()
 
     def warmup(self) -> None:

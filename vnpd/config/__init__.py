@@ -16,7 +16,7 @@ Example::
     cfg.model.dtype                                  # "float16"
 """
 
-from vnpd.config.checks import check_values, parse_devices, parse_listen
+from vnpd.config.checks import check_values, config_warnings, parse_devices, parse_listen
 from vnpd.config.loading import load_config, load_engine_choices
 from vnpd.config.schema import (AFTER_DONE, ENUMS, ENV_PREFIX, EX_CONFIG, LEGACY_COMPILE_SWITCH,
                                 LEGACY_ENV, LOG_FORMATS, LOG_LEVELS, NON_NEGATIVE, ON_POISON,
@@ -28,4 +28,5 @@ __all__ = ["AFTER_DONE", "ENUMS", "ENV_PREFIX", "EX_CONFIG", "LEGACY_COMPILE_SWI
            "LOG_FORMATS", "LOG_LEVELS", "NON_NEGATIVE", "ON_POISON", "POSITIVE", "SCHEMA",
            "SECTIONS", "Config", "ConfigError", "InboxConfig", "JobsConfig", "LoggingConfig",
            "MetricsConfig", "ModelConfig", "PathsConfig", "WorkersConfig", "check_values",
+           "config_warnings",
            "load_config", "load_engine_choices", "parse_devices", "parse_listen"]

@@ -64,6 +64,19 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
         parse_listen(cfg.metrics.listen)
     except ValueError as exc:
         problems.append(f"{name('metrics.listen')}: {exc}")
+    if m.layers and "model.layer" in origins and "model.layers" in origins \
+            and m.layers != [m.layer]:
+        problems.append(f"{name('model.layers')} and {name('model.layer')} disagree: "
+                        f"set one (layers = {m.layers} computes all of them)")
+    if len(set(m.layers)) != len(m.layers):
+        problems.append(f"{name('model.layers')}: a layer is listed twice: {m.layers}")
+    if 1 <= m.truncation <= FAIR_ESM_TRUNCATION and m.window_stride > m.truncation:
+        problems.append(f"{name('model.window_stride')}: must be at most truncation "
+                        f"({m.truncation}), or windows would leave gaps; got {m.window_stride}")
+    if m.long_sequences == "window":
+        problems.append(f"{name('model.long_sequences')}: \"window\" is not yet supported by "
+                        f"the daemon (vnpd run); use vnpd embed --long-sequences window, or "
+                        f"\"truncate\" here")
     if cfg.cache.max_gb * (1 << 30) < (1 << 20):
         problems.append(f"{name('cache.max_gb')}: must be at least 1 MiB (0.001), "
                         f"got {cfg.cache.max_gb!r}")
@@ -71,6 +84,16 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
         problems.append(f"{name('nucleotide.chunk_length')}: must be at least 3 (one codon), "
                         f"got {cfg.nucleotide.chunk_length!r}")
     return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that work but are likely not what was meant (``vnpd validate-config``)."""
+    warnings = []
+    if cfg.output.per_residue and cfg.model.output_dtype == "float32":
+        warnings.append("output.per_residue with model.output_dtype = \"float32\" writes "
+                        "4 bytes per value per residue (3B: 10.2 GB per million residues "
+                        "and layer); \"float16\" halves that (docs/OUTPUT.md)")
+    return warnings
 
 
 def parse_listen(listen: str) -> tuple[str, int] | None:

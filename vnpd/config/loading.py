@@ -200,6 +200,18 @@ def _coerce(value: object, hint: object) -> object:
         if isinstance(value, str):
             return value
         raise ValueError("a string")
+    if hint == list[int]:  # model.layers: [-1, 20], or "-1,20" from the environment
+        if isinstance(value, str):
+            try:
+                return [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError("a list of integers such as [-1, 20] or -1,20") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ValueError("a list of integers such as [-1, 20]")
     if hint is Path:
         if isinstance(value, (str, os.PathLike)) and str(value).strip():
             return Path(value)

@@ -59,6 +59,14 @@ class ModelConfig:
     max_tokens_per_batch: int = 0  # 0 = size from device memory
     attention: str = AUTO  # "auto" (first available) or a backend name to force
     compile_mode: str = AUTO  # "auto" (fused on CUDA, eager on CPU), "off" or a mode
+    layers: list[int] = field(default_factory=list)  # several layers, one pass; [] = [layer]
+    long_sequences: str = "truncate"  # "truncate" (extract.py) | "window" (vnpd embed only, yet)
+    window_stride: int = 0  # window: residues between window starts; 0 = truncation // 2
+
+    def resolved_layers(self) -> list[int]:
+        """The layers to compute, as configured (fair-esm numbering, not yet resolved
+        against a model): ``layers`` if given, else ``[layer]``."""
+        return list(self.layers) if self.layers else [self.layer]
 
 
 @dataclass
@@ -133,6 +141,13 @@ class NucleotideConfig:
 
 
 @dataclass
+class OutputConfig:
+    """What the output files hold besides one mean row per sequence (docs/OUTPUT.md)."""
+
+    per_residue: bool = False  # also every residue's rows: residues + residue_offsets
+
+
+@dataclass
 class CacheConfig:
     """The embedding cache: identical sequences computed once, across jobs and restarts
     (docs/DAEMON.md, "Compute once"). ``path`` "" = ``<state>/cache``."""
@@ -155,6 +170,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     input: InputConfig = field(default_factory=InputConfig)
     nucleotide: NucleotideConfig = field(default_factory=NucleotideConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     source: Path | None = None
 
@@ -171,7 +187,8 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.attention": (AUTO, *ATTENTION_BACKENDS),
     "model.compile_mode": (AUTO, COMPILE_OFF, *COMPILE_MODES), "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS,
-    "input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS}
+    "input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS,
+    "model.long_sequences": ("truncate", "window")}  # as vnpd.compute.windows (no torch here)
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",
@@ -179,4 +196,4 @@ POSITIVE = (
     "workers.degraded_retry_s", "inbox.rescan_interval_s", "jobs.max_active_jobs",
     "jobs.publish_retry_max_s", "cache.max_gb")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
-                "inbox.settle_s")
+                "inbox.settle_s", "model.window_stride")

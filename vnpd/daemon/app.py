@@ -130,7 +130,9 @@ class Daemon:
                 env = {"CUDA_VISIBLE_DEVICES": visible_list[n] if visible_list else str(n)}
             specs.append(WorkerSpec(
                 worker_id=i, device=device, checkpoint=cfg.model.checkpoint, dtype=cfg.model.dtype,
-                layer=cfg.model.layer, truncation=cfg.model.truncation,
+                layer=cfg.model.layer, layers=tuple(cfg.model.resolved_layers()),
+                residues=cfg.model.output_dtype if cfg.output.per_residue else None,
+                truncation=cfg.model.truncation,
                 max_tokens=cfg.model.max_tokens_per_batch,
                 heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
                 log_format=cfg.logging.format, log_level=cfg.logging.level,
@@ -282,14 +284,16 @@ class Daemon:
     async def _open_cache(self) -> None:
         """Open the embedding cache once the model's resolved layer is known."""
         c, m = self.cfg.cache, self.cfg.model
-        if not c.enabled:
+        if not c.enabled or self.cfg.output.per_residue:
+            # Per-residue rows are not cached (an entry holds the pooled rows only);
+            # repeats within a file are still computed once.
             return
         info = await self.pool.ready()
         directory = Path(c.path) if c.path else self.cfg.paths.state / "cache"
         try:
             self.cache = await asyncio.to_thread(open_row_cache, directory, c.max_gb,
-                                                 m.checkpoint, info.layer, m.dtype,
-                                                 m.output_dtype, m.truncation)
+                                                 m.checkpoint, list(info.layers or (info.layer,)),
+                                                 m.dtype, m.output_dtype, m.truncation)
         except Exception as exc:  # a cache that cannot open costs speed, never results
             log.error("cache_unavailable", path=str(directory), error=str(exc))
             return

@@ -147,7 +147,7 @@ class JobCompletion:
     async def output_meta(self, job: ActiveJob) -> OutputMeta:
         """What produced the output: the configuration and the loaded model's facts."""
         info, m = await self.model(), self.cfg.model
-        return OutputMeta(model=m.checkpoint, layer=info.layer, dtype=m.dtype,
+        return OutputMeta(model=m.checkpoint, layer=info.layer, layers=info.layers, dtype=m.dtype,
                           truncation=m.truncation, attention_backend=info.attention_backend,
                           source_name=job.name, source_sha256=job.source.sha256)
 

@@ -27,10 +27,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 
 from vnpd.compute.packing import tokens_for
-from vnpd.daemon.completion import JobCompletion
 from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal
@@ -42,11 +42,13 @@ from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.source import SequenceSource, SourceSettings
 from vnpd.output.hdf5 import PartialOutput
 from vnpd.output.outbox import fsync_dir, fsync_file
+from vnpd.output.schema import residue_counts, row_shape
 from vnpd.output.verify import IncompleteOutputError
 from vnpd.workers.pool import ModelInfo
 
-if TYPE_CHECKING:  # annotations only: the daemon hands in the loaded configuration
+if TYPE_CHECKING:  # annotations only: the daemon hands these in
     from vnpd.config import Config
+    from vnpd.daemon.completion import JobCompletion
 
 log = structlog.get_logger()
 
@@ -182,7 +184,9 @@ class Intake:
         """Serve a job: resume its partial file (``resume``) or create one. A partial file
         that is already finalized (a crash came before its publish, or it is the copy of
         an identical earlier output) goes straight to publishing."""
-        dim = (await self._model()).embed_dim
+        info = await self._model()
+        dim, num_layers = info.embed_dim, max(1, len(info.layers))
+        per_residue = self.cfg.output.per_residue
         partial_path = self.jobs_dir / str(job_id) / "partial.h5"
         partial = None
         if resume and partial_path.exists():
@@ -190,13 +194,25 @@ class Intake:
                 partial = PartialOutput.open_existing(partial_path)
             except IncompleteOutputError as exc:
                 log.warning("partial_unreadable_restarting_job", job=job_id, error=str(exc))
+            if partial is not None and not partial.finalized and (
+                    partial.row_shape != row_shape(dim, num_layers)
+                    or partial.has_residues != per_residue):
+                # Layers or per_residue changed across the restart: its rows do not fit.
+                log.warning("partial_shape_changed_restarting_job", job=job_id,
+                            rows=partial.row_shape, residues=partial.has_residues)
+                partial.close()
+                partial = None
         if partial is None:
             if resume:  # rows the journal calls done are not on disk: compute them again
                 self.journal.reset_job(job_id)
             # Allocated in full here, so a disk too full for the output is found now.
             partial = await with_disk_retry(
-                lambda: asyncio.to_thread(PartialOutput.create, partial_path, source.num_rows,
-                                          dim, self.cfg.model.output_dtype),
+                lambda: asyncio.to_thread(
+                    PartialOutput.create, partial_path, source.num_rows, dim,
+                    self.cfg.model.output_dtype, num_layers=num_layers,
+                    residue_counts=residue_counts(
+                        np.asarray(source.lengths), self.cfg.model.truncation,
+                        self.cfg.model.long_sequences) if per_residue else None),
                 "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
         job = ActiveJob(job_id, name, source, partial,
                         self.journal.job(job_id).next_position, total_tokens,
@@ -210,6 +226,9 @@ class Intake:
     def _cache_key(self, sha256: str) -> str:
         m, s = self.cfg.model, self.settings
         key: list[object] = [sha256, m.checkpoint, m.layer, m.dtype, m.truncation, m.output_dtype]
+        if m.resolved_layers() != [m.layer] or self.cfg.output.per_residue:
+            # Outputs of other shapes; keys of the one-layer mean outputs stay as they were.
+            key += ["layers", m.resolved_layers(), "per_residue", self.cfg.output.per_residue]
         if s.kind != "protein":  # protein keys stay as they were, so old outputs still match
             key += [s.kind, s.proteins, s.chunk_length]
         return json.dumps(key)

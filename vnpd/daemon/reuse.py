@@ -117,24 +117,24 @@ def split_window(duplicates: DuplicatePlan | None, cache: RowCache | None,
     return local[keep], local[hit], rows
 
 
-def followers_rows(duplicates: DuplicatePlan | None, positions: np.ndarray,
-                   rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The follower positions of ``positions`` and the rows they copy."""
+def followers_rows(duplicates: DuplicatePlan | None, positions: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The positions that repeat ``positions``, and for each the index into ``positions``
+    of the row it copies."""
     if duplicates is None:
-        return np.zeros(0, dtype=np.int64), rows[:0]
-    followers, which = duplicates.followers_of(positions)
-    return followers, rows[which]
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return duplicates.followers_of(positions)
 
 
-def open_row_cache(directory: Path, max_gb: float, checkpoint: str, layer: int, dtype: str,
-                   output_dtype: str, truncation: int) -> RowCache:
+def open_row_cache(directory: Path, max_gb: float, checkpoint: str, layers: list[int],
+                   dtype: str, output_dtype: str, truncation: int) -> RowCache:
     """The daemon's cache for this model and these settings (hashes the checkpoint's
     content once; the digest is remembered beside the cache)."""
     from vnpd.cache.key import cache_namespace, model_content_hash
     from vnpd.compute.families.esm2_checkpoint import resolve_checkpoint
 
     digest = model_content_hash(resolve_checkpoint(checkpoint), memo_dir=directory)
-    namespace = cache_namespace(digest, layers=[layer], dtype=dtype, output_dtype=output_dtype,
+    namespace = cache_namespace(digest, layers=layers, dtype=dtype, output_dtype=output_dtype,
                                 truncation=truncation, long_sequences="truncate",
                                 window_stride=max(1, truncation // 2), per_residue=False)
     log.info("cache_open", path=str(directory), max_gb=max_gb, model_sha256=digest[:16])

@@ -220,19 +220,21 @@ class Scheduler:
     def apply(self, outcome: Outcome) -> None:
         """Take in what became of a batch: rows to write, a failure, or lost batches."""
         if isinstance(outcome, BatchDone):
-            self.batch_done(outcome.dispatch, outcome.rows, outcome.device, outcome.seconds)
+            self.batch_done(outcome.dispatch, outcome.rows, outcome.device, outcome.seconds,
+                            outcome.residues, outcome.residue_counts)
         elif isinstance(outcome, BatchFailed):
             self.batch_failed(outcome.dispatch, outcome.kind, outcome.message)
         elif isinstance(outcome, BatchesLost):
             self.batches_lost(outcome.dispatches, outcome.reason)
 
     def batch_done(self, dispatch: Dispatch, rows: np.ndarray, device: str,
-                   seconds: float) -> None:
+                   seconds: float, residues: np.ndarray | None = None,
+                   residue_counts: np.ndarray | None = None) -> None:
         job_id, queued = dispatch.key
         job = self.jobs.get(job_id)
         if job is None or queued.batch_no not in job.inflight:
             return  # job failed meanwhile, or a duplicate result: never written twice
-        self._write_rows(job, queued.positions, rows)
+        self._write_rows(job, queued.positions, rows, residues, residue_counts)
         if self.cache is not None and job.duplicates is not None:
             self.cache.store(np.asarray(job.duplicates.keys[queued.positions]), rows)
         job.inflight.discard(queued.batch_no)
@@ -245,12 +247,22 @@ class Scheduler:
                   sequences=len(queued.positions), tokens=queued.tokens,
                   seconds=round(seconds, 3))
 
-    def _write_rows(self, job: ActiveJob, positions: np.ndarray, rows: np.ndarray) -> None:
-        """Write rows at their positions, and copies at the positions that repeat them."""
+    def _write_rows(self, job: ActiveJob, positions: np.ndarray, rows: np.ndarray,
+                    residues: np.ndarray | None = None,
+                    residue_counts: np.ndarray | None = None) -> None:
+        """Write rows (and per-residue rows, before the same flush) at their positions,
+        and copies at the positions that repeat them."""
         job.partial.write_rows(positions, rows)
-        followers, copies = followers_rows(job.duplicates, positions, rows)
+        if residues is not None:
+            job.partial.write_residues(positions, residues, residue_counts)
+        followers, which = followers_rows(job.duplicates, positions)
         if len(followers):
-            job.partial.write_rows(followers, copies)
+            job.partial.write_rows(followers, rows[which])
+            if residues is not None:
+                counts = np.asarray(residue_counts, dtype=np.int64)
+                starts = np.cumsum(counts) - counts
+                copies = np.concatenate([residues[starts[w]:starts[w] + counts[w]] for w in which])
+                job.partial.write_residues(followers, copies, counts[which])
         job.done_sequences += len(positions) + len(followers)
 
     def commit(self) -> None:
@@ -366,7 +378,7 @@ class Scheduler:
             self._finish(job)
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
-        followers, _ = followers_rows(job.duplicates, queued.positions, np.zeros((1, 0)))
+        followers, _ = followers_rows(job.duplicates, queued.positions)
         if len(followers):  # the same sequence again: it would fail the same way
             self.journal.quarantine_more(job.job_id, followers, f"same as {record_id}", reason)
         job.done_sequences += 1 + len(followers)

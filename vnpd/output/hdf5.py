@@ -52,7 +52,9 @@ import structlog
 
 from vnpd import __version__
 from vnpd.compute.choices import OUTPUT_DTYPES
+from vnpd.output import residues as residue_io
 from vnpd.output.outbox import fsync_dir, fsync_file
+from vnpd.output.schema import embedding_shape, layer_attributes
 from vnpd.output.verify import IncompleteOutputError, _block_rows, _check_datasets
 
 SCHEMA_VERSION = 1
@@ -75,6 +77,9 @@ class OutputMeta:
     source_name: str        # input file's name
     source_sha256: str
     pooling: str = "mean"
+    layers: tuple[int, ...] = ()    # resolved layers in the embeddings' order; () = (layer,)
+    long_sequences: str = "truncate"  # "truncate" | "window"
+    window_stride: int = 0          # window mode: residues between window starts
 
 
 def _early_alloc() -> h5py.h5p.PropDCID:
@@ -99,18 +104,33 @@ class PartialOutput:
         self._f: h5py.File | None = file
         emb = file["embeddings"]
         self.num_sequences: int = int(emb.shape[0])
-        self.dim: int = int(emb.shape[1])
+        self.row_shape: tuple[int, ...] = tuple(int(d) for d in emb.shape[1:])
+        self.dim: int = self.row_shape[-1]
+        self.num_layers: int = 1 if emb.ndim == 2 else self.row_shape[0]
         self.output_dtype: str = str(emb.dtype)
+        self._residue_offsets = residue_io.read_offsets(file)
 
     @classmethod
-    def create(cls, path: Path, num_sequences: int, dim: int,
-               output_dtype: str) -> PartialOutput:
+    def create(cls, path: Path, num_sequences: int, dim: int, output_dtype: str, *,
+               num_layers: int = 1, residue_counts: np.ndarray | None = None) -> PartialOutput:
         """Create (truncating any existing file) a partial file with every row unwritten.
 
         Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
-        raises OSError (ENOSPC) right here if the output cannot fit.
+        raises OSError (ENOSPC) right here if the output cannot fit. ``num_layers`` > 1
+        makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,) adds the
+        per-residue datasets (``vnpd.output.residues``), allocated here.
         """
-        return cls(path, _new_file(path, num_sequences, dim, output_dtype, fill=True))
+        file = _new_file(path, num_sequences, dim, output_dtype, fill=True,
+                         num_layers=num_layers)
+        if residue_counts is not None:
+            try:
+                residue_io.create_residue_datasets(
+                    file, residue_counts, tuple(file["embeddings"].shape[1:]), output_dtype)
+                file.flush()
+            except BaseException:
+                file.close()
+                raise
+        return cls(path, file)
 
     @classmethod
     def open_existing(cls, path: Path) -> PartialOutput:
@@ -175,9 +195,9 @@ class PartialOutput:
         if positions.ndim != 1 or not np.issubdtype(positions.dtype, np.integer):
             raise ValueError(f"positions must be a 1-D integer array, not {positions.dtype}"
                              f" of shape {positions.shape}")
-        if embeddings.shape != (positions.shape[0], self.dim):
+        if embeddings.shape != (positions.shape[0], *self.row_shape):
             raise ValueError(f"embeddings of shape {embeddings.shape} for "
-                             f"{positions.shape[0]} positions of dim {self.dim}")
+                             f"{positions.shape[0]} positions of shape {self.row_shape}")
         if positions.size == 0:
             return
         # h5py point selections require increasing indices.
@@ -200,6 +220,19 @@ class PartialOutput:
                 dset[pos[lo]:pos[hi - 1] + 1] = rows[lo:hi]
         else:
             dset[pos] = rows  # one HDF5 write; measured ~10x faster than a loop of rows
+
+    def write_residues(self, positions: np.ndarray, rows: np.ndarray,
+                       counts: np.ndarray) -> None:
+        """Write residue rows: ``counts[i]`` rows for ``positions[i]``, one sequence after
+        the other in ``rows`` (cast to the output dtype). Raises ValueError if the file
+        has no per-residue datasets or a count disagrees with its offsets."""
+        if self._residue_offsets is None:
+            raise ValueError(f"{self.path}: no per-residue datasets")
+        residue_io.write_residues(self._file(), self._residue_offsets, positions, rows, counts)
+
+    @property
+    def has_residues(self) -> bool:
+        return self._residue_offsets is not None
 
     def flush(self) -> None:
         """Make every row written so far durable (HDF5 flush, then fsync)."""
@@ -263,14 +296,15 @@ class PartialOutput:
         dst = None
         try:
             # Every kept row is written below, so the fill pass would be wasted I/O.
-            dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False)
+            dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False,
+                            num_layers=self.num_layers)
             for name, values in fields.items():
                 dst.create_dataset(name, (kept, *values.shape[1:]), _field_dtype(values))
             keep = np.ones(n, dtype=bool)
             keep[drop] = False
             id_source = iter(ids) if ids is not None else None
             dropped_ids: list[str] = []
-            step = _block_rows(self.dim, np.dtype(self.output_dtype).itemsize)
+            step = _block_rows(int(np.prod(self.row_shape)), np.dtype(self.output_dtype).itemsize)
             cursor = 0
             for lo in range(0, n, step):
                 hi = min(lo + step, n)
@@ -291,6 +325,7 @@ class PartialOutput:
                 cursor += count
             if id_source is not None and next(id_source, None) is not None:
                 raise ValueError(f"more ids than the {n} rows")
+            residue_io.copy_residues(src, dst, keep)
             _write_attrs(dst, meta, kept, dropped_ids, extra)
             dst.close()
             fsync_file(tmp)
@@ -335,15 +370,19 @@ def _as_write_error(exc: Exception, path: Path) -> OSError | None:
     return OSError(code, f"{os.strerror(code)}: cannot write {path}: {exc}")
 
 
-def _new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool) -> h5py.File:
+def _new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool,
+              num_layers: int = 1) -> h5py.File:
     if output_dtype not in OUTPUT_DTYPES:
         raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, not {output_dtype!r}")
     if n < 0 or dim < 1:
         raise ValueError(f"need num_sequences >= 0 and dim >= 1, got {n} and {dim}")
+    if num_layers < 1:
+        raise ValueError(f"need num_layers >= 1, got {num_layers}")
     fill_time = "ifset" if fill else "never"
     f = h5py.File(path, "w", libver=_LIBVER)
     try:
-        f.create_dataset("embeddings", (n, dim), output_dtype, fillvalue=np.nan,
+        f.create_dataset("embeddings", embedding_shape(n, dim, num_layers), output_dtype,
+                         fillvalue=np.nan,
                          dcpl=_early_alloc(), fill_time=fill_time)
         f.create_dataset("ids", (n,), _STR, dcpl=_early_alloc())
         f.create_dataset("lengths", (n,), np.int32, fillvalue=-1, dcpl=_early_alloc(),
@@ -373,7 +412,11 @@ def _write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
     for key in ("model", "dtype", "pooling", "attention_backend", "source_name",
                 "source_sha256"):
         attrs[key] = str(getattr(meta, key))
-    attrs["layer"] = np.int64(meta.layer)
+    for key, value in layer_attributes(meta.layers or (meta.layer,)).items():
+        attrs[key] = value
+    attrs["long_sequences"] = meta.long_sequences
+    if meta.long_sequences == "window":
+        attrs["window_stride"] = np.int64(meta.window_stride)
     attrs["truncation"] = np.int64(meta.truncation)
     attrs["vnpd_version"] = __version__
     attrs["num_sequences"] = np.int64(num_sequences)

@@ -19,7 +19,9 @@ import h5py
 import numpy as np
 
 from vnpd.compute.choices import OUTPUT_DTYPES
-REQUIRED_ATTRS = ("model", "layer", "dtype", "pooling", "truncation", "attention_backend",
+from vnpd.output.residues import check_residues
+
+REQUIRED_ATTRS = ("model", "layers", "dtype", "pooling", "truncation", "attention_backend",
                   "vnpd_version", "source_name", "source_sha256", "num_sequences",
                   "created_utc", "quarantined_ids", "schema_version")
 _BLOCK_BYTES = 32 << 20  # bounded memory when streaming rows (verify, compaction)
@@ -39,7 +41,7 @@ def _check_datasets(f: h5py.File, path: Path) -> int:
         if not isinstance(f.get(name), h5py.Dataset):
             raise IncompleteOutputError(f"{path}: dataset {name!r} missing")
     emb, ids, lengths = f["embeddings"], f["ids"], f["lengths"]
-    if emb.ndim != 2 or str(emb.dtype) not in OUTPUT_DTYPES:
+    if emb.ndim not in (2, 3) or str(emb.dtype) not in OUTPUT_DTYPES:
         raise IncompleteOutputError(f"{path}: embeddings is {emb.dtype} {emb.shape}")
     n = emb.shape[0]
     if ids.shape != (n,) or h5py.check_string_dtype(ids.dtype) is None:
@@ -53,7 +55,8 @@ def verify_output(path: Path) -> None:
     """Raise IncompleteOutputError (a ValueError) unless ``path`` is a complete output.
 
     Complete means: the file opens; embeddings/ids/lengths exist with N rows each and the
-    documented types; every root attribute is present and ``num_sequences`` == N; no
+    documented types (``embeddings`` 3-D exactly when ``layers`` lists several); the
+    per-residue datasets, if any, are consistent (``vnpd.output.residues``); every root attribute is present and ``num_sequences`` == N; no
     embedding is NaN, no length is negative and no id is empty (the fill values of
     unwritten rows), and every id reads. Reads in blocks, so memory stays bounded.
     """
@@ -70,7 +73,13 @@ def verify_output(path: Path) -> None:
             raise IncompleteOutputError(
                 f"{path}: num_sequences={f.attrs['num_sequences']} but {n} rows")
         emb = f["embeddings"]
-        step = _block_rows(emb.shape[1], emb.dtype.itemsize)
+        layers = np.atleast_1d(f.attrs["layers"])
+        if (emb.ndim == 3) != (len(layers) > 1) or (emb.ndim == 3 and emb.shape[1] != len(layers)):
+            raise IncompleteOutputError(f"{path}: embeddings {emb.shape} for layers {list(layers)}")
+        problem = check_residues(f, path, n, None)
+        if problem:
+            raise IncompleteOutputError(problem)
+        step = _block_rows(int(np.prod(emb.shape[1:])), emb.dtype.itemsize)
         for lo in range(0, n, step):
             if np.isnan(emb[lo:lo + step]).any():
                 raise IncompleteOutputError(f"{path}: NaN (unwritten?) rows from row {lo}")
@@ -96,7 +105,9 @@ def read_output(path: Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str
         lengths = f["lengths"][:]
         attrs: dict[str, Any] = {}
         for key, value in f.attrs.items():
-            if isinstance(value, np.ndarray):
+            if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+                attrs[key] = [int(v) for v in value]
+            elif isinstance(value, np.ndarray):
                 attrs[key] = [str(v) for v in value]
             else:
                 attrs[key] = value.item() if isinstance(value, np.generic) else value

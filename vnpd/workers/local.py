@@ -213,7 +213,8 @@ class LocalPool(WorkerPool):
             if dispatch is not None:
                 handle.batches_done += 1
                 self._report(BatchDone(dispatch, msg.embeddings, handle.device,
-                                       msg.finished - msg.started))
+                                       msg.finished - msg.started, msg.residues,
+                                       msg.residue_counts))
                 if self.metrics is not None:
                     self.metrics.batch_latency_seconds.labels(device=handle.device).observe(
                         msg.finished - msg.started)
@@ -229,7 +230,8 @@ class LocalPool(WorkerPool):
                      max_tokens=msg.max_tokens, attention=msg.attention_backend)
             # Pack for the smallest budget any ready device chose from its memory.
             self._model_ready(ModelInfo(msg.embed_dim, msg.layer, msg.attention_backend,
-                                        min(w.max_tokens for w in self.workers if w.max_tokens)))
+                                        min(w.max_tokens for w in self.workers if w.max_tokens),
+                                        msg.layers))
             self.changed.set()
         elif isinstance(msg, ErrorMsg):
             self._on_error(handle, msg)

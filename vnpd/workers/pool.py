@@ -44,6 +44,7 @@ class ModelInfo:
     layer: int               # resolved, non-negative
     attention_backend: str
     max_tokens: int          # the smallest budget any ready slot chose
+    layers: tuple[int, ...] = ()  # resolved, in the order of the rows' layer axis; () = (layer,)
 
 
 @dataclass
@@ -64,9 +65,11 @@ class Dispatch:
 @dataclass(frozen=True)
 class BatchDone:
     dispatch: Dispatch
-    rows: np.ndarray         # (n, D) float32, row i = i-th sequence of the batch
+    rows: np.ndarray         # (n, D) or (n, n_layers, D) float32, row i = i-th sequence
     device: str
     seconds: float
+    residues: np.ndarray | None = None        # per-residue rows, as ResultMsg
+    residue_counts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

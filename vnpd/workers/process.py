@@ -98,8 +98,9 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         started = time.monotonic()
         device = "cpu" if spec.device == "cpu" else "cuda:0"  # we see only our GPU
         engine = Engine.load(spec.checkpoint, device=device, dtype=spec.dtype, layer=spec.layer,
-                             truncation=spec.truncation, max_tokens=spec.max_tokens,
-                             attention=spec.attention, compile_mode=spec.compile_mode)
+                             layers=spec.layers or None, truncation=spec.truncation,
+                             max_tokens=spec.max_tokens, attention=spec.attention,
+                             compile_mode=spec.compile_mode)
         engine.warmup()
     except BaseException as exc:
         log.error("worker_load_failed", error=str(exc))
@@ -108,26 +109,29 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         os._exit(3)
     channel.send(ReadyMsg(os.getpid(), spec.device, engine.embed_dim, engine.layer,
                           engine.attention_backend, engine.max_tokens,
-                          time.monotonic() - started))
+                          time.monotonic() - started, engine.layers))
     threading.Thread(target=_heartbeats, args=(channel, state, spec.heartbeat_interval_s),
                      daemon=True, name="heartbeat").start()
     faults = FaultPlan(worker=spec.faults)
     log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend,
              gemm=engine.packed.gemm)
-    _serve(conn, channel, state, engine, faults)
+    _serve(conn, channel, state, engine, faults, spec.residues)
     state.stop.set()
     log.info("worker_exit", batches_done=state.batches_done)
 
 
 def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
-           faults: FaultPlan) -> None:
+           faults: FaultPlan, residues: str | None = None) -> None:
+    """Serve batches until StopMsg; ``residues``: the dtype of per-residue rows, if any."""
     pending: deque[tuple[BatchMsg, Any, float]] = deque()
     stopping = False
 
     def finish_oldest() -> None:
         msg, result, started = pending.popleft()
         rows = result.result()
-        channel.send(ResultMsg(msg.batch_id, rows, started, time.time()))
+        residues = result.residues()
+        channel.send(ResultMsg(msg.batch_id, rows, started, time.time(), residues,
+                               None if residues is None else result.lengths))
         state.batches_done += 1
         state.busy_batch, state.busy_since = ((pending[0][0].batch_id, pending[0][2])
                                               if pending else (None, None))
@@ -156,7 +160,7 @@ def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
                 state.busy_batch, state.busy_since = msg.batch_id, launched
             try:
                 faults.inject(msg.batch.ids)
-                result = engine.submit(msg.batch)
+                result = engine.submit(msg.batch, residues=residues)
             except BaseException as exc:
                 _fail(channel, exc, msg.batch_id)
                 state.busy_batch, state.busy_since = ((pending[0][0].batch_id, pending[0][2])

@@ -34,6 +34,8 @@ class WorkerSpec:
     attention: str | None = None     # force an attention backend (None: the usual order)
     compile_mode: str | None = None  # None: the engine's default for the device
     faults: dict[str, str] = field(default_factory=dict)  # test fault plan: record -> action
+    layers: tuple[int, ...] = ()     # several layers in one pass (overrides layer); () = (layer,)
+    residues: str | None = None      # per-residue rows in this dtype ("float16"/"float32"), or none
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,17 @@ class ReadyMsg:
     attention_backend: str
     max_tokens: int
     load_seconds: float
+    layers: tuple[int, ...] = ()  # resolved, in the order of the rows' layer axis
 
 
 @dataclass(frozen=True)
 class ResultMsg:
     batch_id: int
-    embeddings: np.ndarray   # (n, D) float32, row i = i-th sequence of the batch
+    embeddings: np.ndarray   # (n, D) or (n, n_layers, D) float32, row i = i-th sequence
     started: float           # worker wall clock (time.time) when the batch was launched
     finished: float
+    residues: np.ndarray | None = None        # (R, [n_layers,] D), sequence after sequence
+    residue_counts: np.ndarray | None = None  # (n,) int64: rows of each sequence in residues
 
 
 @dataclass(frozen=True)

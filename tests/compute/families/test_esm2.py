@@ -138,3 +138,56 @@ def test_compiled_paths_match_fair_esm(mode: str, tiny_model: Path) -> None:
         want = fair_esm_means(reference, alphabet, seqs[:n_seqs], 2)
         assert np.abs(got - want).max() <= 1e-5
 
+
+
+def fair_esm_representations(model: torch.nn.Module, alphabet, seqs: list[str],
+                             layers: list[int], truncation: int = 1022
+                             ) -> dict[int, list[np.ndarray]]:
+    """fair-esm's ``repr_layers`` for each layer: per sequence its residue rows
+    (min(L, truncation), D), BOS/EOS and padding excluded."""
+    converter = alphabet.get_batch_converter(truncation)
+    _, strs, toks = converter([(str(i), s) for i, s in enumerate(seqs)])
+    with torch.no_grad():
+        reps = model(toks, repr_layers=layers)["representations"]
+    return {layer: [reps[layer][i, 1:min(len(s), truncation) + 1].numpy()
+                    for i, s in enumerate(strs)] for layer in layers}
+
+
+@pytest.mark.parametrize("layers", [(-1, 1), (1, 0, -1), (2,)])
+def test_several_layers_and_residues_match_repr_layers(layers: tuple[int, ...],
+                                                       tiny_model: Path) -> None:
+    """One packed pass gives every layer asked for, in the order asked, equal to fair-esm's
+    ``repr_layers`` (means and every residue row), with a short truncation so that long
+    sequences are cheap and many of them share a pack."""
+    reference, alphabet = load_esm2(tiny_model)
+    ours, _ = load_esm2(tiny_model)
+    packed = PackedESM2(ours, select_attention(torch.device("cpu"), torch.float32))
+    truncation = 30
+    seqs = random_sequences([1, 2, 29, 30, 31, 45, 3, 100, 17, 1100, 30, 5] * 2, seed=8)
+    resolved = [resolve_layer(layer, ours.num_layers) for layer in layers]
+    order = np.random.default_rng(2).permutation(len(seqs))
+    batch = build_batch(order, [seqs[i] for i in order], truncation)
+    means, residues = packed.collect(torch.from_numpy(batch.tokens),
+                                     torch.from_numpy(batch.cu_seqlens), batch.max_len,
+                                     resolved, residue_dtype=torch.float32)
+    assert means.shape == (len(seqs), len(layers), ours.embed_dim)
+    want = fair_esm_representations(reference, alphabet, seqs, sorted(set(resolved)),
+                                    truncation)
+    kept = [min(len(seqs[i]), truncation) for i in order]
+    assert residues.shape == (sum(kept), len(layers), ours.embed_dim)
+    offsets = np.r_[0, np.cumsum(kept)]
+    for j, layer in enumerate(resolved):
+        for slot, i in enumerate(order):
+            rows = residues[offsets[slot]:offsets[slot + 1], j].numpy()
+            assert np.abs(rows - want[layer][i]).max() <= 1e-5
+            assert np.abs(means[slot, j].numpy() - want[layer][i].mean(0)).max() <= 1e-5
+
+
+def test_resolve_layers_rejects_duplicates_and_empty() -> None:
+    from vnpd.compute.families.esm2 import resolve_layers
+
+    assert resolve_layers([-1, 20, 0], 33) == (33, 20, 0)
+    with pytest.raises(ValueError, match="same layer twice"):
+        resolve_layers([-1, 33], 33)
+    with pytest.raises(ValueError):
+        resolve_layers([], 33)

@@ -8,7 +8,8 @@ by side):
 - each layer: pre-LN attention with rotary positions restarting at 0 for every sequence
   (fp32 cos/sin tables), q pre-scaled by head_dim**-0.5, exact erf GELU in the FFN;
 - the last layer goes through ``emb_layer_norm_after``; intermediate layers are raw;
-- mean over residues 1..L (BOS/EOS excluded), on the device, in fp32.
+- mean over residues 1..L (BOS/EOS excluded), on the device, in fp32; several layers
+  come out of one pass, each pooled (and its residue rows gathered) as it is produced.
 
 The q/k/v projections are fused into one GEMM. Their weights stay single: fair-esm's
 ``q_proj/k_proj/v_proj`` parameters are re-pointed at row slices of the fused tensor.
@@ -17,13 +18,16 @@ Example::
 
     packed = PackedESM2(model, select_attention(device, dtype))
     pooled = packed.embed(tokens, cu_seqlens, max_len, layer=model.num_layers)  # (n, D) fp32
+    means, residues = packed.collect(tokens, cu_seqlens, max_len, (33, 20),
+                                     residue_dtype=torch.float16)  # (n, 2, D), (R, 2, D)
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
@@ -46,6 +50,21 @@ def resolve_layer(layer: int, num_layers: int) -> int:
         raise ValueError(f"layer {layer} out of range for a {num_layers}-layer model "
                          f"(valid: {-(num_layers + 1)}..{num_layers})")
     return layer % (num_layers + 1)
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Each of ``layers`` resolved (:func:`resolve_layer`), in the given order.
+
+    Raises ValueError on an empty list, a layer out of range, or two entries that name
+    the same layer (e.g. -1 and 33 on a 33-layer model).
+    """
+    resolved = tuple(resolve_layer(int(layer), num_layers) for layer in layers)
+    if not resolved:
+        raise ValueError("at least one layer is needed")
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers {list(layers)} name the same layer twice "
+                         f"(resolved: {list(resolved)})")
+    return resolved
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,12 +244,49 @@ class PackedESM2:
         same device, ``max_len`` the longest sequence in tokens, ``layer`` already resolved
         (0..num_layers).
         """
-        x = self.hidden(tokens, cu_seqlens, max_len, layer)
-        return mean_pool_residues(x, cu_seqlens)
+        return self.collect(tokens, cu_seqlens, max_len, (layer,))[0][:, 0]
 
-    def hidden(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-               layer: int) -> torch.Tensor:
-        """Per-token representation (T, D) of ``layer``, exactly as fair-esm returns it."""
+    @torch.inference_mode()
+    def collect(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                layers: Sequence[int], residue_dtype: torch.dtype | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Means (n, n_layers, D) fp32 and, with ``residue_dtype``, residue rows
+        (R, n_layers, D) in that dtype, of the resolved ``layers`` in their given order.
+
+        One forward pass, up to the deepest layer asked for. Each layer's representation
+        is pooled (and its residue rows gathered) into preallocated buffers as soon as it
+        is produced: nothing else of it is kept, and the next layer (which may update it
+        in place) runs after. Residue rows are those of positions 1..L-2 of each packed
+        sequence (BOS and EOS excluded), sequence after sequence, R = T - 2n.
+        """
+        total, n = tokens.shape[0], cu_seqlens.shape[0] - 1
+        index = ResidueIndex.of(cu_seqlens, total)
+        dim = self.model.embed_dim
+        pooled = torch.empty(n, len(layers), dim, device=tokens.device, dtype=torch.float32)
+        residues = (None if residue_dtype is None else
+                    torch.empty(index.rows.shape[0], len(layers), dim, device=tokens.device,
+                                dtype=residue_dtype))
+        slots: dict[int, list[int]] = {}
+        for j, layer in enumerate(layers):
+            slots.setdefault(layer, []).append(j)
+
+        def take(layer: int, x: torch.Tensor) -> None:
+            rows = x.index_select(0, index.rows)
+            sums = torch.zeros(n, dim, device=x.device, dtype=torch.float32)
+            sums.index_add_(0, index.seq_of_row, rows.float())
+            for j in slots[layer]:
+                pooled[:, j] = sums / index.counts[:, None]
+                if residues is not None:
+                    residues[:, j] = rows
+
+        self.forward_layers(tokens, cu_seqlens, max_len, set(slots), take)
+        return pooled, residues
+
+    def forward_layers(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                       layers: set[int], visit: Callable[[int, torch.Tensor], None]) -> None:
+        """Run the packed forward up to ``max(layers)``, calling ``visit(layer, x)`` with
+        each requested layer's per-token representation (T, D) as it is produced,
+        exactly as fair-esm returns it. ``x`` is only valid during the call."""
         model = self.model
         total = tokens.shape[0]
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -241,17 +297,45 @@ class PackedESM2:
         x = model.embed_scale * model.embed_tokens(tokens)
         if model.token_dropout:
             x = x * TOKEN_DROPOUT_SCALE
-        if layer == 0:
-            return x
+        if 0 in layers:
+            visit(0, x)
+        deepest = max(layers)
+        if deepest == 0:
+            return
 
         first = model.layers[0].self_attn_layer_norm
         h = F.layer_norm(x, first.normalized_shape, first.weight, first.bias, first.eps)
-        for i in range(layer):
+        for i in range(deepest):
             weights, eps = self._weights[i]
             x, h = self._layer(x, h, weights, eps, cos, sin, cu_seqlens, max_len, self.heads,
                                self.scaling, self.attention.attend, **self._pieces)
-        # After the last layer fair-esm applies emb_layer_norm_after; intermediate layers raw.
-        return h if layer == self.num_layers else x
+            if i + 1 in layers:
+                # After the last layer fair-esm applies emb_layer_norm_after; the
+                # intermediate layers are raw.
+                visit(i + 1, h if i + 1 == self.num_layers else x)
+
+
+@dataclass(frozen=True)
+class ResidueIndex:
+    """Where the residues of packed sequences are: ``rows`` (R,) token indices of positions
+    1..L-2 of each sequence (BOS/EOS excluded), ``seq_of_row`` (R,) their sequence, and
+    ``counts`` (n,) fp32 residues per sequence (at least 1, so a mean never divides by 0)."""
+
+    rows: torch.Tensor
+    seq_of_row: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, total: int) -> "ResidueIndex":
+        """The index of a packed batch of ``total`` tokens; no host-device sync."""
+        n = cu_seqlens.shape[0] - 1
+        residues = (cu_seqlens[1:] - cu_seqlens[:-1]).long() - 2
+        # Residue row r of sequence s is token r + 2s + 1 (s BOS/EOS pairs before it,
+        # plus its own BOS); R = T - 2n is known on the host.
+        seq_of_row = torch.repeat_interleave(torch.arange(n, device=cu_seqlens.device),
+                                             residues, output_size=total - 2 * n)
+        rows = torch.arange(total - 2 * n, device=cu_seqlens.device) + 2 * seq_of_row + 1
+        return cls(rows, seq_of_row, residues.clamp(min=1).to(torch.float32))
 
 
 def _cublaslt_add_norm(device: torch.device, dtype: torch.dtype
@@ -283,13 +367,8 @@ def _cublaslt_add_norm(device: torch.device, dtype: torch.dtype
 
 def mean_pool_residues(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Mean over positions 1..L-2 of each packed sequence (BOS and EOS excluded), fp32."""
-    total, dim = x.shape
-    n = cu_seqlens.shape[0] - 1
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_ids = torch.repeat_interleave(torch.arange(n, device=x.device), lengths,
-                                      output_size=total)
-    offsets = torch.arange(total, device=x.device) - cu_seqlens[:-1].long()[seq_ids]
-    residue = (offsets > 0) & (offsets < lengths.long()[seq_ids] - 1)
-    sums = torch.zeros(n, dim, device=x.device, dtype=torch.float32)
-    sums.index_add_(0, seq_ids, x.float() * residue[:, None])
-    return sums / (lengths - 2).clamp(min=1).to(torch.float32)[:, None]
+    index = ResidueIndex.of(cu_seqlens, x.shape[0])
+    sums = torch.zeros(cu_seqlens.shape[0] - 1, x.shape[1], device=x.device,
+                       dtype=torch.float32)
+    sums.index_add_(0, index.seq_of_row, x.index_select(0, index.rows).float())
+    return sums / index.counts[:, None]

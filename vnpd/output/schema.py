@@ -1,0 +1,55 @@
+"""The output file's names and shapes, in one place.
+
+Datasets (N rows, one per input record, in input order):
+
+- ``embeddings``: (N, D), or (N, n_layers, D) when several layers are asked for, in
+  ``output_dtype``; ``ids`` (N,) UTF-8; ``lengths`` (N,) int32 (residues before truncation).
+- With ``per_residue``: ``residues`` (R, D) or (R, n_layers, D) in ``output_dtype`` and
+  ``residue_offsets`` (N + 1,) int64; row i's residues are
+  ``residues[residue_offsets[i]:residue_offsets[i + 1]]``, BOS/EOS excluded, in order.
+
+Layer attributes: ``layers`` (int64 list, in the order of the ``embeddings`` axis) always;
+``layer`` as well when there is exactly one (the schema before several layers existed).
+
+Example::
+
+    embedding_shape(3, 1280, 2)                       # (3, 2, 1280)
+    residue_counts(np.array([5, 2000]), 1022, "truncate")   # array([   5, 1022])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+EMBEDDINGS = "embeddings"
+IDS = "ids"
+LENGTHS = "lengths"
+RESIDUES = "residues"
+RESIDUE_OFFSETS = "residue_offsets"
+
+
+def row_shape(dim: int, num_layers: int = 1) -> tuple[int, ...]:
+    """One row's shape: (D,) for one layer, (n_layers, D) for several."""
+    return (dim,) if num_layers == 1 else (num_layers, dim)
+
+
+def embedding_shape(n: int, dim: int, num_layers: int = 1) -> tuple[int, ...]:
+    return (n, *row_shape(dim, num_layers))
+
+
+def layer_attributes(layers: Sequence[int]) -> dict[str, Any]:
+    """Root attributes naming the resolved ``layers`` (see the module doc)."""
+    attrs: dict[str, Any] = {"layers": np.asarray(list(layers), dtype=np.int64)}
+    if len(layers) == 1:
+        attrs["layer"] = np.int64(layers[0])
+    return attrs
+
+
+def residue_counts(lengths: np.ndarray, truncation: int, long_sequences: str) -> np.ndarray:
+    """Residue rows per sequence (int64): up to ``truncation`` in truncate mode, every
+    residue in window mode."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return lengths.copy() if long_sequences == "window" else np.minimum(lengths, truncation)
