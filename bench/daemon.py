@@ -10,6 +10,11 @@ In one run, on the same data:
 Usage (on the GPU machine):
     python bench/daemon.py --workload 3b-uniprot --sequences 12000 --files 4 \
         --device-sets cuda:0 --json $OUT/daemon.json
+
+Compute once (``--repeat-fraction``, ``--cache``): that share of the sequences are copies
+of others, spread over the files; each daemon run starts with an empty cache, and is run
+with ``[cache] enabled`` on, off, or both (repeats within a file are computed once either
+way; the cache also serves repeats across files). Each run reports the sequences computed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -67,8 +73,9 @@ def engine_only(checkpoint: Path, seqs: list[str], lengths: np.ndarray, dtype: s
 
 
 def daemon_run(root: Path, checkpoint: Path, files: list[tuple[str, str]], devices: list[str],
-               dtype: str, total_tokens: int) -> dict[str, object]:
-    run = root / ("run-" + "-".join(d.replace(":", "") for d in devices))
+               dtype: str, total_tokens: int, cache: bool = True) -> dict[str, object]:
+    run = root / ("run-" + "-".join(d.replace(":", "") for d in devices)
+                  + ("" if cache else "-nocache"))
     shutil.rmtree(run, ignore_errors=True)
     for d in ("inbox", "outbox", "state", "failed", "stage"):
         (run / d).mkdir(parents=True)
@@ -92,6 +99,8 @@ listen = ""
 [logging]
 format = "json"
 level = "info"
+[cache]
+enabled = {"true" if cache else "false"}
 """)
     for name, text in files:  # staged on the same filesystem: a drop is one rename
         (run / "stage" / name).write_text(text)
@@ -116,8 +125,14 @@ level = "info"
         elapsed = time.monotonic() - t0
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(300)
-    return {"devices": devices, "seconds": elapsed, "tok_s": total_tokens / elapsed,
-            "ready_s": ready_s, "exit_code": code, "log": str(log_path)}
+    computed = hits = 0
+    for out in (run / "outbox").glob("*.h5"):
+        with h5py.File(out, "r") as f:
+            computed += int(f.attrs.get("computed_sequences", 0))
+            hits += int(f.attrs.get("cache_hits", 0))
+    return {"devices": devices, "cache": cache, "seconds": elapsed,
+            "tok_s": total_tokens / elapsed, "ready_s": ready_s, "exit_code": code,
+            "computed_sequences": computed, "cache_hits": hits, "log": str(log_path)}
 
 
 def main() -> None:
@@ -129,6 +144,10 @@ def main() -> None:
     ap.add_argument("--device-sets", default="cuda:0",
                     help="semicolon list of comma lists, e.g. 'cuda:0;cuda:0,cuda:1'")
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--repeat-fraction", type=float, default=0.0,
+                    help="share of the sequences that repeat another one (compute once)")
+    ap.add_argument("--cache", choices=["on", "off", "both"], default="on",
+                    help="run the daemon with the embedding cache on, off, or both")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -136,12 +155,20 @@ def main() -> None:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="vnpd-bench-"))
     lengths = workload_lengths(args.workload, args.sequences)
     seqs = make_sequences(lengths)
+    if args.repeat_fraction:
+        rng = np.random.default_rng(2)
+        copies = rng.choice(len(seqs), int(args.repeat_fraction * len(seqs)), replace=False)
+        sources = rng.choice(np.setdiff1d(np.arange(len(seqs)), copies), len(copies))
+        for c, s in zip(copies.tolist(), sources.tolist()):
+            seqs[c] = seqs[s]
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     total_tokens = int(tokens_for(lengths).sum())
     per_file = np.array_split(np.arange(len(seqs)), args.files)
     files = [(f"part{k}.fasta", "".join(f">s{i}\n{seqs[i]}\n" for i in idx))
              for k, idx in enumerate(per_file)]
     checkpoint = write_checkpoint(args.workload, root / "model" / f"esm2_{args.workload}.pt")
     result: dict[str, object] = {"workload": args.workload, "sequences": len(seqs),
+                                 "distinct": len(set(seqs)),
                                  "tokens": total_tokens, "files": args.files,
                                  "gpu": torch.cuda.get_device_name(),
                                  "gpus": torch.cuda.device_count(), "torch": torch.__version__}
@@ -150,16 +177,19 @@ def main() -> None:
         result["engine_tok_s"] = engine_only(checkpoint, seqs, lengths, args.dtype)
         print(f"engine only (1 GPU): {result['engine_tok_s']:,.0f} tok/s", flush=True)
     runs = []
-    for device_set in args.device_sets.split(";"):
-        r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens)
+    caches = {"on": [True], "off": [False], "both": [False, True]}[args.cache]
+    for device_set, cache in [(d, c) for d in args.device_sets.split(";") for c in caches]:
+        r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens,
+                       cache)
         runs.append(r)
         ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
                  if "engine_tok_s" in result else "")
-        print(f"daemon {device_set}: {r['seconds']:.1f} s from drop to last publish, "
-              f"{r['tok_s']:,.0f} tok/s{ratio} (workers ready after {r['ready_s']:.0f} s, "
-              f"exit {r['exit_code']})", flush=True)
+        print(f"daemon {device_set} cache {'on' if cache else 'off'}: {r['seconds']:.1f} s "
+              f"from drop to last publish, {r['tok_s']:,.0f} tok/s{ratio}, computed "
+              f"{r['computed_sequences']}, cache hits {r['cache_hits']} (workers ready after "
+              f"{r['ready_s']:.0f} s, exit {r['exit_code']})", flush=True)
     result["daemon_runs"] = runs
-    if len(runs) > 1:
+    if len(args.device_sets.split(";")) > 1:
         result["scaling"] = runs[-1]["tok_s"] / runs[0]["tok_s"]
         print(f"scaling {runs[-1]['devices']} vs {runs[0]['devices']}: "
               f"{result['scaling']:.3f}x", flush=True)

@@ -35,6 +35,7 @@ from vnpd.compute.tokenizer import tokens_for  # noqa: E402
 
 WORKLOADS = {
     "3b-uniprot": dict(layers=36, dim=2560, heads=40),
+    "3b-orf": dict(layers=36, dim=2560, heads=40),   # VirNucPro's workload: six-frame ORFs
     "650m-orf": dict(layers=33, dim=1280, heads=20),
 }
 RESIDUES = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
