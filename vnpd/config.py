@@ -34,6 +34,7 @@ ON_POISON = ("quarantine", "fail")
 AFTER_DONE = ("move", "delete")
 LOG_FORMATS = ("json", "console", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+BACKENDS = ("local", "ray")  # workers.backend: processes on this host | a Ray cluster
 MAX_TRUNCATION = 1022  # fair-esm's positional limit is 1024 tokens including BOS and EOS
 ENV_PREFIX = "VNPD_"
 
@@ -83,6 +84,19 @@ class WorkersConfig:
     crash_budget: int = 5
     crash_window_s: float = 600.0
     degraded_retry_s: float = 900.0
+    backend: str = "local"  # "local" (processes here) | "ray" (actors on a Ray cluster)
+
+
+@dataclass
+class RayConfig:
+    """The Ray cluster of ``workers.backend = "ray"`` (docs/CLUSTER.md).
+
+    ``address``: "" = a local Ray that the daemon starts and stops; "auto" = join the
+    cluster running here (``ray start``), left running on exit; "HOST:PORT" (the GCS
+    address) or "ray://HOST:10001" (Ray Client) = join that cluster.
+    """
+
+    address: str = "auto"
 
 
 @dataclass
@@ -130,6 +144,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     source: Path | None = None
 
 
@@ -143,6 +158,7 @@ SCHEMA: dict[str, dict[str, object]] = {
 ENUMS: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES, "model.output_dtype": OUTPUT_DTYPES, "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS}
+ENUMS["workers.backend"] = BACKENDS
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",
@@ -395,7 +411,20 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
     if cfg.metrics.listen and not _valid_listen(cfg.metrics.listen):
         problems.append(f"{name('metrics.listen')}: expected HOST:PORT (e.g. 127.0.0.1:9464) "
                         f"or \"\" to disable, got {cfg.metrics.listen!r}")
+    problems += _check_ray_address(cfg.ray.address, name("ray.address"))
     return problems
+
+
+def _check_ray_address(address: str, name: str) -> list[str]:
+    """``""``, ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"``."""
+    if address in ("", "auto"):
+        return []
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535 \
+            and "/" not in host:
+        return []
+    return [f'{name}: expected "" (a local Ray started by the daemon), "auto" (join the '
+            f'cluster running here), HOST:PORT or ray://HOST:PORT, got {address!r}']
 
 
 def _valid_listen(listen: str) -> bool:

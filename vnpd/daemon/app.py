@@ -37,7 +37,7 @@ from vnpd.daemon.scheduler import Scheduler
 from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
 from vnpd.log import configure_logging
-from vnpd.workers.local import LocalPool
+from vnpd.workers import make_pool
 from vnpd.workers.pool import WorkerPool
 from vnpd.workers.protocol import WorkerSpec
 
@@ -80,23 +80,16 @@ class Daemon:
         self.journal = Journal(paths.state / "journal.sqlite3")
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
-        self.devices = resolve_devices(cfg.workers.devices)
+        # A Ray pool's "auto" means the cluster's GPUs, which only the pool can count.
+        self.devices = ["auto"] if cfg.workers.backend == "ray" and cfg.workers.devices == \
+            "auto" else resolve_devices(cfg.workers.devices)
         self.faults = FaultPlan.from_env()  # empty unless a fault test asks for faults
         self.scheduler = Scheduler(self.journal, truncation=cfg.model.truncation,
                                    max_tokens=cfg.model.max_tokens_per_batch or 0,
                                    on_poison=cfg.jobs.on_poison, metrics=self.metrics,
                                    disk_retry_max_s=cfg.jobs.publish_retry_max_s,
                                    faults=self.faults)
-        self.pool: WorkerPool = LocalPool(
-            self._worker_specs(),
-            heartbeat_timeout_s=cfg.workers.heartbeat_timeout_s,
-            batch_deadline_base_s=cfg.workers.batch_deadline_base_s,
-            batch_deadline_per_1k_tokens_s=cfg.workers.batch_deadline_per_1k_tokens_s,
-            restart_backoff_s=cfg.workers.restart_backoff_s,
-            restart_backoff_max_s=cfg.workers.restart_backoff_max_s,
-            crash_budget=cfg.workers.crash_budget, crash_window_s=cfg.workers.crash_window_s,
-            degraded_retry_s=cfg.workers.degraded_retry_s,
-            credit=cfg.workers.batches_in_flight + 1, metrics=self.metrics)
+        self.pool: WorkerPool = make_pool(cfg, self._worker_specs(), self.metrics)
         self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
                                         self.done_dir, self.pool.ready, self.faults)
         self.intake = Intake(cfg, self.journal, self.scheduler, self.completion,
@@ -122,6 +115,8 @@ class Daemon:
         for i, device in enumerate(self.devices):
             if device == "cpu":
                 env = {"CUDA_VISIBLE_DEVICES": ""}
+            elif device == "auto":  # Ray places the actor on a GPU and sets it itself
+                env = {}
             else:
                 n = int(device.split(":")[1])
                 env = {"CUDA_VISIBLE_DEVICES": visible_list[n] if visible_list else str(n)}

@@ -29,7 +29,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    300.0, 600.0)
 
 JOB_OUTCOMES = ("published", "failed", "duplicate")
-RESTART_REASONS = ("crash", "hang", "heartbeat", "oom", "sticky_error", "poison")
+RESTART_REASONS = ("crash", "hang", "heartbeat", "oom", "sticky_error", "poison", "node_lost")
 
 
 class BusyTracker:
