@@ -321,9 +321,8 @@ class RayPool(WorkerPool):
 
         if getattr(exc, "actor_init_failed", False):
             return "load_failed"
-        text = str(exc or "")
-        if "node" in text and ("died" in text or "dead" in text):
-            return "node_lost"
+        # Ray's messages mention nodes for plain crashes too ("node deaths by resource
+        # contention"): ask the GCS whether the actor's node is still alive.
         if slot.node_id is not None:
             try:
                 alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
