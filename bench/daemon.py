@@ -10,11 +10,14 @@ In one run, on the same data:
 Usage (on the GPU machine):
     python bench/daemon.py --workload 3b-uniprot --sequences 12000 --files 4 \
         --device-sets cuda:0 --json $OUT/daemon.json
+    # the Ray backend (one GPU actor, a daemon-owned Ray) against the local one:
+    python bench/daemon.py --workload 3b-uniprot --device-sets cuda:0 --backends local,ray
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -67,8 +70,8 @@ def engine_only(checkpoint: Path, seqs: list[str], lengths: np.ndarray, dtype: s
 
 
 def daemon_run(root: Path, checkpoint: Path, files: list[tuple[str, str]], devices: list[str],
-               dtype: str, total_tokens: int) -> dict[str, object]:
-    run = root / ("run-" + "-".join(d.replace(":", "") for d in devices))
+               dtype: str, total_tokens: int, backend: str = "local") -> dict[str, object]:
+    run = root / ("run-" + backend + "-" + "-".join(d.replace(":", "") for d in devices))
     shutil.rmtree(run, ignore_errors=True)
     for d in ("inbox", "outbox", "state", "failed", "stage"):
         (run / d).mkdir(parents=True)
@@ -84,6 +87,9 @@ checkpoint = "{checkpoint}"
 dtype = "{dtype}"
 [workers]
 devices = {json.dumps(devices)}
+backend = "{backend}"
+[ray]
+address = ""
 [inbox]
 settle_s = 0.2
 rescan_interval_s = 1.0
@@ -116,7 +122,8 @@ level = "info"
         elapsed = time.monotonic() - t0
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(300)
-    return {"devices": devices, "seconds": elapsed, "tok_s": total_tokens / elapsed,
+    return {"devices": devices, "backend": backend, "seconds": elapsed,
+            "tok_s": total_tokens / elapsed,
             "ready_s": ready_s, "exit_code": code, "log": str(log_path)}
 
 
@@ -128,6 +135,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device-sets", default="cuda:0",
                     help="semicolon list of comma lists, e.g. 'cuda:0;cuda:0,cuda:1'")
+    ap.add_argument("--backends", default="local",
+                    help="comma list of worker backends to run each device set with, e.g. "
+                         "'local,ray' (ray: a daemon-owned local Ray, one actor per device)")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -150,18 +160,29 @@ def main() -> None:
         result["engine_tok_s"] = engine_only(checkpoint, seqs, lengths, args.dtype)
         print(f"engine only (1 GPU): {result['engine_tok_s']:,.0f} tok/s", flush=True)
     runs = []
-    for device_set in args.device_sets.split(";"):
-        r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens)
+    for device_set, backend in itertools.product(args.device_sets.split(";"),
+                                                 args.backends.split(",")):
+        r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens,
+                       backend)
         runs.append(r)
         ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
                  if "engine_tok_s" in result else "")
-        print(f"daemon {device_set}: {r['seconds']:.1f} s from drop to last publish, "
+        print(f"daemon {backend} {device_set}: {r['seconds']:.1f} s from drop to last publish, "
               f"{r['tok_s']:,.0f} tok/s{ratio} (workers ready after {r['ready_s']:.0f} s, "
               f"exit {r['exit_code']})", flush=True)
     result["daemon_runs"] = runs
-    if len(runs) > 1:
-        result["scaling"] = runs[-1]["tok_s"] / runs[0]["tok_s"]
-        print(f"scaling {runs[-1]['devices']} vs {runs[0]['devices']}: "
+    by_backend = {}
+    for r in runs:
+        by_backend.setdefault(r["backend"], []).append(r)
+    if "ray" in by_backend and "local" in by_backend:
+        result["ray_vs_local"] = [ray["tok_s"] / local["tok_s"]
+                                  for ray, local in zip(by_backend["ray"], by_backend["local"])]
+        print(f"ray / local tok/s: {', '.join(f'{x:.3f}' for x in result['ray_vs_local'])}",
+              flush=True)
+    local_runs = by_backend.get("local", runs)
+    if len(local_runs) > 1:
+        result["scaling"] = local_runs[-1]["tok_s"] / local_runs[0]["tok_s"]
+        print(f"scaling {local_runs[-1]['devices']} vs {local_runs[0]['devices']}: "
               f"{result['scaling']:.3f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

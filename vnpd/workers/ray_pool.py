@@ -80,11 +80,11 @@ class ActorSlot:
         return self.spec.device
 
     def describe(self) -> dict[str, Any]:
+        age = time.monotonic() - self.last_heartbeat if self.last_heartbeat else None
         return {"worker": self.spec.worker_id, "device": self.device, "pid": self.pid,
                 "node": self.node_ip, "node_id": self.node_id,
                 "gpu": ",".join(self.gpu) if self.gpu else None, "state": self.state,
-                "last_heartbeat_age_s":
-                    round(time.monotonic() - self.last_heartbeat, 1) if self.last_heartbeat else None,
+                "last_heartbeat_age_s": round(age, 1) if age is not None else None,
                 "batches_done": self.batches_done, "inflight": len(self.inflight),
                 "restarts": self.restarts, "max_tokens": self.max_tokens,
                 "attention_backend": self.attention_backend}
