@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import signal
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -41,6 +40,7 @@ import structlog
 from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, Dispatch,
                                ModelInfo, WorkerPool)
 from vnpd.workers.protocol import ErrorMsg, HeartbeatMsg, ResultMsg, WorkerSpec
+from vnpd.workers.ray_cluster import cluster_gpus, connect_ray, node_alive
 
 log = structlog.get_logger()
 
@@ -128,35 +128,12 @@ class RayPool(WorkerPool):
         from vnpd.workers.ray_actor import EngineActor
 
         self.loop = loop
-        self._connect()
+        gpus = sum(1 for s in self.slots if s.spec.device != "cpu")
+        self.owns_ray = connect_ray(self.address, cpus=len(self.slots), gpus=gpus)
         self._actor_class = ray.remote(EngineActor)
         self._follow_cluster()
         for slot in self.slots:
             self._spawn(slot)
-
-    def _connect(self) -> None:
-        """Join the configured cluster, or start a local Ray sized from the slots."""
-        import ray
-
-        previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces the loop's handler
-        options: dict[str, Any] = {"namespace": "vnpd", "log_to_driver": False}
-        if self.address == "":
-            cpus = sum(1 for s in self.slots if s.spec.device == "cpu")
-            gpus = sum(1 for s in self.slots if s.spec.device != "cpu")
-            options.update(address="local", num_cpus=max(1, cpus + gpus),
-                           include_dashboard=False)
-            if gpus:
-                options["num_gpus"] = gpus
-            self.owns_ray = True
-        else:
-            options["address"] = self.address
-        try:
-            context = ray.init(**options)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        log.info("ray_connected", address=self.address or "local", owned=self.owns_ray,
-                 gcs=getattr(context, "address_info", {}).get("gcs_address"),
-                 resources=ray.cluster_resources())
 
     async def stop(self, timeout_s: float) -> None:
         """Let actors finish what they hold, then kill them; stop the Ray we started."""
@@ -166,7 +143,12 @@ class RayPool(WorkerPool):
             if slot.state in ("ready", "starting"):
                 slot.state = "stopping"
         deadline = time.monotonic() + timeout_s
+        last_ping = 0.0
         while time.monotonic() < deadline and any(s.inflight for s in self.slots):
+            if time.monotonic() - last_ping > 1.0:  # an actor that hangs will not drain
+                self.ping_workers()
+                last_ping = time.monotonic()
+            self.murder_workers()
             await asyncio.sleep(0.05)
         lost = [d for s in self.slots for d in s.inflight.values()]
         for slot in self.slots:
@@ -316,20 +298,14 @@ class RayPool(WorkerPool):
         self._schedule_restart(slot)
         self.changed.set()
 
-    def _death_reason(self, slot: ActorSlot, exc: BaseException | None) -> str:
-        import ray
-
+    @staticmethod
+    def _death_reason(slot: ActorSlot, exc: BaseException | None) -> str:
         if getattr(exc, "actor_init_failed", False):
             return "load_failed"
         # Ray's messages mention nodes for plain crashes too ("node deaths by resource
         # contention"): ask the GCS whether the actor's node is still alive.
-        if slot.node_id is not None:
-            try:
-                alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
-            except Exception:  # the GCS itself is unreachable: say so in the reason
-                return "node_lost"
-            if not alive.get(slot.node_id, False):
-                return "node_lost"
+        if slot.node_id is not None and not node_alive(slot.node_id):
+            return "node_lost"
         return "crash"
 
     def _retire(self, slot: ActorSlot) -> None:
@@ -376,7 +352,8 @@ class RayPool(WorkerPool):
 
     def ping_workers(self) -> None:
         for slot in self.slots:
-            if slot.state == "ready" and not slot.ping_pending:
+            if slot.state in ("ready", "stopping") and slot.actor is not None \
+                    and not slot.ping_pending:
                 slot.ping_pending = True
                 self._watch(slot, slot.actor.heartbeat.remote(), self._on_heartbeat)
 
@@ -388,9 +365,10 @@ class RayPool(WorkerPool):
             reason = None
             if slot.state == "starting" and now - slot.started_at > START_TIMEOUT_S:
                 reason = "start_timeout"
-            elif slot.state == "ready" and now - slot.last_heartbeat > self.heartbeat_timeout_s:
+            elif slot.state in ("ready", "stopping") and \
+                    now - slot.last_heartbeat > self.heartbeat_timeout_s:
                 reason = "heartbeat"
-            elif slot.state == "ready" and slot.busy_since is not None:
+            elif slot.state in ("ready", "stopping") and slot.busy_since is not None:
                 d = slot.inflight.get(slot.busy_batch)  # type: ignore[arg-type]
                 if d is not None and now - slot.busy_since > self.batch_deadline(d.tokens):
                     reason = "hang"
@@ -426,9 +404,7 @@ class RayPool(WorkerPool):
         the new slots. (A slot whose GPU left waits, pending, until one comes back.)"""
         if not self.auto:
             return []
-        import ray
-
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = cluster_gpus()
         if gpus == 0 and not self.slots:
             log.error("ray_no_gpus", address=self.address,
                       hint='devices = "auto" needs GPUs in the cluster; for CPU actors '

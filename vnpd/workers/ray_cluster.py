@@ -1,0 +1,72 @@
+"""What the Ray pool asks of the cluster itself: connect, count GPUs, is a node alive.
+
+Separate from :mod:`vnpd.workers.ray_pool` (the slots and their batches) so that each
+reads on its own. Ray is imported inside the functions: importing this module costs
+nothing, and the local backend never imports it.
+
+Example::
+
+    owned = connect_ray("", cpus=2, gpus=0)   # a local Ray of the daemon's own
+    cluster_gpus()                            # 0
+    node_alive(node_id)                       # False once the GCS marks it dead
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger()
+
+
+def connect_ray(address: str, *, cpus: int, gpus: int) -> bool:
+    """Connect this process to Ray as its driver; returns whether the daemon owns it.
+
+    ``address`` "" starts a local Ray sized ``cpus``/``gpus`` (``address="local"``, so a
+    cluster running here is never joined by mistake), stopped by ``ray.shutdown()``.
+    Anything else ("auto", "HOST:PORT", "ray://HOST:PORT") joins a running cluster.
+    Raises ``ConnectionError`` (or Ray's own error) when there is none to join.
+    """
+    import ray
+
+    options: dict[str, Any] = {"namespace": "vnpd", "log_to_driver": False}
+    owned = address == ""
+    if owned:
+        options.update(address="local", num_cpus=max(1, cpus), include_dashboard=False)
+        if gpus:
+            options["num_gpus"] = gpus
+    else:
+        options["address"] = address
+    previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces the loop's handler
+    try:
+        context = ray.init(**options)
+    except Exception as exc:
+        log.error("ray_connect_failed", address=address or "local", error=str(exc),
+                  hint='address = "auto" joins a cluster started with `ray start --head` '
+                       'on this host; "" starts a Ray of the daemon\'s own')
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log.info("ray_connected", address=address or "local", owned=owned,
+             gcs=getattr(context, "address_info", {}).get("gcs_address"),
+             resources=ray.cluster_resources())
+    return owned
+
+
+def cluster_gpus() -> int:
+    """GPUs in the cluster now (alive nodes only)."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def node_alive(node_id: str) -> bool:
+    """Whether the GCS still counts ``node_id`` alive; False when the GCS cannot say."""
+    import ray
+
+    try:
+        return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+    except Exception:  # the GCS itself is unreachable: the node is as good as lost
+        return False
