@@ -120,6 +120,7 @@ class RayPool(WorkerPool):
         self.owns_ray = False
         self._actor_class: Any = None
         self._last_scale_check = 0.0
+        self._no_gpus_logged = False
 
     # Lifecycle ----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -166,9 +167,12 @@ class RayPool(WorkerPool):
             any(s.state == "ready" for s in self.slots)
 
     def all_degraded(self) -> bool:
-        return all(s.state == "degraded" for s in self.slots)
+        # "auto" on a cluster with no GPU yet waits for one (an autoscaler may add it).
+        return bool(self.slots) and all(s.state == "degraded" for s in self.slots)
 
     def healthy(self, fresh_s: float) -> bool:
+        if not self.slots:
+            return True  # waiting for the cluster's first GPU is not a hang
         now = time.monotonic()
         return any((s.state == "ready" and now - s.last_heartbeat < fresh_s)
                    or (s.state == "starting" and now - s.started_at < START_TIMEOUT_S)
@@ -405,10 +409,11 @@ class RayPool(WorkerPool):
         if not self.auto:
             return []
         gpus = cluster_gpus()
-        if gpus == 0 and not self.slots:
-            log.error("ray_no_gpus", address=self.address,
-                      hint='devices = "auto" needs GPUs in the cluster; for CPU actors '
-                           'set devices = ["cpu", ...]')
+        if gpus == 0 and not self.slots and not self._no_gpus_logged:
+            self._no_gpus_logged = True
+            log.warning("ray_no_gpus", address=self.address,
+                        hint='devices = "auto" waits for GPUs to join the cluster; for CPU '
+                             'actors set devices = ["cpu", ...]')
         added = []
         for i in range(len(self.slots), gpus):
             spec = dataclasses.replace(self.auto[0], worker_id=i, device=f"gpu{i}", env={})
