@@ -21,11 +21,12 @@ import structlog
 log = structlog.get_logger()
 
 
-def connect_ray(address: str, *, cpus: int, gpus: int) -> bool:
+def connect_ray(address: str, *, cpus: int | None, gpus: int | None) -> bool:
     """Connect this process to Ray as its driver; returns whether the daemon owns it.
 
-    ``address`` "" starts a local Ray sized ``cpus``/``gpus`` (``address="local"``, so a
-    cluster running here is never joined by mistake), stopped by ``ray.shutdown()``.
+    ``address`` "" starts a local Ray sized ``cpus``/``gpus`` (None: what Ray detects
+    here) with ``address="local"``, so that a cluster running here is never joined by
+    mistake; ``ray.shutdown()`` stops it.
     Anything else ("auto", "HOST:PORT", "ray://HOST:PORT") joins a running cluster.
     Raises ``ConnectionError`` (or Ray's own error) when there is none to join.
     """
@@ -34,7 +35,9 @@ def connect_ray(address: str, *, cpus: int, gpus: int) -> bool:
     options: dict[str, Any] = {"namespace": "vnpd", "log_to_driver": False}
     owned = address == ""
     if owned:
-        options.update(address="local", num_cpus=max(1, cpus), include_dashboard=False)
+        options.update(address="local", include_dashboard=False)
+        if cpus is not None:
+            options["num_cpus"] = max(1, cpus)
         if gpus:
             options["num_gpus"] = gpus
     else:

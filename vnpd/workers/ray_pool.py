@@ -129,8 +129,11 @@ class RayPool(WorkerPool):
         from vnpd.workers.ray_actor import EngineActor
 
         self.loop = loop
+        # A Ray of our own: one CPU per actor and a GPU per GPU slot, or for "auto",
+        # whatever Ray finds on this host.
         gpus = sum(1 for s in self.slots if s.spec.device != "cpu")
-        self.owns_ray = connect_ray(self.address, cpus=len(self.slots), gpus=gpus)
+        self.owns_ray = connect_ray(self.address, cpus=None if self.auto else len(self.slots),
+                                    gpus=None if self.auto else gpus)
         self._actor_class = ray.remote(EngineActor)
         self._follow_cluster()
         for slot in self.slots:
