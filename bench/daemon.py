@@ -15,11 +15,14 @@ Compute once (``--repeat-fraction``, ``--cache``): that share of the sequences a
 of others, spread over the files; each daemon run starts with an empty cache, and is run
 with ``[cache] enabled`` on, off, or both (repeats within a file are computed once either
 way; the cache also serves repeats across files). Each run reports the sequences computed.
+    # the Ray backend (one GPU actor, a daemon-owned Ray) against the local one:
+    python bench/daemon.py --workload 3b-uniprot --device-sets cuda:0 --backends local,ray
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -73,8 +76,9 @@ def engine_only(checkpoint: Path, seqs: list[str], lengths: np.ndarray, dtype: s
 
 
 def daemon_run(root: Path, checkpoint: Path, files: list[tuple[str, str]], devices: list[str],
-               dtype: str, total_tokens: int, cache: bool = True) -> dict[str, object]:
-    run = root / ("run-" + "-".join(d.replace(":", "") for d in devices)
+               dtype: str, total_tokens: int, backend: str = "local",
+               cache: bool = True) -> dict[str, object]:
+    run = root / ("run-" + backend + "-" + "-".join(d.replace(":", "") for d in devices)
                   + ("" if cache else "-nocache"))
     shutil.rmtree(run, ignore_errors=True)
     for d in ("inbox", "outbox", "state", "failed", "stage"):
@@ -91,6 +95,9 @@ checkpoint = "{checkpoint}"
 dtype = "{dtype}"
 [workers]
 devices = {json.dumps(devices)}
+backend = "{backend}"
+[ray]
+address = ""
 [inbox]
 settle_s = 0.2
 rescan_interval_s = 1.0
@@ -130,7 +137,7 @@ enabled = {"true" if cache else "false"}
         with h5py.File(out, "r") as f:
             computed += int(f.attrs.get("computed_sequences", 0))
             hits += int(f.attrs.get("cache_hits", 0))
-    return {"devices": devices, "cache": cache, "seconds": elapsed,
+    return {"devices": devices, "backend": backend, "cache": cache, "seconds": elapsed,
             "tok_s": total_tokens / elapsed, "ready_s": ready_s, "exit_code": code,
             "computed_sequences": computed, "cache_hits": hits, "log": str(log_path)}
 
@@ -143,6 +150,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device-sets", default="cuda:0",
                     help="semicolon list of comma lists, e.g. 'cuda:0;cuda:0,cuda:1'")
+    ap.add_argument("--backends", default="local",
+                    help="comma list of worker backends to run each device set with, e.g. "
+                         "'local,ray' (ray: a daemon-owned local Ray, one actor per device)")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
                     help="share of the sequences that repeat another one (compute once)")
@@ -178,20 +188,30 @@ def main() -> None:
         print(f"engine only (1 GPU): {result['engine_tok_s']:,.0f} tok/s", flush=True)
     runs = []
     caches = {"on": [True], "off": [False], "both": [False, True]}[args.cache]
-    for device_set, cache in [(d, c) for d in args.device_sets.split(";") for c in caches]:
+    for device_set, backend, cache in itertools.product(args.device_sets.split(";"),
+                                                        args.backends.split(","), caches):
         r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens,
-                       cache)
+                       backend, cache)
         runs.append(r)
         ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
                  if "engine_tok_s" in result else "")
-        print(f"daemon {device_set} cache {'on' if cache else 'off'}: {r['seconds']:.1f} s "
-              f"from drop to last publish, {r['tok_s']:,.0f} tok/s{ratio}, computed "
-              f"{r['computed_sequences']}, cache hits {r['cache_hits']} (workers ready after "
-              f"{r['ready_s']:.0f} s, exit {r['exit_code']})", flush=True)
+        print(f"daemon {backend} {device_set} cache {'on' if cache else 'off'}: "
+              f"{r['seconds']:.1f} s from drop to last publish, {r['tok_s']:,.0f} tok/s{ratio}, "
+              f"computed {r['computed_sequences']}, cache hits {r['cache_hits']} (workers ready "
+              f"after {r['ready_s']:.0f} s, exit {r['exit_code']})", flush=True)
     result["daemon_runs"] = runs
+    by_backend = {}
+    for r in runs:
+        by_backend.setdefault(r["backend"], []).append(r)
+    if "ray" in by_backend and "local" in by_backend:
+        result["ray_vs_local"] = [ray["tok_s"] / local["tok_s"]
+                                  for ray, local in zip(by_backend["ray"], by_backend["local"])]
+        print(f"ray / local tok/s: {', '.join(f'{x:.3f}' for x in result['ray_vs_local'])}",
+              flush=True)
+    local_runs = by_backend.get("local", runs)
     if len(args.device_sets.split(";")) > 1:
-        result["scaling"] = runs[-1]["tok_s"] / runs[0]["tok_s"]
-        print(f"scaling {runs[-1]['devices']} vs {runs[0]['devices']}: "
+        result["scaling"] = local_runs[-1]["tok_s"] / local_runs[0]["tok_s"]
+        print(f"scaling {local_runs[-1]['devices']} vs {local_runs[0]['devices']}: "
               f"{result['scaling']:.3f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with vnpd and its test dependencies on a CPU machine.
+# Create .venv with vnpd, its test dependencies and Ray on a CPU machine.
 # torch is pinned to the local CPU build: an unpinned torch would pull GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,8 @@ if ! python -c 'import torch' >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==${VNPD_TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q -e '.[test]'
+# ray: the Ray backend's tests (tests/workers/test_ray_pool.py) run in CI too.
+python -m pip install -q -e '.[test,ray]'
 # The unit tests of systemd/vnpd.service need systemd-analyze (Debian's systemd package).
 # Best effort: without root or apt those tests skip and say why.
 if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \

@@ -7,8 +7,6 @@ for one file, with fair-esm's own ESM2.forward.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import random_sequences
 from tests.daemon_harness import Daemon, DaemonDirs, drop, fasta_text, write_config

@@ -16,7 +16,7 @@ from vnpd.config import Config, PathsConfig
 from vnpd.inputs.index import index_fasta
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.metrics import Metrics
-from vnpd.output.hdf5 import OutputMeta, PartialOutput
+from vnpd.output.hdf5 import PartialOutput
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.inputs.protein import ProteinSource
 from vnpd.workers.pool import ModelInfo

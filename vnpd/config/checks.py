@@ -77,6 +77,7 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
         problems.append(f"{name('model.long_sequences')}: \"window\" is not yet supported by "
                         f"the daemon (vnpd run); use vnpd embed --long-sequences window, or "
                         f"\"truncate\" here")
+    problems += _check_ray_address(cfg.ray.address, name("ray.address"))
     if cfg.cache.max_gb * (1 << 30) < (1 << 20):
         problems.append(f"{name('cache.max_gb')}: must be at least 1 MiB (0.001), "
                         f"got {cfg.cache.max_gb!r}")
@@ -84,6 +85,18 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
         problems.append(f"{name('nucleotide.chunk_length')}: must be at least 3 (one codon), "
                         f"got {cfg.nucleotide.chunk_length!r}")
     return problems
+
+
+def _check_ray_address(address: str, name: str) -> list[str]:
+    """``""``, ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"``."""
+    if address in ("", "auto"):
+        return []
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535 \
+            and "/" not in host:
+        return []
+    return [f'{name}: expected "" (a local Ray started by the daemon), "auto" (join the '
+            f'cluster running here), HOST:PORT or ray://HOST:PORT, got {address!r}']
 
 
 def config_warnings(cfg: Config) -> list[str]:

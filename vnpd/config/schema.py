@@ -22,6 +22,7 @@ ON_POISON = ("quarantine", "fail")
 AFTER_DONE = ("move", "delete")
 LOG_FORMATS = ("json", "console", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+BACKENDS = ("local", "ray")  # workers.backend: processes on this host | a Ray cluster
 ENV_PREFIX = "VNPD_"
 # Variables the engine read itself before these were config keys; still honoured, with the
 # priority of the environment, below VNPD_MODEL_ATTENTION / VNPD_MODEL_COMPILE_MODE.
@@ -84,6 +85,19 @@ class WorkersConfig:
     crash_budget: int = 5
     crash_window_s: float = 600.0
     degraded_retry_s: float = 900.0
+    backend: str = "local"  # "local" (processes here) | "ray" (actors on a Ray cluster)
+
+
+@dataclass
+class RayConfig:
+    """The Ray cluster of ``workers.backend = "ray"`` (docs/CLUSTER.md).
+
+    ``address``: "" = a local Ray that the daemon starts and stops; "auto" = join the
+    cluster running here (``ray start``), left running on exit; "HOST:PORT" (the GCS
+    address) or "ray://HOST:10001" (Ray Client) = join that cluster.
+    """
+
+    address: str = "auto"
 
 
 @dataclass
@@ -172,6 +186,7 @@ class Config:
     nucleotide: NucleotideConfig = field(default_factory=NucleotideConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     source: Path | None = None
 
 
@@ -188,7 +203,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.compile_mode": (AUTO, COMPILE_OFF, *COMPILE_MODES), "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS,
     "input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS,
-    "model.long_sequences": ("truncate", "window")}  # as vnpd.compute.windows (no torch here)
+    "model.long_sequences": ("truncate", "window"), "workers.backend": BACKENDS}  # as vnpd.compute.windows (no torch here)
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",

@@ -39,7 +39,6 @@ from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.log import configure_logging
-from vnpd.workers.local import LocalPool
 from vnpd.workers.pool import WorkerPool
 from vnpd.workers.protocol import WorkerSpec
 
@@ -82,23 +81,16 @@ class Daemon:
         self.journal = Journal(paths.state / "journal.sqlite3")
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
-        self.devices = resolve_devices(cfg.workers.devices)
+        # A Ray pool's "auto" means the cluster's GPUs, which only the pool can count.
+        self.devices = ["auto"] if cfg.workers.backend == "ray" and cfg.workers.devices == \
+            "auto" else resolve_devices(cfg.workers.devices)
         self.faults = FaultPlan.from_env()  # empty unless a fault test asks for faults
         self.scheduler = Scheduler(self.journal, truncation=cfg.model.truncation,
                                    max_tokens=cfg.model.max_tokens_per_batch or 0,
                                    on_poison=cfg.jobs.on_poison, metrics=self.metrics,
                                    disk_retry_max_s=cfg.jobs.publish_retry_max_s,
                                    faults=self.faults)
-        self.pool: WorkerPool = LocalPool(
-            self._worker_specs(),
-            heartbeat_timeout_s=cfg.workers.heartbeat_timeout_s,
-            batch_deadline_base_s=cfg.workers.batch_deadline_base_s,
-            batch_deadline_per_1k_tokens_s=cfg.workers.batch_deadline_per_1k_tokens_s,
-            restart_backoff_s=cfg.workers.restart_backoff_s,
-            restart_backoff_max_s=cfg.workers.restart_backoff_max_s,
-            crash_budget=cfg.workers.crash_budget, crash_window_s=cfg.workers.crash_window_s,
-            degraded_retry_s=cfg.workers.degraded_retry_s,
-            credit=cfg.workers.batches_in_flight + 1, metrics=self.metrics)
+        self.pool: WorkerPool = make_pool(cfg, self._worker_specs(), self.metrics)
         self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
                                         self.done_dir, self.pool.ready, self.faults)
         self.intake = Intake(cfg, self.journal, self.scheduler, self.completion,
@@ -125,6 +117,8 @@ class Daemon:
         for i, device in enumerate(self.devices):
             if device == "cpu":
                 env = {"CUDA_VISIBLE_DEVICES": ""}
+            elif device == "auto":  # Ray places the actor on a GPU and sets it itself
+                env = {}
             else:
                 n = int(device.split(":")[1])
                 env = {"CUDA_VISIBLE_DEVICES": visible_list[n] if visible_list else str(n)}
@@ -367,3 +361,25 @@ def _option(section: object, name: str) -> str | None:
     """A model option for the engine, None for its default ("auto", or not configured)."""
     value = getattr(section, name, None)
     return None if value in (None, "", "auto") else str(value)
+
+
+def make_pool(cfg: Config, specs: list[WorkerSpec], metrics: Any = None) -> WorkerPool:
+    """The pool of ``cfg.workers.backend`` with one slot per spec (ray: a spec with device
+    "auto" stands for every GPU of the cluster)."""
+    w = cfg.workers
+    options = dict(heartbeat_timeout_s=w.heartbeat_timeout_s,
+                   batch_deadline_base_s=w.batch_deadline_base_s,
+                   batch_deadline_per_1k_tokens_s=w.batch_deadline_per_1k_tokens_s,
+                   restart_backoff_s=w.restart_backoff_s,
+                   restart_backoff_max_s=w.restart_backoff_max_s,
+                   crash_budget=w.crash_budget, crash_window_s=w.crash_window_s,
+                   degraded_retry_s=w.degraded_retry_s, credit=w.batches_in_flight + 1,
+                   metrics=metrics)
+    if w.backend == "ray":
+        from vnpd.workers.ray_actor import EngineActor
+        from vnpd.workers.ray_pool import RayPool
+
+        return RayPool(specs, address=cfg.ray.address, actor=EngineActor, **options)
+    from vnpd.workers.local import LocalPool
+
+    return LocalPool(specs, **options)

@@ -112,7 +112,9 @@ def validate_config(cfg: Config, *, check_model: bool = True,
     ``env`` (default ``os.environ``) is used for PATH and CUDA_VISIBLE_DEVICES.
     """
     env = os.environ if env is None else env
-    problems = check_values(cfg) + _check_paths(cfg.paths) + _check_devices(cfg.workers.devices, env)
+    problems = check_values(cfg) + _check_paths(cfg.paths)
+    if cfg.workers.backend != "ray":  # a Ray pool's devices are the cluster's, not this host's
+        problems += _check_devices(cfg.workers.devices, env)
     if check_model:
         problems += _check_model(cfg.model.checkpoint)
     if problems:

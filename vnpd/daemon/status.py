@@ -42,7 +42,9 @@ def format_status(status: dict[str, Any]) -> str:
         age = w.get("last_heartbeat_age_s")
         lines.append(f"{w['worker']:<7} {w['device']:<9} {str(w.get('pid') or '-'):<8} "
                      f"{w['state']:<10} {(f'{age:.1f}s ago' if age is not None else '-'):<10} "
-                     f"{w['batches_done']:<8} {w['inflight']:<9} {w['restarts']}")
+                     f"{w['batches_done']:<8} {w['inflight']:<9} {w['restarts']}"
+                     # Ray actors: where the cluster placed them.
+                     + (f"  {w['node']} gpu {w.get('gpu') or '-'}" if w.get("node") else ""))
     lines += ["", "JOB     FILE                              PROGRESS            TOK/S      ETA"]
     jobs = status.get("jobs", [])
     for j in jobs:

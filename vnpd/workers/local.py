@@ -33,6 +33,7 @@ import structlog
 from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, Dispatch,
                                ModelInfo, WorkerPool)
 from vnpd.workers.process import worker_main
+from vnpd.workers.restarts import schedule_restart
 from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg,
                                    ResultMsg, StopMsg, WorkerSpec)
 
@@ -365,22 +366,9 @@ class LocalPool(WorkerPool):
                 self._spawn(h)
 
     def _schedule_restart(self, h: WorkerHandle) -> None:
-        now = time.monotonic()
-        h.crashes.append(now)
-        while h.crashes and now - h.crashes[0] > self.crash_window_s:
-            h.crashes.popleft()
-        if len(h.crashes) >= self.crash_budget:
-            h.state = "degraded"
-            h.next_start_at = now + self.degraded_retry_s
-            log.error("device_degraded", worker=h.spec.worker_id, device=h.device,
-                      crashes=len(h.crashes), window_s=self.crash_window_s,
-                      retry_in_s=self.degraded_retry_s)
-            return
-        delay = min(self.backoff_max, self.backoff * 2 ** (len(h.crashes) - 1))
-        h.state = "dead"
-        h.next_start_at = now + delay
-        log.info("worker_restart_scheduled", worker=h.spec.worker_id, device=h.device,
-                 delay_s=delay)
+        schedule_restart(h, crash_budget=self.crash_budget, crash_window_s=self.crash_window_s,
+                         degraded_retry_s=self.degraded_retry_s, backoff_s=self.backoff,
+                         backoff_max_s=self.backoff_max)
 
     def _close(self, h: WorkerHandle) -> None:
         h.outbox.put(None)

@@ -86,22 +86,8 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     channel = _Channel(conn)
     state = _State()
     try:
-        import torch
-
-        from vnpd.compute.engine import Engine
-        from vnpd.log import route_library_loggers
-
-        route_library_loggers()
-
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
         started = time.monotonic()
-        device = "cpu" if spec.device == "cpu" else "cuda:0"  # we see only our GPU
-        engine = Engine.load(spec.checkpoint, device=device, dtype=spec.dtype, layer=spec.layer,
-                             layers=spec.layers or None, truncation=spec.truncation,
-                             max_tokens=spec.max_tokens, attention=spec.attention,
-                             compile_mode=spec.compile_mode)
-        engine.warmup()
+        engine = load_engine(spec)
     except BaseException as exc:
         log.error("worker_load_failed", error=str(exc))
         channel.send(ErrorMsg("fatal", f"model load failed: {exc}",
@@ -118,6 +104,36 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     _serve(conn, channel, state, engine, faults, spec.residues)
     state.stop.set()
     log.info("worker_exit", batches_done=state.batches_done)
+
+
+def load_engine(spec: WorkerSpec) -> Any:
+    """The warm engine of a worker (this process, or a Ray actor): loaded and warmed up
+    on the one device the worker sees (``cuda:0``, or the CPU)."""
+    import torch
+
+    from vnpd.compute.engine import Engine
+    from vnpd.log import route_library_loggers
+
+    route_library_loggers()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = "cpu" if spec.device == "cpu" else "cuda:0"  # we see only our GPU
+    engine = Engine.load(spec.checkpoint, device=device, dtype=spec.dtype, layer=spec.layer,
+                         layers=spec.layers or None, truncation=spec.truncation,
+                         max_tokens=spec.max_tokens, attention=spec.attention,
+                         compile_mode=spec.compile_mode)
+    engine.warmup()
+    return engine
+
+
+def error_kind(exc: BaseException, batch_id: int | None) -> str:
+    """How a worker treats a failure: "oom" (split the batch, stay up), "fatal" (a sticky
+    CUDA error, or no batch to blame: the worker must exit) or "batch" (this batch only)."""
+    if _is_oom(exc):
+        return "oom"
+    if _is_sticky(exc) or batch_id is None:
+        return "fatal"
+    return "batch"
 
 
 def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
@@ -171,7 +187,8 @@ def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
 
 def _fail(channel: _Channel, exc: BaseException, batch_id: int | None) -> None:
     """Report a failed batch; exit on errors that poison the device context."""
-    if _is_oom(exc):
+    kind = error_kind(exc, batch_id)
+    if kind == "oom":
         import torch
 
         if torch.cuda.is_available():
@@ -179,7 +196,7 @@ def _fail(channel: _Channel, exc: BaseException, batch_id: int | None) -> None:
         log.warning("batch_oom", batch=batch_id, error=str(exc))
         channel.send(ErrorMsg("oom", str(exc), batch_id))
         return
-    if _is_sticky(exc) or batch_id is None:
+    if kind == "fatal":
         # An illegal memory access poisons the CUDA context for good: never reuse it.
         log.error("worker_fatal", batch=batch_id, error=str(exc))
         channel.send(ErrorMsg("fatal", str(exc), batch_id, traceback.format_exc()))

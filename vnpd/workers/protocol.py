@@ -9,10 +9,13 @@ crosses the pipe. Arrays travel as numpy (pickled by ``multiprocessing.Connectio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vnpd.compute.packing import TokenBatch
+if TYPE_CHECKING:  # annotations only: a BatchMsg carries the one batch type as it is
+    from vnpd.compute.packing import TokenBatch
+
 
 
 @dataclass(frozen=True)
