@@ -77,7 +77,7 @@ def engine_only(checkpoint: Path, seqs: list[str], lengths: np.ndarray, dtype: s
 
 def daemon_run(root: Path, checkpoint: Path, files: list[tuple[str, str]], devices: list[str],
                dtype: str, total_tokens: int, backend: str = "local",
-               cache: bool = True) -> dict[str, object]:
+               cache: bool = True, sequential: bool = False) -> dict[str, object]:
     run = root / ("run-" + backend + "-" + "-".join(d.replace(":", "") for d in devices)
                   + ("" if cache else "-nocache"))
     shutil.rmtree(run, ignore_errors=True)
@@ -124,6 +124,10 @@ enabled = {"true" if cache else "false"}
         t0 = time.monotonic()
         for name, _ in files:
             os.rename(run / "stage" / name, run / "inbox" / name)
+            while sequential and not (run / "outbox" / (Path(name).stem + ".h5")).exists():
+                if proc.poll() is not None:
+                    raise RuntimeError("daemon exited:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.02)
         expected = {Path(name).stem + ".h5" for name, _ in files}
         while not expected.issubset({p.name for p in (run / "outbox").iterdir()}):
             if proc.poll() is not None:
@@ -156,6 +160,9 @@ def main() -> None:
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
                     help="share of the sequences that repeat another one (compute once)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="drop each file once the previous one is published (a later file "
+                         "can then be served from the cache)")
     ap.add_argument("--cache", choices=["on", "off", "both"], default="on",
                     help="run the daemon with the embedding cache on, off, or both")
     ap.add_argument("--workdir", default=None)
@@ -191,7 +198,7 @@ def main() -> None:
     for device_set, backend, cache in itertools.product(args.device_sets.split(";"),
                                                         args.backends.split(","), caches):
         r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens,
-                       backend, cache)
+                       backend, cache, args.sequential)
         runs.append(r)
         ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
                  if "engine_tok_s" in result else "")

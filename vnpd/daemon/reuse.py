@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 from pathlib import Path
 
@@ -35,13 +36,17 @@ log = structlog.get_logger()
 
 ROW = "mean"            # the name of the pooled row in a cache entry
 QUEUE_BATCHES = 256     # batches of rows waiting for the writer thread, at most
+RESERVE_FRACTION = 0.05  # the cache never writes into the last 5% of its filesystem...
+RESERVE_MAX = 1 << 30    # ...or its last GiB, whichever is less: outputs need it more
 
 
 class RowCache:
     """A reader handle for lookups on the loop, a writer thread for stores."""
 
-    def __init__(self, reader: EmbeddingCache, writer: EmbeddingCache) -> None:
+    def __init__(self, reader: EmbeddingCache, writer: EmbeddingCache,
+                 directory: Path | None = None) -> None:
         self.reader, self.writer = reader, writer
+        self.directory = directory
         self._queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = \
             queue.Queue(QUEUE_BATCHES)
         self.dropped = 0
@@ -54,7 +59,7 @@ class RowCache:
         """Open (or create, or rebuild if corrupt) the store in ``directory``."""
         writer = EmbeddingCache.open(directory, max_bytes, namespace)
         reader = EmbeddingCache.open(directory, max_bytes, namespace)
-        return cls(reader, writer)
+        return cls(reader, writer, directory)
 
     def lookup(self, keys: np.ndarray) -> dict[int, np.ndarray]:
         """The cached rows of ``keys`` ((k, 32) uint8): ``{i: row}`` for each hit."""
@@ -77,10 +82,20 @@ class RowCache:
             if item is None:
                 return
             keys, rows = item
+            if self._disk_low():
+                self.dropped += len(keys)
+                continue
             try:
                 self.writer.put_many((bytes(k), {ROW: row}) for k, row in zip(keys, rows))
             except Exception as exc:  # a full disk, say: the rows are in the output anyway
                 log.warning("cache_write_failed", rows=len(keys), error=str(exc))
+
+    def _disk_low(self) -> bool:
+        """The filesystem is nearly full: the space is left to journals and outputs."""
+        if self.directory is None:
+            return False
+        usage = shutil.disk_usage(self.directory)
+        return usage.free < min(RESERVE_MAX, RESERVE_FRACTION * usage.total)
 
     def stats(self) -> tuple[CacheStats, CacheStats]:
         """(reader stats: hits and misses; writer stats: evictions and size)."""
