@@ -15,6 +15,10 @@ default everywhere, does nothing. Every fault logs before it acts.
   a named point of a job's life (:data:`CRASH_POINTS`).
 - ``VNPD_TEST_OUTBOX_FULL=FLAG_FILE``: while FLAG_FILE exists, publishing into the outbox
   fails with ENOSPC, as on a full disk.
+- ``VNPD_TEST_SIMULATE_DIM=D`` (for benchmarks of the parent, bench/parent.py): every
+  worker runs :class:`vnpd.compute.simulated.SimulatedEngine` (rows of width D computed
+  from the tokens, no model) instead of loading the model. Only allowed when every
+  configured device is ``"cpu"``; the daemon refuses to start otherwise.
 
 Example::
 
@@ -63,13 +67,17 @@ class FaultPlan:
     worker: dict[str, str] = field(default_factory=dict)  # record id -> action
     crash_points: frozenset[str] = frozenset()
     outbox_full_flag: Path | None = None
+    simulate_dim: int = 0  # > 0: workers run the simulated engine of this width
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "FaultPlan":
         points = frozenset(filter(None, environ.get("VNPD_TEST_CRASH_AT", "").split(",")))
         flag = environ.get("VNPD_TEST_OUTBOX_FULL")
+        simulate = environ.get("VNPD_TEST_SIMULATE_DIM", "").strip()
+        if simulate and (not simulate.isdigit() or int(simulate) < 1):
+            raise ValueError(f"VNPD_TEST_SIMULATE_DIM must be a positive width, not {simulate!r}")
         return cls(parse_worker_faults(environ.get("VNPD_TEST_FAULT", "")), points,
-                   Path(flag) if flag else None)
+                   Path(flag) if flag else None, int(simulate or 0))
 
     # Daemon faults ------------------------------------------------------------------
     def crash_at(self, point: str) -> None:

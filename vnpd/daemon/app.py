@@ -56,13 +56,36 @@ def run_daemon(config_path: Path, overrides: dict[str, object]) -> int:
     try:
         cfg = load_config(config_path, overrides=overrides)
         validate_config(cfg)
+        _check_test_hooks(cfg)
     except ConfigError as exc:
         configure_logging("auto", "info", stream=sys.stderr)
         log.error("config_invalid", config=str(config_path), problems=exc.problems)
         sys.stderr.write(f"vnpd run: {config_path}: invalid configuration\n{exc}\n")
         return EX_CONFIG
     configure_logging(cfg.logging.format, cfg.logging.level, stream=sys.stdout)
-    return asyncio.run(Daemon(cfg).run())
+    profile_path = os.environ.get("VNPD_TEST_PROFILE")
+    if not profile_path:
+        return asyncio.run(Daemon(cfg).run())
+    # Test-only: the parent's own profile (bench/parent.py), dumped at a clean exit.
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(asyncio.run, Daemon(cfg).run())
+    finally:
+        profiler.dump_stats(profile_path)
+
+
+def _check_test_hooks(cfg: Config) -> None:
+    """Refuse the simulated workers of ``VNPD_TEST_SIMULATE_DIM`` on anything but CPU
+    devices: a GPU server must never publish simulated rows."""
+    try:
+        faults = FaultPlan.from_env()
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    if faults.simulate_dim and any(d != "cpu" for d in resolve_devices(cfg.workers.devices)):
+        raise ConfigError(["VNPD_TEST_SIMULATE_DIM (test-only simulated workers) requires "
+                           'workers.devices = ["cpu", ...]'])
 
 
 class Daemon:
@@ -132,7 +155,8 @@ class Daemon:
                 log_format=cfg.logging.format, log_level=cfg.logging.level,
                 threads=threads if device == "cpu" else 0, env=env,
                 attention=_option(cfg.model, "attention"),
-                compile_mode=_option(cfg.model, "compile_mode"), faults=self.faults.worker))
+                compile_mode=_option(cfg.model, "compile_mode"), faults=self.faults.worker,
+                simulate_dim=self.faults.simulate_dim))
         return specs
 
     # Main ---------------------------------------------------------------------------
@@ -143,6 +167,9 @@ class Daemon:
         log.info("daemon_start", version=__version__, pid=os.getpid(), devices=self.devices,
                  model=self.cfg.model.checkpoint, inbox=str(self.cfg.paths.inbox),
                  outbox=str(self.cfg.paths.outbox))
+        if self.faults.simulate_dim:
+            log.warning("test_simulated_workers", dim=self.faults.simulate_dim,
+                        meaning="workers compute no model: outputs are test data")
         self.intake.remove_stray_files()
         listen = self.metrics.start_server(parse_listen(self.cfg.metrics.listen))
         if listen:

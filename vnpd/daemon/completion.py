@@ -121,6 +121,7 @@ class JobCompletion:
                 meta = await self.output_meta(job)
                 dups = job.duplicates.duplicate_rows if job.duplicates is not None else 0
                 reuse = reuse_counts(self.journal, job.job_id, dups)
+                log.info("finalize_started", job=job.job_id, quarantined=len(quarantined))
                 await asyncio.to_thread(finalize_partial, partial, job.source, meta, quarantined,
                                         reuse)
                 self.faults.crash_at("finalized")

@@ -31,6 +31,7 @@ from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, Re
 log = structlog.get_logger()
 
 DEPTH = 2  # batches launched on the device at once
+SIMULATED_MAX_TOKENS = 131072  # what a 3B model chooses on an H200 (MAX_AUTO_TOKENS)
 STICKY_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
                   "CUDA error", "misaligned address", "an illegal instruction")
 
@@ -85,9 +86,10 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     channel = _Channel(conn)
     state = _State()
+    started = time.monotonic()
     try:
         started = time.monotonic()
-        engine = load_engine(spec)
+        engine = _simulated_engine(spec) if spec.simulate_dim else load_engine(spec)
     except BaseException as exc:
         log.error("worker_load_failed", error=str(exc))
         channel.send(ErrorMsg("fatal", f"model load failed: {exc}",
@@ -100,7 +102,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
                      daemon=True, name="heartbeat").start()
     faults = FaultPlan(worker=spec.faults)
     log.info("worker_ready", max_tokens=engine.max_tokens, attention=engine.attention_backend,
-             gemm=engine.packed.gemm)
+             gemm=getattr(getattr(engine, "packed", engine), "gemm", None))
     _serve(conn, channel, state, engine, faults, spec.residues)
     state.stop.set()
     log.info("worker_exit", batches_done=state.batches_done)
@@ -124,6 +126,16 @@ def load_engine(spec: WorkerSpec) -> Any:
                          compile_mode=spec.compile_mode)
     engine.warmup()
     return engine
+
+
+def _simulated_engine(spec: WorkerSpec) -> Any:
+    """Test-only (``VNPD_TEST_SIMULATE_DIM``): rows from the tokens, no model, no torch.
+    Its budget is the configured one, else that of a 3B model on an H200."""
+    from vnpd.compute.simulated import SimulatedEngine
+
+    log.warning("worker_simulated", dim=spec.simulate_dim)
+    return SimulatedEngine(spec.simulate_dim, spec.max_tokens or SIMULATED_MAX_TOKENS,
+                           layer=max(spec.layer, 0))
 
 
 def error_kind(exc: BaseException, batch_id: int | None) -> str:

@@ -39,6 +39,7 @@ class WorkerSpec:
     faults: dict[str, str] = field(default_factory=dict)  # test fault plan: record -> action
     layers: tuple[int, ...] = ()     # several layers in one pass (overrides layer); () = (layer,)
     residues: str | None = None      # per-residue rows in this dtype ("float16"/"float32"), or none
+    simulate_dim: int = 0    # test-only: > 0 runs vnpd.compute.simulated, no model
 
 
 @dataclass(frozen=True)
