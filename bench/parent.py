@@ -40,10 +40,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vnpd.compute.packing import _LOOKUP, BOS_IDX, EOS_IDX  # noqa: E402
 from vnpd.compute.simulated import simulated_rows  # noqa: E402
+from vnpd.compute.tokenizer import BOS_IDX, EOS_IDX, encode  # noqa: E402
 
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
+TOKEN_OF = np.zeros(256, dtype=np.int64)  # residue byte -> token id, from the one encoder
+TOKEN_OF[AMINO] = encode(AMINO.tobytes().decode())[1:-1]
 ORF_MIN, ORF_MAX = 30, 166
 
 
@@ -79,7 +81,7 @@ def expected_rows(idx: np.ndarray, lengths: np.ndarray, starts: np.ndarray,
     body[cu[1:] - 1] = False
     gather = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in idx]) \
         if len(idx) else np.zeros(0, dtype=np.int64)
-    tokens[body] = _LOOKUP[residues[gather]]
+    tokens[body] = TOKEN_OF[residues[gather]]
     return simulated_rows(tokens, cu, dim)
 
 
