@@ -26,9 +26,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyrodigal_gv
 from Bio.Data import CodonTable
+
+if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
+    import pyrodigal_gv
 
 from vnpd.inputs.fasta import NUCLEOTIDE_MIN_LENGTH
 
@@ -293,6 +296,8 @@ def make_gene_finder() -> pyrodigal_gv.ViralGeneFinder:
     It holds no per-record state and can be reused for every record of a job.
     Example: ``gene_proteins("phage1", dna, make_gene_finder())``.
     """
+    import pyrodigal_gv
+
     return pyrodigal_gv.ViralGeneFinder(meta=True)
 
 
