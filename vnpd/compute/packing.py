@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION, encode, tokens_for
+from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION, encode_packed, tokens_for
 
 
 def pack_batches(lengths: np.ndarray, max_tokens: int,
@@ -29,8 +29,9 @@ def pack_batches(lengths: np.ndarray, max_tokens: int,
 
     ``lengths`` are residue counts (before truncation). Returns a list of int64 position
     arrays; each position 0..n-1 appears exactly once; a batch exceeds ``max_tokens`` only
-    when it holds a single sequence that is over the budget by itself. Runs in
-    O(n log bins) with a max-tree over the bins' free space.
+    when it holds a single sequence that is over the budget by itself. Runs in numpy, one
+    bin at a time, for up to 64 bins (a scheduler window), else in O(n log bins) with a
+    max-tree over the bins' free space; both give the same bins.
     """
     if max_tokens < 3:
         raise ValueError(f"max_tokens must be at least 3, not {max_tokens}")
@@ -39,13 +40,59 @@ def pack_batches(lengths: np.ndarray, max_tokens: int,
     if n == 0:
         return []
     order = np.argsort(-cost, kind="stable")
+    if int(cost.sum()) <= _BIN_BY_BIN_MAX_BINS * max_tokens:
+        return _first_fit_bin_by_bin(order, cost[order], max_tokens)
+    return _first_fit_tree(order, cost[order], max_tokens)
+
+
+# Few bins (a scheduler window holds about 8 budgets): fill one bin at a time, in numpy.
+_BIN_BY_BIN_MAX_BINS = 64
+
+
+def _first_fit_bin_by_bin(order: np.ndarray, cost: np.ndarray,
+                          max_tokens: int) -> list[np.ndarray]:
+    """First-fit decreasing, one bin at a time: the same bins as :func:`_first_fit_tree`.
+
+    Under first fit, whether an item goes into bin 1 depends only on the items before it
+    that went there, so bin 1 is every item (in sorted order) that fits what bin 1 holds
+    by then; bin 2 the same among the rest; and so on. With costs sorted decreasing, that
+    is a prefix (a cumulative sum) plus a few smaller items that fit the remainder.
+    """
+    bins: list[np.ndarray] = []
+    while order.size:
+        total = np.cumsum(cost)
+        k = int(np.searchsorted(total, max_tokens, side="right"))
+        if k == 0:  # over the budget alone: a bin of its own, with no room left
+            bins.append(order[:1])
+            order, cost = order[1:], cost[1:]
+            continue
+        taken = list(range(k))
+        left = max_tokens - int(total[k - 1])
+        j = k
+        while j < cost.size and left >= cost[-1]:
+            j += int(np.searchsorted(-cost[j:], -left, side="left"))  # first that fits
+            if j >= cost.size:
+                break
+            taken.append(j)
+            left -= int(cost[j])
+            j += 1
+        bins.append(order[taken])
+        keep = np.ones(cost.size, dtype=bool)
+        keep[taken] = False
+        order, cost = order[keep], cost[keep]
+    return bins
+
+
+def _first_fit_tree(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """First-fit decreasing in O(n log bins), with a max-tree over the bins' free space."""
+    n = order.shape[0]
     # Worst case every sequence opens its own bin.
     size = 1
     while size < n:
         size *= 2
     free = [-1] * (2 * size)  # max-tree over the bins' free tokens; -1 = no bin yet
     bins: list[list[int]] = []
-    for pos, c in zip(order.tolist(), cost[order].tolist()):
+    for pos, c in zip(order.tolist(), cost.tolist()):
         if free[1] >= c:
             node = 1
             while node < size:  # descend to the leftmost bin with room: first fit
@@ -86,10 +133,7 @@ class TokenBatch:
 def build_batch(positions: np.ndarray, sequences: Sequence[str],
                 truncation: int = FAIR_ESM_TRUNCATION, ids: Sequence[str] = ()) -> TokenBatch:
     """Concatenate the encoded ``sequences`` (aligned with ``positions`` and ``ids``)."""
-    encoded = [encode(s, truncation) for s in sequences]
-    lengths = np.fromiter((e.shape[0] for e in encoded), dtype=np.int32, count=len(encoded))
-    cu = np.zeros(len(encoded) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
-    tokens = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
+    tokens, cu = encode_packed(sequences, truncation)
+    lengths = np.diff(cu)
     return TokenBatch(np.asarray(positions, dtype=np.int64), tokens, cu,
-                      int(lengths.max()) if len(encoded) else 0, tuple(ids))
+                      int(lengths.max()) if lengths.size else 0, tuple(ids))

@@ -156,15 +156,13 @@ class Scheduler:
         if job.next_position >= job.num_records or self._disk.waiting():
             return
         start = job.next_position
-        target = WINDOW_BATCHES * self.max_tokens
-        records: list[FastaRecord] = []
-        tokens = 0
-        for record in job.source.rows(start):
-            records.append(record)
-            tokens += min(len(record.sequence), self.truncation) + 2
-            if tokens >= target or len(records) >= WINDOW_MAX_RECORDS:
-                break
-        stop = start + len(records)
+        # The window: records up to the one that reaches WINDOW_BATCHES budgets of tokens.
+        ahead = tokens_for(np.asarray(job.source.lengths[start:start + WINDOW_MAX_RECORDS]),
+                           self.truncation)
+        count = min(int(np.searchsorted(np.cumsum(ahead), WINDOW_BATCHES * self.max_tokens))
+                    + 1, len(ahead))
+        stop = start + count
+        records = list(itertools.islice(job.source.rows(start), count))
         # Ids and lengths are not written here but at finalize, from the input: ids are
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
         lengths = np.asarray(job.source.lengths[start:stop])
@@ -172,7 +170,7 @@ class Scheduler:
         compute, hit, hit_rows = split_window(job.duplicates, self.cache, start, stop)
         plan = [compute[b] for b in pack_batches(lengths[compute], self.max_tokens,
                                                  self.truncation)]
-        cost = tokens_for(lengths, self.truncation)
+        cost = ahead[:count]
         batches = [(local + start, int(cost[local].sum())) for local in plan]
         if len(hit):
             batches.append((hit + start, 0))  # no tokens: a batch of cache hits
