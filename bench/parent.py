@@ -260,6 +260,8 @@ listen = ""
 [logging]
 format = "json"
 level = "info"
+[cache]
+enabled = {"true" if args.cache == "on" else "false"}
 """)
     env = dict(os.environ, VNPD_TEST_SIMULATE_DIM=str(args.dim))
     cmd = [sys.executable, "-m", "vnpd", "run", "--config", str(config)]
@@ -329,6 +331,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=131072,
                     help="token budget per batch (131072: a 3B model on an H200)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", choices=("on", "off"), default="on",
+                    help="the daemon's embedding cache (on by default, as in production)")
     ap.add_argument("--profile", choices=("none", "py-spy", "cprofile"), default="none")
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--workdir", default=None)

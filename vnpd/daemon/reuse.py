@@ -35,7 +35,7 @@ from vnpd.inputs.duplicates import DuplicatePlan
 log = structlog.get_logger()
 
 ROW = "mean"            # the name of the pooled row in a cache entry
-QUEUE_BATCHES = 256     # batches of rows waiting for the writer thread, at most
+QUEUE_BATCHES = 16      # batches of rows waiting for the writer thread: bounded memory
 RESERVE_FRACTION = 0.05  # the cache never writes into the last 5% of its filesystem...
 RESERVE_MAX = 1 << 30    # ...or its last GiB, whichever is less: outputs need it more
 
