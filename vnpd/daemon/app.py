@@ -33,13 +33,13 @@ from vnpd.daemon.journal import Journal
 from vnpd.daemon.metrics import Metrics
 from vnpd.daemon.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.daemon.preflight import resolve_devices, validate_config
-from vnpd.daemon.reuse import RowCache, open_row_cache
+from vnpd.daemon.reuse import RowCache, checkpoint_digest, open_row_cache
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.log import configure_logging
-from vnpd.workers.pool import WorkerPool
+from vnpd.workers.pool import ModelInfo, WorkerPool
 from vnpd.workers.protocol import WorkerSpec
 
 log = structlog.get_logger()
@@ -120,11 +120,12 @@ class Daemon:
                              claimed_dir=self.claimed_dir, jobs_dir=self.jobs_dir,
                              stopping=self.stopping, wake=self.wake,
                              work_added=self.pool.changed, spawn=self._spawn,
-                             spawn_publish=self._spawn_publish, model=self.pool.ready,
+                             spawn_publish=self._spawn_publish, model=self._ready_for_jobs,
                              faults=self.faults, source_type=SOURCE_KINDS[cfg.input.kind])
         self.publishing: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.cache: RowCache | None = None
+        self.cache_settled = asyncio.Event()
         self.last_progress = time.monotonic()
         self.started = time.time()
         self.ready_sent = False
@@ -303,22 +304,34 @@ class Daemon:
             self.scheduler.apply(outcome)
 
     async def _open_cache(self) -> None:
-        """Open the embedding cache once the model's resolved layer is known."""
+        """Open the embedding cache: the checkpoint is hashed while the workers load, and
+        the store opens once the model's resolved layers are known. Jobs start only after
+        this (``_ready_for_jobs``), so that every row they compute is stored."""
         c, m = self.cfg.cache, self.cfg.model
-        if not c.enabled or self.cfg.output.per_residue:
-            # Per-residue rows are not cached (an entry holds the pooled rows only);
-            # repeats within a file are still computed once.
-            return
-        info = await self.pool.ready()
-        directory = Path(c.path) if c.path else self.cfg.paths.state / "cache"
         try:
-            self.cache = await asyncio.to_thread(open_row_cache, directory, c.max_gb,
-                                                 m.checkpoint, list(info.layers or (info.layer,)),
-                                                 m.dtype, m.output_dtype, m.truncation)
-        except Exception as exc:  # a cache that cannot open costs speed, never results
-            log.error("cache_unavailable", path=str(directory), error=str(exc))
-            return
-        self.scheduler.cache = self.cache
+            if not c.enabled or self.cfg.output.per_residue:
+                # Per-residue rows are not cached (an entry holds the pooled rows only);
+                # repeats within a file are still computed once.
+                return
+            directory = Path(c.path) if c.path else self.cfg.paths.state / "cache"
+            try:
+                digest = await asyncio.to_thread(checkpoint_digest, directory, m.checkpoint)
+                info = await self.pool.ready()
+                self.cache = await asyncio.to_thread(
+                    open_row_cache, directory, c.max_gb, digest,
+                    list(info.layers or (info.layer,)), m.dtype, m.output_dtype, m.truncation)
+            except Exception as exc:  # a cache that cannot open costs speed, never results
+                log.error("cache_unavailable", path=str(directory), error=str(exc))
+                return
+            self.scheduler.cache = self.cache
+        finally:
+            self.cache_settled.set()
+
+    async def _ready_for_jobs(self) -> ModelInfo:
+        """The model's facts, once the cache (if any) is open too."""
+        info = await self.pool.ready()
+        await self.cache_settled.wait()
+        return info
 
     async def _model_ready(self) -> None:
         """Pack for the budget the devices chose, once the model is known."""

@@ -141,14 +141,20 @@ def followers_rows(duplicates: DuplicatePlan | None, positions: np.ndarray
     return duplicates.followers_of(positions)
 
 
-def open_row_cache(directory: Path, max_gb: float, checkpoint: str, layers: list[int],
-                   dtype: str, output_dtype: str, truncation: int) -> RowCache:
-    """The daemon's cache for this model and these settings (hashes the checkpoint's
-    content once; the digest is remembered beside the cache)."""
-    from vnpd.cache.key import cache_namespace, model_content_hash
+def checkpoint_digest(directory: Path, checkpoint: str) -> str:
+    """The checkpoint's content hash (SHA-256; remembered beside the cache, so an unchanged
+    file is hashed once). Slow the first time for a large model: start it early."""
+    from vnpd.cache.key import model_content_hash
     from vnpd.compute.families.esm2_checkpoint import resolve_checkpoint
 
-    digest = model_content_hash(resolve_checkpoint(checkpoint), memo_dir=directory)
+    return model_content_hash(resolve_checkpoint(checkpoint), memo_dir=directory)
+
+
+def open_row_cache(directory: Path, max_gb: float, digest: str, layers: list[int],
+                   dtype: str, output_dtype: str, truncation: int) -> RowCache:
+    """The daemon's cache for the model of content hash ``digest`` and these settings."""
+    from vnpd.cache.key import cache_namespace
+
     namespace = cache_namespace(digest, layers=layers, dtype=dtype, output_dtype=output_dtype,
                                 truncation=truncation, long_sequences="truncate",
                                 window_stride=max(1, truncation // 2), per_residue=False)
