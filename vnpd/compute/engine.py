@@ -89,9 +89,6 @@ class PendingResult:
     residue_event: torch.cuda.Event | None = None
     lengths: np.ndarray | None = None  # residues per sequence, for the residue offsets
 
-    def ready(self) -> bool:
-        return all(e is None or e.query() for e in (self.event, self.residue_event))
-
     def result(self) -> np.ndarray:
         """(n, D) float32 rows, or (n, n_layers, D) with several layers, aligned with
         ``positions``. Waits for the device."""

@@ -60,9 +60,6 @@ class SimulatedResult:
     rows: np.ndarray
     lengths: np.ndarray | None = None  # the engine's interface; no per-residue rows here
 
-    def ready(self) -> bool:
-        return True
-
     def result(self) -> np.ndarray:
         return self.rows
 

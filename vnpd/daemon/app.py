@@ -35,6 +35,7 @@ from vnpd.daemon.notify import Notifier, WatchdogPinger, scrub_notify_env
 from vnpd.daemon.preflight import resolve_devices, validate_config
 from vnpd.daemon.reuse import RowCache, checkpoint_digest, open_row_cache
 from vnpd.daemon.scheduler import Scheduler
+from vnpd.daemon.specs import worker_specs
 from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
 from vnpd.inputs.kinds import SOURCE_KINDS
@@ -113,7 +114,7 @@ class Daemon:
                                    on_poison=cfg.jobs.on_poison, metrics=self.metrics,
                                    disk_retry_max_s=cfg.jobs.publish_retry_max_s,
                                    faults=self.faults)
-        self.pool: WorkerPool = make_pool(cfg, self._worker_specs(), self.metrics)
+        self.pool: WorkerPool = make_pool(cfg, worker_specs(cfg, self.devices, self.faults), self.metrics)
         self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
                                         self.done_dir, self.pool.ready, self.faults)
         self.intake = Intake(cfg, self.journal, self.scheduler, self.completion,
@@ -130,35 +131,6 @@ class Daemon:
         self.started = time.time()
         self.ready_sent = False
         self.metrics_address: str | None = None
-
-    def _worker_specs(self) -> list[WorkerSpec]:
-        cfg = self.cfg
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        visible_list = visible.split(",") if visible else None
-        cpu_workers = sum(1 for d in self.devices if d == "cpu")
-        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers)) if cpu_workers else 0
-        specs = []
-        for i, device in enumerate(self.devices):
-            if device == "cpu":
-                env = {"CUDA_VISIBLE_DEVICES": ""}
-            elif device == "auto":  # Ray places the actor on a GPU and sets it itself
-                env = {}
-            else:
-                n = int(device.split(":")[1])
-                env = {"CUDA_VISIBLE_DEVICES": visible_list[n] if visible_list else str(n)}
-            specs.append(WorkerSpec(
-                worker_id=i, device=device, checkpoint=cfg.model.checkpoint, dtype=cfg.model.dtype,
-                layer=cfg.model.layer, layers=tuple(cfg.model.resolved_layers()),
-                residues=cfg.model.output_dtype if cfg.output.per_residue else None,
-                truncation=cfg.model.truncation,
-                max_tokens=cfg.model.max_tokens_per_batch,
-                heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
-                log_format=cfg.logging.format, log_level=cfg.logging.level,
-                threads=threads if device == "cpu" else 0, env=env,
-                attention=_option(cfg.model, "attention"),
-                compile_mode=_option(cfg.model, "compile_mode"), faults=self.faults.worker,
-                simulate_dim=self.faults.simulate_dim))
-        return specs
 
     # Main ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -395,12 +367,6 @@ class Daemon:
         return {"pid": os.getpid(), "version": __version__, "updated_utc": utc_now(),
                 "started_unix": self.started, "stopped": final, "metrics": self.metrics_address,
                 "workers": self.pool.describe(), "jobs": jobs}
-
-
-def _option(section: object, name: str) -> str | None:
-    """A model option for the engine, None for its default ("auto", or not configured)."""
-    value = getattr(section, name, None)
-    return None if value in (None, "", "auto") else str(value)
 
 
 def make_pool(cfg: Config, specs: list[WorkerSpec], metrics: Any = None) -> WorkerPool:

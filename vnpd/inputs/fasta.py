@@ -27,6 +27,10 @@ from typing import BinaryIO, NoReturn
 import numpy as np
 
 from vnpd.compute.tokenizer import RESIDUE_LETTERS
+from vnpd.inputs.fasta_errors import (_BINARY, WHITESPACE, FastaError, decode_utf8,
+                                      raise_first_bad_byte, raise_not_fasta)
+
+__all__ = ["FastaError", "FastaRecord", "DuplicateIdChecker", "iter_fasta", "iter_fasta_from"]
 
 ALLOWED_RESIDUES: frozenset[str] = frozenset(RESIDUE_LETTERS)
 """The 20 standard amino acids plus X B U Z O: the residue letters of fair-esm's ESM-1b alphabet,
@@ -43,7 +47,6 @@ MAX_HEADER_BYTES = 1 << 20
 
 _ALLOWED = "".join(sorted(ALLOWED_RESIDUES)).encode("ascii")
 _PRINTABLE = bytes(range(0x21, 0x7F))  # nucleotide text: letters are checked per record
-_WHITESPACE = b" \t\r\n\v\f"
 _NUCLEOTIDES = b"ACGTUN"
 _UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _VALID = bytes(int(bytes([c]).translate(_UPPER) in _ALLOWED) for c in range(256))  # either case
@@ -62,9 +65,6 @@ _MAGIC = ((b"\x1f\x8b", _COMPRESSED.format("gzip", "gunzip")),
           (b"\xff\xfe", _ENCODED.format("UTF-16-LE")), (b"\xfe\xff", _ENCODED.format("UTF-16-BE")))
 _UTF8_BOM = b"\xef\xbb\xbf"
 # First-line prefixes of formats that users mistake for FASTA: named in the error.
-_OTHER_FORMATS = (("@", "this looks like FASTQ: vnpd embeds protein FASTA"),
-                  ("LOCUS ", "this looks like GenBank: convert it to FASTA"),
-                  ("ID   ", "this looks like EMBL or UniProt text: convert it to FASTA"))
 KINDS = ("protein", "translated", "nucleotide")
 """What a file holds, for the reader's ``kind``: ``protein`` (the rules of docs/INPUT.md),
 ``translated`` (proteins vnpd derived from DNA: the same letters, but a low-complexity
@@ -72,43 +72,6 @@ protein such as poly-Gly is not refused as nucleotide text), ``nucleotide`` (any
 ASCII letters, upper-cased, ``*`` kept: :func:`vnpd.inputs.nucleotide.check_nucleotide`
 judges the whole record)."""
 _HEAD_BYTES = 8192  # how much of the file start is checked for magic numbers and NULs
-_BINARY = "NUL byte: this is a binary file (or UTF-16/UTF-32 text without a byte-order mark), not FASTA"
-
-
-class FastaError(ValueError):
-    """Invalid FASTA input.
-
-    ``str(e)`` is the full message, e.g.
-    ``"line 17, record 'sp|P1' (#4): invalid residue 'J' at position 17"``; ``#4`` counts
-    records from 1 for people, while ``record_index`` counts from 0 like ``FastaRecord.index``.
-    ``reason`` is the message without the location. Fields that do not apply are None.
-    """
-
-    def __init__(self, reason: str, *, record_id: str | None = None,
-                 record_index: int | None = None, line: int | None = None) -> None:
-        self.reason = reason
-        self.record_id = record_id
-        self.record_index = record_index
-        self.line = line
-        where = []
-        if line is not None:
-            where.append(f"line {line}")
-        number = f"#{record_index + 1}" if record_index is not None else ""
-        if record_id is not None:
-            where.append(f"record {record_id!r} ({number})" if number else f"record {record_id!r}")
-        elif number:
-            where.append(f"record {number}")
-        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Keyword-only fields would be lost by the default exception pickling.
-        return (partial(FastaError, record_id=self.record_id, record_index=self.record_index,
-                        line=self.line), (self.reason,))
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready fields: ``{"reason", "record", "record_index", "line"}``."""
-        return {"reason": self.reason, "record": self.record_id,
-                "record_index": self.record_index, "line": self.line}
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,11 +267,11 @@ def _parse(fh: BinaryIO, *, offset: int, max_residues: int, first_index: int = 0
             in_comment = lead == 59  # ';': old-style comment line, ignored
         if in_comment:
             continue
-        residues = chunk.translate(_UPPER, _WHITESPACE)
+        residues = chunk.translate(_UPPER, WHITESPACE)
         if not residues:
             continue
         if rec_id is None:
-            _raise_not_fasta(chunk, lineno)
+            raise_not_fasta(chunk, lineno)
         if residues.translate(None, allowed):
             if allowed is _PRINTABLE:
                 _raise_not_text(chunk, count, rec_id, rec_index, lineno)
@@ -355,7 +318,7 @@ def _header_id(header: bytes, index: int, lineno: int) -> str:
     if b"\0" in header:
         raise FastaError(_BINARY, record_index=index, line=lineno)
     if not header.isascii():
-        _decode_utf8(header, "header", index, lineno)
+        decode_utf8(header, "header", index, lineno)
     if b"\r" in header and b"\r" in header.rstrip(b"\r\n"):
         # A lone CR is the classic Mac OS line end: the whole file would read as one header.
         raise FastaError("bare carriage-return (\\r) line endings; convert the file to \\n or \\r\\n",
@@ -367,46 +330,11 @@ def _header_id(header: bytes, index: int, lineno: int) -> str:
     return token[1:].decode("utf-8")
 
 
-def _decode_utf8(data: bytes, what: str, index: int | None, lineno: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FastaError(
-            f"{what} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1}); "
-            "the file looks like Latin-1 or another legacy encoding: save it as UTF-8 or ASCII",
-            record_index=index, line=lineno) from None
-
-
-def _raise_not_fasta(line: bytes, lineno: int) -> NoReturn:
-    """Text before the first header: say why the file is not FASTA, binary and encoding first."""
-    if b"\0" in line:
-        raise FastaError(_BINARY, line=lineno)
-    text = _decode_utf8(line, "text", None, lineno).strip()
-    shown = text if len(text) <= 40 else text[:40] + "..."
-    hint = next((f" ({what})" for prefix, what in _OTHER_FORMATS if text.startswith(prefix)), "")
-    raise FastaError(f"not FASTA: expected a '>' header line, found {shown!r}{hint}", line=lineno)
-
-
 def _raise_not_text(line: bytes, count: int, rec_id: str, index: int, lineno: int) -> NoReturn:
     """Nucleotide text with a byte that is not printable ASCII: name it and its position."""
-    error = partial(FastaError, record_id=rec_id, record_index=index, line=lineno)
-    position = count
-    for i, byte in enumerate(line):
-        if byte in _WHITESPACE:
-            continue
-        position += 1
-        if 0x21 <= byte < 0x7F:
-            continue
-        if byte == 0:
-            raise error(_BINARY)
-        if byte >= 0x80:
-            text = line[i:i + 4].decode("utf-8", errors="replace")
-            if text[0] == "\ufffd":
-                _decode_utf8(line, "sequence", index, lineno)  # raises, naming the byte
-            raise error(f"non-ASCII character {text[0]!r} (U+{ord(text[0]):04X}) at position "
-                        f"{position}; sequences must be ASCII")
-        raise error(f"control character 0x{byte:02x} at position {position}")
-    raise AssertionError("a line with a disallowed byte has an offending character")
+    raise_first_bad_byte(line, count, lambda byte: 0x21 <= byte < 0x7F,
+                         partial(FastaError, record_id=rec_id, record_index=index, line=lineno),
+                         index, lineno)
 
 
 def _raise_inner_star(position: int, rec_id: str, index: int, lineno: int) -> NoReturn:
@@ -427,24 +355,11 @@ def _strip_terminal_star(line: bytes, residues: bytes, count: int, rec_id: str, 
     if residues.endswith(b"*") and not residues[:-1].translate(None, _ALLOWED):
         return residues[:-1]
     error = partial(FastaError, record_id=rec_id, record_index=index, line=lineno)
-    position = count
-    for i, byte in enumerate(line):
-        if byte in _WHITESPACE:
-            continue
-        position += 1
-        if _VALID[byte]:
-            continue
-        if byte == 0:
-            raise error(_BINARY)
-        if byte >= 0x80:
-            text = line[i:i + 4].decode("utf-8", errors="replace")
-            if text[0] == "\ufffd":
-                _decode_utf8(line, "sequence", index, lineno)  # raises, naming the byte
-            raise error(f"non-ASCII character {text[0]!r} (U+{ord(text[0]):04X}) at position "
-                        f"{position}; sequences must be ASCII")
-        char = chr(byte)
+
+    def refuse(char: str, position: int) -> None:
         if char == "*":
             _raise_inner_star(position, rec_id, index, lineno)
         hint = " (alignment gap; remove gaps before embedding)" if char in "-." else ""
         raise error(f"invalid residue {char!r} at position {position}{hint}")
-    raise AssertionError("a line with a disallowed byte has an offending character")
+    raise_first_bad_byte(line, count, lambda byte: bool(_VALID[byte]), error, index, lineno,
+                         refuse)

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vnpd.inputs.fasta import (ALLOWED_RESIDUES, DuplicateIdChecker, FastaError, FastaRecord,
-                               iter_fasta, iter_fasta_from)
+from vnpd.inputs.fasta import (_UPPER, ALLOWED_RESIDUES, DuplicateIdChecker, FastaError,
+                               FastaRecord, iter_fasta, iter_fasta_from)
+from vnpd.inputs.fasta_errors import WHITESPACE as _WHITESPACE
 
 _CHUNK = 65536
 _FAST_WINDOW = 4096  # records per read of the fast path
 _RESIDUES = "".join(sorted(ALLOWED_RESIDUES)).encode("ascii")
-_WHITESPACE = b" \t\r\n\v\f"
-_UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _WRITER_HINT = ("a writer still had it open: write files elsewhere (or under a .part name) "
                 "and rename them into the inbox, see docs/INBOX.md")
 

@@ -40,9 +40,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -50,44 +47,16 @@ import h5py
 import numpy as np
 import structlog
 
-from vnpd import __version__
-from vnpd.compute.choices import OUTPUT_DTYPES
 from vnpd.output import residues as residue_io
+from vnpd.output.layout import (_LIBVER, SCHEMA_VERSION, OutputMeta, as_write_error, field_data,
+                                field_dtype, new_file, write_attrs)
 from vnpd.output.outbox import fsync_dir, fsync_file
-from vnpd.output.schema import embedding_shape, layer_attributes
 from vnpd.output.verify import IncompleteOutputError, _block_rows, _check_datasets
 
-SCHEMA_VERSION = 1
-_LIBVER = ("v108", "v108")
-_STR = h5py.string_dtype("utf-8")
+__all__ = ["SCHEMA_VERSION", "OutputMeta", "PartialOutput"]  # the first two live in layout
 
 log = structlog.get_logger(__name__)
 _attempts = itertools.count()  # names the temp file of each rebuild
-
-
-@dataclass(frozen=True)
-class OutputMeta:
-    """What produced an output file; written as root attributes by ``finalize``."""
-
-    model: str              # model name or checkpoint path as given
-    layer: int              # resolved non-negative layer index
-    dtype: str              # compute dtype, e.g. "bfloat16"
-    truncation: int
-    attention_backend: str  # "flash_attn", "cudnn", "torch_varlen" or "exact"
-    source_name: str        # input file's name
-    source_sha256: str
-    pooling: str = "mean"
-    layers: tuple[int, ...] = ()    # resolved layers in the embeddings' order; () = (layer,)
-    long_sequences: str = "truncate"  # "truncate" | "window"
-    window_stride: int = 0          # window mode: residues between window starts
-
-
-def _early_alloc() -> h5py.h5p.PropDCID:
-    # A fresh list per dataset: h5py stores each dataset's fill value into the list.
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return dcpl
-
 
 
 class PartialOutput:
@@ -120,7 +89,7 @@ class PartialOutput:
         makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,) adds the
         per-residue datasets (``vnpd.output.residues``), allocated here.
         """
-        file = _new_file(path, num_sequences, dim, output_dtype, fill=True,
+        file = new_file(path, num_sequences, dim, output_dtype, fill=True,
                          num_layers=num_layers)
         if residue_counts is not None:
             try:
@@ -278,8 +247,8 @@ class PartialOutput:
         extra = dict(attributes or {})
         if not drop.size and ids is None:
             for name, values in fields.items():
-                f.create_dataset(name, data=_field_data(values), dtype=_field_dtype(values))
-            _write_attrs(f, meta, self.num_sequences, [], extra)
+                f.create_dataset(name, data=field_data(values), dtype=field_dtype(values))
+            write_attrs(f, meta, self.num_sequences, [], extra)
             self.close()
         else:
             self._rebuild(meta, drop, ids, lengths, fields, extra)
@@ -296,10 +265,10 @@ class PartialOutput:
         dst = None
         try:
             # Every kept row is written below, so the fill pass would be wasted I/O.
-            dst = _new_file(tmp, kept, self.dim, self.output_dtype, fill=False,
+            dst = new_file(tmp, kept, self.dim, self.output_dtype, fill=False,
                             num_layers=self.num_layers)
             for name, values in fields.items():
-                dst.create_dataset(name, (kept, *values.shape[1:]), _field_dtype(values))
+                dst.create_dataset(name, (kept, *values.shape[1:]), field_dtype(values))
             keep = np.ones(n, dtype=bool)
             keep[drop] = False
             id_source = iter(ids) if ids is not None else None
@@ -321,12 +290,12 @@ class PartialOutput:
                 dropped_ids += [str(i) for i in block_ids[~mask]]
                 for name, values in fields.items():
                     if count:
-                        dst[name][cursor:cursor + count] = _field_data(values[lo:hi][mask])
+                        dst[name][cursor:cursor + count] = field_data(values[lo:hi][mask])
                 cursor += count
             if id_source is not None and next(id_source, None) is not None:
                 raise ValueError(f"more ids than the {n} rows")
             residue_io.copy_residues(src, dst, keep)
-            _write_attrs(dst, meta, kept, dropped_ids, extra)
+            write_attrs(dst, meta, kept, dropped_ids, extra)
             dst.close()
             fsync_file(tmp)
         except BaseException as exc:
@@ -336,7 +305,7 @@ class PartialOutput:
                 except Exception:  # noqa: BLE001 - a file whose flush failed does not close
                     pass
             tmp.unlink(missing_ok=True)
-            error = _as_write_error(exc, tmp) if isinstance(exc, Exception) else None
+            error = as_write_error(exc, tmp) if isinstance(exc, Exception) else None
             if error is None or error is exc:
                 raise
             raise error from exc
@@ -353,75 +322,3 @@ class PartialOutput:
         self._f.close()
         self._f = None
         fsync_file(self.path)
-
-
-def _as_write_error(exc: Exception, path: Path) -> OSError | None:
-    """``exc`` as the OSError that callers retry, if it is a failed write, else None.
-
-    h5py reports the file driver's failure (a full disk, say) as OSError, RuntimeError
-    or ValueError depending on the call; HDF5's message carries the errno.
-    """
-    if isinstance(exc, OSError):
-        return exc
-    found = re.search(r"errno = (\d+)", str(exc))
-    if found is None:
-        return None
-    code = int(found.group(1))
-    return OSError(code, f"{os.strerror(code)}: cannot write {path}: {exc}")
-
-
-def _new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool,
-              num_layers: int = 1) -> h5py.File:
-    if output_dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"output_dtype must be one of {OUTPUT_DTYPES}, not {output_dtype!r}")
-    if n < 0 or dim < 1:
-        raise ValueError(f"need num_sequences >= 0 and dim >= 1, got {n} and {dim}")
-    if num_layers < 1:
-        raise ValueError(f"need num_layers >= 1, got {num_layers}")
-    fill_time = "ifset" if fill else "never"
-    f = h5py.File(path, "w", libver=_LIBVER)
-    try:
-        f.create_dataset("embeddings", embedding_shape(n, dim, num_layers), output_dtype,
-                         fillvalue=np.nan,
-                         dcpl=_early_alloc(), fill_time=fill_time)
-        f.create_dataset("ids", (n,), _STR, dcpl=_early_alloc())
-        f.create_dataset("lengths", (n,), np.int32, fillvalue=-1, dcpl=_early_alloc(),
-                         fill_time=fill_time)
-        f.flush()  # the layout is on disk now; later writes only touch raw data
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def _field_dtype(values: np.ndarray) -> Any:
-    """A row field's HDF5 type: UTF-8 strings for text, else the array's own dtype."""
-    return _STR if values.dtype.kind in "OUS" else values.dtype
-
-
-def _field_data(values: np.ndarray) -> Any:
-    return values.tolist() if values.dtype.kind in "OUS" else values
-
-
-def _write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
-                 quarantined_ids: list[str], extra: Mapping[str, Any] | None = None) -> None:
-    attrs = f.attrs
-    for key, value in (extra or {}).items():
-        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        attrs[key] = np.int64(value) if is_int else value
-    for key in ("model", "dtype", "pooling", "attention_backend", "source_name",
-                "source_sha256"):
-        attrs[key] = str(getattr(meta, key))
-    for key, value in layer_attributes(meta.layers or (meta.layer,)).items():
-        attrs[key] = value
-    attrs["long_sequences"] = meta.long_sequences
-    if meta.long_sequences == "window":
-        attrs["window_stride"] = np.int64(meta.window_stride)
-    attrs["truncation"] = np.int64(meta.truncation)
-    attrs["vnpd_version"] = __version__
-    attrs["num_sequences"] = np.int64(num_sequences)
-    attrs["created_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    # Created explicitly so that an empty list still has a string type.
-    attrs.create("quarantined_ids", data=np.array(quarantined_ids, dtype=object),
-                 shape=(len(quarantined_ids),), dtype=_STR)
-    attrs["schema_version"] = np.int64(SCHEMA_VERSION)
