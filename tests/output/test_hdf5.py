@@ -537,3 +537,27 @@ def test_fsync_dir_runs_on_a_directory(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError):
         (tmp_path / "f").write_bytes(b"")
         fsync_dir(tmp_path / "f")
+
+
+def test_create_on_a_full_disk_raises_enospc_and_leaves_no_file(tmp_path: Path) -> None:
+    """A real full disk (a 1 MiB tmpfs): create reports ENOSPC as OSError, which the daemon
+    retries (h5py raises ValueError for some of these writes), and leaves nothing behind."""
+    import errno
+    import subprocess
+
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = fs / "partial.h5"
+        with pytest.raises(OSError) as caught:
+            PartialOutput.create(path, 4000, 1280, "float32")
+        assert caught.value.errno == errno.ENOSPC
+        assert not path.exists()
+        small = PartialOutput.create(path, 10, 8, "float32")  # the retry starts afresh
+        small.close()
+        assert path.exists()
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)

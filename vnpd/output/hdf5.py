@@ -85,20 +85,32 @@ class PartialOutput:
         """Create (truncating any existing file) a partial file with every row unwritten.
 
         Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
-        raises OSError (ENOSPC) right here if the output cannot fit. ``num_layers`` > 1
-        makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,) adds the
-        per-residue datasets (``vnpd.output.residues``), allocated here.
+        raises OSError (ENOSPC) right here if the output cannot fit; the file is then
+        removed, so that ``create`` can be called again (h5py reports a failed write as
+        ValueError or RuntimeError too: those become the OSError they carry).
+        ``num_layers`` > 1 makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,)
+        adds the per-residue datasets (``vnpd.output.residues``), allocated here.
         """
-        file = new_file(path, num_sequences, dim, output_dtype, fill=True,
-                         num_layers=num_layers)
-        if residue_counts is not None:
-            try:
+        file = None
+        try:
+            file = new_file(path, num_sequences, dim, output_dtype, fill=True,
+                            num_layers=num_layers)
+            if residue_counts is not None:
                 residue_io.create_residue_datasets(
                     file, residue_counts, tuple(file["embeddings"].shape[1:]), output_dtype)
                 file.flush()
-            except BaseException:
-                file.close()
+        except BaseException as exc:
+            if file is not None:
+                try:
+                    file.close()
+                except Exception:  # noqa: BLE001 - a file whose flush failed (full disk)
+                    pass
+            # HDF5 may keep a file it failed to close open: a new inode for the next try.
+            path.unlink(missing_ok=True)
+            error = as_write_error(exc, path) if isinstance(exc, Exception) else None
+            if error is None or error is exc:
                 raise
+            raise error from exc
         return cls(path, file)
 
     @classmethod
