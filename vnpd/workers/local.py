@@ -254,30 +254,8 @@ class LocalPool(WorkerPool):
     # Dispatch -----------------------------------------------------------------------
     def dispatch(self, source: BatchSource) -> int:
         """Hand out batches to every ready worker with free credit; returns how many."""
-        sent = 0
-        progress = True
-        while progress:
-            progress = False
-            # Least-loaded first, so work spreads before any worker fills its credit.
-            for handle in sorted(self.workers, key=lambda h: len(h.inflight)):
-                if handle.state != "ready" or len(handle.inflight) >= handle.credit:
-                    continue
-                if handle.kill_reason is not None:
-                    # Being killed, or exiting after a sticky error (which already took
-                    # its batch out of ``inflight``): a batch sent now would die with it,
-                    # and look like it had failed alone.
-                    continue
-                if any(d.exclusive for d in handle.inflight.values()):
-                    continue  # a suspect runs alone, so that a failure is surely its own
-                dispatch = source.take_batch(handle.max_tokens, not handle.inflight)
-                if dispatch is None:
-                    return sent
-                dispatch.sent = time.monotonic()
-                handle.inflight[dispatch.batch_id] = dispatch
-                handle.outbox.put(BatchMsg(dispatch.batch_id, dispatch.batch))
-                sent += 1
-                progress = True
-        return sent
+        return self._fill_slots(self.workers, source, lambda handle, dispatch: handle.outbox.put(
+            BatchMsg(dispatch.batch_id, dispatch.batch)))
 
     # Health -------------------------------------------------------------------------
     def check_workers(self) -> None:

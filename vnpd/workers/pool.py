@@ -25,9 +25,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -157,6 +159,33 @@ class WorkerPool(ABC):
         """Batches held per device, for metrics."""
 
     # What implementations call --------------------------------------------------------
+    def _fill_slots(self, slots: Sequence[Any], source: BatchSource,
+                    send: Callable[[Any, Dispatch], None]) -> int:
+        """The pull loop of every pool: give each ready slot with free credit a batch from
+        ``source``, least-loaded first, until the source or the credit runs out; ``send``
+        delivers a dispatch to its slot. A slot being killed gets nothing (a batch sent now
+        would die with it and look like it had failed alone), nor does one running a
+        suspect, which runs alone so that a failure is surely its own. Slots have
+        ``state``, ``credit``, ``inflight``, ``kill_reason`` and ``max_tokens``."""
+        sent = 0
+        progress = True
+        while progress:
+            progress = False
+            for slot in sorted(slots, key=lambda s: len(s.inflight)):
+                if slot.state != "ready" or len(slot.inflight) >= slot.credit \
+                        or slot.kill_reason is not None \
+                        or any(d.exclusive for d in slot.inflight.values()):
+                    continue
+                dispatch = source.take_batch(slot.max_tokens, not slot.inflight)
+                if dispatch is None:
+                    return sent
+                dispatch.sent = time.monotonic()
+                slot.inflight[dispatch.batch_id] = dispatch
+                send(slot, dispatch)
+                sent += 1
+                progress = True
+        return sent
+
     def _report(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
         self.changed.set()

@@ -290,26 +290,9 @@ class RayPool(WorkerPool):
     # Dispatch -----------------------------------------------------------------------
     def dispatch(self, source: BatchSource) -> int:
         """Hand out batches to every ready actor with free credit; returns how many."""
-        sent = 0
-        progress = True
-        while progress:
-            progress = False
-            for slot in sorted(self.slots, key=lambda s: len(s.inflight)):
-                if slot.state != "ready" or len(slot.inflight) >= slot.credit \
-                        or slot.kill_reason is not None:
-                    continue
-                if any(d.exclusive for d in slot.inflight.values()):
-                    continue  # a suspect runs alone, so that a failure is surely its own
-                dispatch = source.take_batch(slot.max_tokens, not slot.inflight)
-                if dispatch is None:
-                    return sent
-                dispatch.sent = time.monotonic()
-                slot.inflight[dispatch.batch_id] = dispatch
-                self._watch(slot, slot.actor.embed.remote(dispatch.batch_id, dispatch.batch),
-                            self._on_reply, dispatch.batch_id)
-                sent += 1
-                progress = True
-        return sent
+        return self._fill_slots(self.slots, source, lambda slot, dispatch: self._watch(
+            slot, slot.actor.embed.remote(dispatch.batch_id, dispatch.batch), self._on_reply,
+            dispatch.batch_id))
 
     # Health -------------------------------------------------------------------------
     def check_workers(self) -> None:
