@@ -743,8 +743,9 @@ def scenario_outbox_full(root: Path, model: Path, reference: Reference) -> Outco
 def scenario_disk_full(root: Path, model: Path, reference: Reference) -> Outcome:
     """7b. A real full disk: the daemon's directories live on a small tmpfs, which a
     filler file fills up, twice: (1) completely, while a job computes: commits and
-    window reads fail; (2) all but 1.5 MB, so that a job computes but its 5 MB output
-    cannot be written at publish. Each time the daemon stays up and logs what fails,
+    window reads fail; (2) before a job comes in, all but what its input and partial
+    output need and half as much again, so that it computes but its output cannot be
+    compacted at publish. Each time the daemon stays up and logs what fails,
     and once the filler is removed it publishes everything, exactly once. Needs root
     (mount); skipped without it."""
     outcome = Outcome("disk full (small tmpfs)")
@@ -771,10 +772,12 @@ def scenario_disk_full(root: Path, model: Path, reference: Reference) -> Outcome
             filler.unlink()
             daemon.wait_outputs(["compute.h5"], timeout=120)
 
+            # Filled before the drop, so that no window or row races the filler: left free
+            # is the input, its partial output and half as much again, which the partial's
+            # rows and the journal fit in but the compacted copy made at publish does not.
+            per_row = (run.dirs.outbox / "compute.h5").stat().st_size / 3000
+            _fill_up(filler, leave=len(texts["publish.fasta"]) + int(1.5 * 20000 * per_row))
             drop(run.dirs.inbox, "publish.fasta", texts["publish.fasta"])
-            daemon.wait_for(lambda: [e for e in daemon.events("job_started")
-                                     if e["file"] == "publish.fasta"], 60, "the second job")
-            _fill_up(filler, leave=1_500_000)
             retries = daemon.wait_for(lambda: [e for e in daemon.events("publish_retry")
                                                if e["file"] == "publish.fasta"], 120,
                                       "a publish retry on the nearly full disk")
