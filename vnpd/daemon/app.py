@@ -40,6 +40,7 @@ from vnpd.daemon.status import utc_now, write_status
 from vnpd.faults import FaultPlan
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.log import configure_logging
+from vnpd.malloc import pin_mmap_threshold
 from vnpd.workers.pool import ModelInfo, WorkerPool
 from vnpd.workers.protocol import WorkerSpec
 
@@ -64,6 +65,7 @@ def run_daemon(config_path: Path, overrides: dict[str, object]) -> int:
         sys.stderr.write(f"vnpd run: {config_path}: invalid configuration\n{exc}\n")
         return EX_CONFIG
     configure_logging(cfg.logging.format, cfg.logging.level, stream=sys.stdout)
+    pin_mmap_threshold()  # rows move in buffers of MBs: give them back when freed
     profile_path = os.environ.get("VNPD_TEST_PROFILE")
     if not profile_path:
         return asyncio.run(Daemon(cfg).run())

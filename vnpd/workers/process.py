@@ -80,9 +80,11 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of the spawned process. Exits 0 after StopMsg or when the parent goes."""
     os.environ.update(spec.env)  # CUDA_VISIBLE_DEVICES before anything touches CUDA
     from vnpd.log import configure_logging
+    from vnpd.malloc import pin_mmap_threshold
 
     configure_logging(spec.log_format, spec.log_level, worker=spec.worker_id,
                       device=spec.device, pid=os.getpid())
+    pin_mmap_threshold()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     channel = _Channel(conn)
     state = _State()
