@@ -1,5 +1,6 @@
-"""What the Ray pool asks of the cluster itself (connect, count GPUs, is a node alive),
-and :class:`ActorSlot`, the pool's record of one slot and where its actor runs.
+"""What the Ray pool asks of the cluster itself (connect, count GPUs, is a node alive, why
+an actor died), and :class:`ActorSlot`, the pool's record of one slot and where its actor
+runs.
 
 Separate from :mod:`vnpd.workers.ray_pool` (the slots and their batches) so that each
 reads on its own. Ray is imported inside the functions: importing this module costs
@@ -14,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections import deque
@@ -81,6 +83,23 @@ def node_alive(node_id: str) -> bool:
         return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
     except Exception:  # the GCS itself is unreachable: the node is as good as lost
         return False
+
+
+def death_reason(slot: ActorSlot, exc: BaseException | None) -> str:
+    if getattr(exc, "actor_init_failed", False):
+        return "load_failed"
+    # Ray's messages mention nodes for plain crashes too ("node deaths by resource
+    # contention"): ask the GCS whether the actor's node is still alive.
+    if slot.node_id is not None and not node_alive(slot.node_id):
+        return "node_lost"
+    return "crash"
+
+
+def for_ray(spec: WorkerSpec) -> WorkerSpec:
+    """A spec as the daemon builds it for a local worker, made right for an actor: Ray
+    sets a GPU actor's CUDA_VISIBLE_DEVICES itself; a CPU actor sees no GPU."""
+    return dataclasses.replace(spec, env={"CUDA_VISIBLE_DEVICES": ""}
+                               if spec.device == "cpu" else {})
 
 
 @dataclass

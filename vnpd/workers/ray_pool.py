@@ -38,7 +38,7 @@ import structlog
 from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, ModelInfo, WorkerPool)
 from vnpd.workers.restarts import schedule_restart
 from vnpd.workers.protocol import ErrorMsg, HeartbeatMsg, ResultMsg, WorkerSpec
-from vnpd.workers.ray_cluster import ActorSlot, cluster_gpus, connect_ray, node_alive
+from vnpd.workers.ray_cluster import ActorSlot, cluster_gpus, connect_ray, death_reason, for_ray
 
 log = structlog.get_logger()
 
@@ -65,7 +65,7 @@ class RayPool(WorkerPool):
         self._actor_type = actor
         self.auto = [s for s in specs if s.device == "auto"]
         self.credit = credit
-        self.slots = [ActorSlot(_for_ray(s), credit) for s in specs if s.device != "auto"]
+        self.slots = [ActorSlot(for_ray(s), credit) for s in specs if s.device != "auto"]
         self.address = address
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.deadline_base = batch_deadline_base_s
@@ -246,7 +246,7 @@ class RayPool(WorkerPool):
 
     def _actor_lost(self, slot: ActorSlot, exc: BaseException | None = None) -> None:
         """The slot's actor is gone (or given up on): requeue its batches, restart it."""
-        reason = slot.kill_reason or self._death_reason(slot, exc)
+        reason = slot.kill_reason or death_reason(slot, exc)
         lost = list(slot.inflight.values())
         slot.inflight.clear()
         self._retire(slot)
@@ -264,16 +264,6 @@ class RayPool(WorkerPool):
             self._report(BatchesLost(lost, reason))
         self._schedule_restart(slot)
         self.changed.set()
-
-    @staticmethod
-    def _death_reason(slot: ActorSlot, exc: BaseException | None) -> str:
-        if getattr(exc, "actor_init_failed", False):
-            return "load_failed"
-        # Ray's messages mention nodes for plain crashes too ("node deaths by resource
-        # contention"): ask the GCS whether the actor's node is still alive.
-        if slot.node_id is not None and not node_alive(slot.node_id):
-            return "node_lost"
-        return "crash"
 
     def _retire(self, slot: ActorSlot) -> None:
         """Forget the slot's actor (its late replies are dropped) and kill it."""
@@ -383,10 +373,3 @@ class RayPool(WorkerPool):
         for s in self.slots:
             held[s.device] = held.get(s.device, 0) + len(s.inflight)
         return held
-
-
-def _for_ray(spec: WorkerSpec) -> WorkerSpec:
-    """A spec as the daemon builds it for a local worker, made right for an actor: Ray
-    sets a GPU actor's CUDA_VISIBLE_DEVICES itself; a CPU actor sees no GPU."""
-    return dataclasses.replace(spec, env={"CUDA_VISIBLE_DEVICES": ""}
-                               if spec.device == "cpu" else {})
