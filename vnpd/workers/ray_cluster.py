@@ -1,6 +1,6 @@
-"""What the Ray pool asks of the cluster itself (connect, count GPUs, is a node alive, why
-an actor died), and :class:`ActorSlot`, the pool's record of one slot and where its actor
-runs.
+"""What the Ray pool asks of the cluster itself (connect, count its GPUs or CPUs, is an
+actor placed, is a node alive, why an actor died), and :class:`ActorSlot`, the pool's
+record of one slot and where its actor runs.
 
 Separate from :mod:`vnpd.workers.ray_pool` (the slots and their batches) so that each
 reads on its own. Ray is imported inside the functions: importing this module costs
@@ -9,7 +9,8 @@ nothing, and the local backend never imports it.
 Example::
 
     owned = connect_ray("", cpus=2, gpus=0)   # a local Ray of the daemon's own
-    cluster_gpus()                            # 0
+    cluster_units("GPU")                      # (0, 0): total and free
+    actor_placed(slot.actor)                  # False while it waits for a node
     node_alive(node_id)                       # False once the GCS marks it dead
 """
 
@@ -75,6 +76,35 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def cluster_units(resource: str) -> tuple[int, int]:
+    """(total, free) whole units of ``resource`` ("GPU", "CPU") in the cluster now, over
+    alive nodes only; free = not held by any actor or task."""
+    import ray
+
+    return (int(ray.cluster_resources().get(resource, 0)),
+            int(ray.available_resources().get(resource, 0)))
+
+
+def actor_placed(actor: Any) -> bool | None:
+    """Whether Ray has given ``actor`` a process on some node yet: False while it waits
+    for a node with the resources it asked for, True once it is loading, alive or dead;
+    None when the GCS cannot say (Ray Client connections do not reach it).
+
+    Ray's public state API needs the dashboard, which a daemon-owned Ray does not start,
+    so this reads the GCS actor table: a pending actor has no pid yet.
+    """
+    from ray._private.state import actors
+
+    try:
+        info = actors(actor_id=actor._actor_id.hex())
+    except Exception:
+        return None
+    if not info:
+        return None
+    return not (info.get("State") in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
+                and not info.get("Pid"))
+
+
 def node_alive(node_id: str) -> bool:
     """Whether the GCS still counts ``node_id`` alive; False when the GCS cannot say."""
     import ray
@@ -108,7 +138,8 @@ class ActorSlot:
 
     spec: WorkerSpec
     credit: int
-    state: str = "stopped"  # starting | ready | stopping | stopped | dead | degraded
+    # starting | ready | stopping | stopped | dead | degraded | waiting (for room: no actor)
+    state: str = "stopped"
     actor: Any = None
     generation: int = 0
     pid: int | None = None
