@@ -69,13 +69,6 @@ def connect_ray(address: str, *, cpus: int | None, gpus: int | None) -> bool:
     return owned
 
 
-def cluster_gpus() -> int:
-    """GPUs in the cluster now (alive nodes only)."""
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
 def cluster_units(resource: str) -> tuple[int, int]:
     """(total, free) whole units of ``resource`` ("GPU", "CPU") in the cluster now, over
     alive nodes only; free = not held by any actor or task."""
