@@ -313,7 +313,7 @@ def test_auto_slots_follow_the_cluster(tmp_path: Path, slow_model: Path) -> None
     cluster, worker_node = two_node_cluster()
     try:
         dirs = DaemonDirs(tmp_path)
-        text, text2 = slow_job(), job_text(150, seed=6, prefix="g")
+        text, text2 = slow_job(), job_text(80, seed=6, prefix="g")
         daemon = start(dirs, slow_model, cluster.address, max_tokens=2048,
                        workers={"devices": "auto"},
                        ray_keys={"auto_device": "cpu", "placement_timeout_s": 5.0})

@@ -81,21 +81,31 @@ def cluster_units(resource: str) -> tuple[int, int]:
 def actor_placed(actor: Any) -> bool | None:
     """Whether Ray has given ``actor`` a process on some node yet: False while it waits
     for a node with the resources it asked for, True once it is loading, alive or dead;
-    None when the GCS cannot say (Ray Client connections do not reach it).
+    None when the GCS cannot say (Ray Client connections do not reach it)."""
+    info = _actor_info(actor)
+    if info is None:
+        return None
+    return not (info.get("State") in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
+                and not info.get("Pid"))
 
-    Ray's public state API needs the dashboard, which a daemon-owned Ray does not start,
-    so this reads the GCS actor table: a pending actor has no pid yet.
-    """
+
+def actor_node(actor: Any) -> str | None:
+    """The node id where ``actor`` runs or ran (dead actors keep it); None if unknown."""
+    info = _actor_info(actor)
+    node = ((info or {}).get("Address") or {}).get("NodeID")
+    return node if node and node.strip("f") else None
+
+
+def _actor_info(actor: Any) -> dict[str, Any] | None:
+    """The GCS actor table's row of ``actor``. Ray's public state API needs the
+    dashboard, which a daemon-owned Ray does not start, so this reads the table."""
     from ray._private.state import actors
 
     try:
         info = actors(actor_id=actor._actor_id.hex())
     except Exception:
         return None
-    if not info:
-        return None
-    return not (info.get("State") in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
-                and not info.get("Pid"))
+    return info or None
 
 
 def node_alive(node_id: str) -> bool:
@@ -112,8 +122,10 @@ def death_reason(slot: ActorSlot, exc: BaseException | None) -> str:
     if getattr(exc, "actor_init_failed", False):
         return "load_failed"
     # Ray's messages mention nodes for plain crashes too ("node deaths by resource
-    # contention"): ask the GCS whether the actor's node is still alive.
-    if slot.node_id is not None and not node_alive(slot.node_id):
+    # contention"): ask the GCS whether the actor's node is still alive. An actor that
+    # died loading the model has not told us its node yet: the GCS knows it.
+    node = slot.node_id or (actor_node(slot.actor) if slot.actor is not None else None)
+    if node is not None and not node_alive(node):
         return "node_lost"
     return "crash"
 
