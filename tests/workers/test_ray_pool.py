@@ -140,6 +140,26 @@ def two_node_cluster() -> tuple[Any, Any]:
     return cluster, cluster.add_node(num_cpus=1)
 
 
+def actor_states(address: str) -> list[str]:
+    """The state of every engine actor that the cluster at ``address`` has seen (ALIVE,
+    DEAD, PENDING_CREATION, ...), as this process reads them from the GCS when it joins
+    as a driver for a moment."""
+    from ray._private.state import actors
+
+    ray.init(address=address, namespace="vnpd-test", log_to_driver=False)
+    try:
+        return sorted(a["State"] for a in actors().values()
+                      if a["ActorClassName"] == "EngineActor")
+    finally:
+        ray.shutdown()
+
+
+def no_actor_pending(address: str) -> bool:
+    states = actor_states(address)
+    assert "ALIVE" in states, states
+    return not {"DEPENDENCIES_UNREADY", "PENDING_CREATION"} & set(states)
+
+
 def scrape(daemon: Daemon) -> str:
     address = (daemon.status() or {})["metrics"]
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
@@ -331,6 +351,7 @@ def test_auto_slots_follow_the_cluster(tmp_path: Path, slow_model: Path) -> None
             out = daemon.wait_outputs(["job.h5"], timeout=240)
             left = workers_of(daemon)
             assert [(w["node_id"], w["state"]) for w in left] == [(head, "ready")], left
+            assert no_actor_pending(cluster.address)
 
             new_node = cluster.add_node(num_cpus=1)
             daemon.wait_for(lambda: any(w["node_id"] == new_node.node_id and w["state"] ==
@@ -384,7 +405,7 @@ def test_device_list_slot_waits_for_room(tmp_path: Path, slow_model: Path) -> No
             states = daemon.wait_for(lambda: sorted(
                 (w["state"], w["pid"] is None) for w in workers_of(daemon)) == [
                 ("ready", False), ("waiting", True)], 10, "a ready slot and a waiting one")
-            assert states
+            assert states and no_actor_pending(cluster.address)
             new_node = cluster.add_node(num_cpus=1)
 
             def replaced() -> bool:
