@@ -185,6 +185,10 @@ def test_enum_errors():
     ({"metrics.listen": "::1:9464"}, "metrics.listen (from override metrics.listen): put an IPv6 "
                                      "host in brackets"),
     ({"model.checkpoint": " "}, "model.checkpoint"),
+    ({"ray.auto_device": "tpu"}, "ray.auto_device (from override ray.auto_device): 'tpu' is "
+                                 "not one of gpu, cpu"),
+    ({"ray.placement_timeout_s": -1}, "ray.placement_timeout_s (from override "
+                                      "ray.placement_timeout_s): must be 0 or more"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:

@@ -10,8 +10,9 @@ every row equals the local backend's (``vnpd embed``: the same engine in one pro
   files, and no Ray process left behind after it exits;
 - faults on a shared one-node cluster that the daemons join: an actor SIGKILLs itself
   mid-batch (``VNPD_TEST_FAULT=crash:...``), an actor hangs (``hang:...``);
-- a two-node cluster (``ray.cluster_utils.Cluster``) whose worker node is removed
-  mid-job, then replaced by a new node.
+- two-node clusters (``ray.cluster_utils.Cluster``) that lose their worker node mid-job:
+  with ``devices = "auto"`` the pool drops the lost node's slot, and gains one for a node
+  that joins; with a device list the slot waits, with no actor pending, for room.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests.conftest import random_sequences  # noqa: E402
 from tests.daemon_harness import Daemon, DaemonDirs, drop, fasta_text, write_config  # noqa: E402
-from vnpd.config import ConfigError, load_config  # noqa: E402
+from vnpd.config import Config, ConfigError, load_config  # noqa: E402
 from vnpd.output.verify import read_output, verify_output  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -108,14 +109,55 @@ def ray_pids() -> set[int]:
 
 
 def start(dirs: DaemonDirs, model: Path, address: str, *, env: dict[str, str] | None = None,
-          workers: dict[str, Any] | None = None, max_tokens: int = 1024) -> Daemon:
+          workers: dict[str, Any] | None = None, max_tokens: int = 1024,
+          ray_keys: dict[str, Any] | None = None) -> Daemon:
+    keys = {"address": address, **(ray_keys or {})}
     config = write_config(dirs, model, max_tokens=max_tokens,
                           workers={**FAST_WORKERS, **(workers or {})},
                           inbox={"settle_s": 0.1, "rescan_interval_s": 1.0},
-                          extra=f"[ray]\naddress = {json.dumps(address)}\n")
+                          extra="[ray]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                                    for k, v in keys.items()))
     daemon = Daemon(config, dirs, env=env)
     daemon.wait_ready(timeout=120)
     return daemon
+
+
+def workers_of(daemon: Daemon) -> list[dict[str, Any]]:
+    return (daemon.status() or {}).get("workers", [])
+
+
+def wait_busy_on(daemon: Daemon, node_id: str) -> None:
+    """Until the actor on ``node_id`` has done a batch and holds more."""
+    daemon.wait_for(lambda: any(w["node_id"] == node_id and w["batches_done"] >= 1
+                                and w["inflight"] for w in workers_of(daemon)),
+                    60, f"the actor on {node_id} busy")
+
+
+def two_node_cluster() -> tuple[Any, Any]:
+    """A head and a worker node with one CPU each, so one CPU actor on each."""
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "_system_config": FAST_HEALTH})
+    return cluster, cluster.add_node(num_cpus=1)
+
+
+def actor_states(address: str) -> list[str]:
+    """The state of every engine actor that the cluster at ``address`` has seen (ALIVE,
+    DEAD, PENDING_CREATION, ...), as this process reads them from the GCS when it joins
+    as a driver for a moment."""
+    from ray._private.state import actors
+
+    ray.init(address=address, namespace="vnpd-test", log_to_driver=False)
+    try:
+        return sorted(a["State"] for a in actors().values()
+                      if a["ActorClassName"] == "EngineActor")
+    finally:
+        ray.shutdown()
+
+
+def no_actor_pending(address: str) -> bool:
+    states = actor_states(address)
+    assert "ALIVE" in states, states
+    return not {"DEPENDENCIES_UNREADY", "PENDING_CREATION"} & set(states)
 
 
 def scrape(daemon: Daemon) -> str:
@@ -150,6 +192,10 @@ def test_config_backend_and_address_are_checked(tmp_path: Path) -> None:
                                  "VNPD_RAY_ADDRESS": "ray://head.example:10001"})
     assert (cfg.workers.backend, cfg.ray.address) == ("ray", "ray://head.example:10001")
     assert load_config(None, env={}).workers.backend == "local"
+    cfg = load_config(None, env={"VNPD_RAY_AUTO_DEVICE": "cpu",
+                                 "VNPD_RAY_PLACEMENT_TIMEOUT_S": "0"})
+    assert (cfg.ray.auto_device, cfg.ray.placement_timeout_s) == ("cpu", 0.0)
+    assert (Config().ray.auto_device, Config().ray.placement_timeout_s) == ("gpu", 60.0)
     for env, needle in (({"VNPD_WORKERS_BACKEND": "slurm"}, "workers.backend"),
                         ({"VNPD_RAY_ADDRESS": "head.example"}, "ray.address"),
                         ({"VNPD_RAY_ADDRESS": "ray://head:port"}, "ray.address")):
@@ -277,42 +323,101 @@ def test_actor_sigkilled_from_outside_mid_batch(shared_cluster: Any, tmp_path: P
     check_output(out[0], text, slow_model, tmp_path)
 
 
-# A node lost mid-job ------------------------------------------------------------------------
-def test_node_removed_mid_job(tmp_path: Path, slow_model: Path) -> None:
-    """Two nodes with one CPU each, so one actor on each. The worker node is killed while
-    its actor holds batches: they come back ("node_lost"), the job completes on the head,
-    and the slot's new actor starts on a node added later."""
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "_system_config": FAST_HEALTH})
+# Nodes lost and gained ------------------------------------------------------------------------
+def test_auto_slots_follow_the_cluster(tmp_path: Path, slow_model: Path) -> None:
+    """``devices = "auto"`` (here one CPU actor per CPU of the cluster). The worker node is
+    killed while its actor holds batches: they come back ("node_lost"), the slot is
+    retired (no crash counted, no actor left pending), and the job completes on the head,
+    equal to the local backend's. Then a node joins: a slot is added, its actor starts on
+    the new node and computes batches of the next job."""
+    cluster, worker_node = two_node_cluster()
     try:
-        worker_node = cluster.add_node(num_cpus=1)
+        dirs = DaemonDirs(tmp_path)
+        text, text2 = slow_job(), job_text(80, seed=6, prefix="g")
+        daemon = start(dirs, slow_model, cluster.address, max_tokens=2048,
+                       workers={"devices": "auto"},
+                       ray_keys={"auto_device": "cpu", "placement_timeout_s": 5.0})
+        try:
+            head = cluster.head_node.node_id
+            daemon.wait_for(lambda: sorted(w["node_id"] for w in workers_of(daemon)
+                                           if w["state"] == "ready")
+                            == sorted([head, worker_node.node_id]), 30, "one actor per node")
+            drop(dirs.inbox, "job.fasta", text)
+            wait_busy_on(daemon, worker_node.node_id)
+            cluster.remove_node(worker_node, allow_graceful=False)
+            retired = daemon.wait_for(lambda: daemon.events("ray_slot_retired"), 60,
+                                      "the lost node's slot retired")
+            assert not (dirs.outbox / "job.h5").exists(), "the job ended before the node left"
+            out = daemon.wait_outputs(["job.h5"], timeout=240)
+            left = workers_of(daemon)
+            assert [(w["node_id"], w["state"]) for w in left] == [(head, "ready")], left
+            assert no_actor_pending(cluster.address)
+
+            new_node = cluster.add_node(num_cpus=1)
+            daemon.wait_for(lambda: any(w["node_id"] == new_node.node_id and w["state"] ==
+                                        "ready" for w in workers_of(daemon)), 60,
+                            "an actor on the new node")
+            drop(dirs.inbox, "grow.fasta", text2)
+            out2 = daemon.wait_outputs(["grow.h5"], timeout=240)
+            grown = daemon.wait_for(lambda: [w for w in workers_of(daemon)
+                                             if w["node_id"] == new_node.node_id
+                                             and w["batches_done"] >= 1], 10,
+                                    "batches done on the new node")
+            assert len(workers_of(daemon)) == 2
+            metrics = scrape(daemon)
+        finally:
+            assert daemon.terminate() == 0
+        died = daemon.events("worker_died")
+        assert [e["reason"] for e in died] == ["node_lost"] and died[0]["lost_batches"] >= 1
+        assert [e["reason"] for e in retired] == ["cluster_shrank"], retired
+        assert not daemon.events("worker_restart_scheduled") and \
+            not daemon.events("device_degraded"), "node loss counted as a crash"
+        assert [e["worker"] for e in daemon.events("ray_slot_added")][-1] == grown[0]["worker"]
+        assert 'vnpd_worker_restarts_total{device="cpu",reason="node_lost"} 1.0' in metrics
+        check_output(out[0], text, slow_model, tmp_path)
+        check_output(out2[0], text2, slow_model, tmp_path)
+    finally:
+        cluster.shutdown()
+
+
+def test_device_list_slot_waits_for_room(tmp_path: Path, slow_model: Path) -> None:
+    """``devices = ["cpu", "cpu"]`` keeps two slots. The worker node is killed while its
+    actor holds batches: they come back ("node_lost"), the job completes on the head, and
+    the slot's new actor, which no node can take, is given up after the placement timeout:
+    the slot waits with no actor pending. A node added later gets it."""
+    cluster, worker_node = two_node_cluster()
+    try:
         dirs = DaemonDirs(tmp_path)
         text = slow_job()
-        daemon = start(dirs, slow_model, cluster.address, max_tokens=2048)
+        daemon = start(dirs, slow_model, cluster.address, max_tokens=2048,
+                       ray_keys={"placement_timeout_s": 3.0})
         try:
             expected = {cluster.head_node.node_id, worker_node.node_id}
-            daemon.wait_for(lambda: {w["node_id"] for w in daemon.status()["workers"]}
+            daemon.wait_for(lambda: {w["node_id"] for w in workers_of(daemon)}
                             == expected, 10, f"one actor on each node {expected}")
             drop(dirs.inbox, "job.fasta", text)
-
-            def remote_busy() -> bool:
-                return any(w["node_id"] == worker_node.node_id and w["batches_done"] >= 1
-                           and w["inflight"] for w in (daemon.status() or {})["workers"])
-            daemon.wait_for(remote_busy, 60, "the worker node's actor busy")
+            wait_busy_on(daemon, worker_node.node_id)
             cluster.remove_node(worker_node, allow_graceful=False)
             died = daemon.wait_for(lambda: daemon.events("worker_died"), 60, "node loss seen")
             assert not (dirs.outbox / "job.h5").exists(), "the job ended before the node left"
-            new_node = cluster.add_node(num_cpus=1)
             out = daemon.wait_outputs(["job.h5"], timeout=240)
+            daemon.wait_for(lambda: daemon.events("ray_slot_waiting"), 30, "the slot waiting")
+            states = daemon.wait_for(lambda: sorted(
+                (w["state"], w["pid"] is None) for w in workers_of(daemon)) == [
+                ("ready", False), ("waiting", True)], 10, "a ready slot and a waiting one")
+            assert states and no_actor_pending(cluster.address)
+            new_node = cluster.add_node(num_cpus=1)
 
             def replaced() -> bool:
                 return any(w["node_id"] == new_node.node_id and w["state"] == "ready"
-                           for w in (daemon.status() or {})["workers"])
+                           for w in workers_of(daemon))
             daemon.wait_for(replaced, 60, "the slot's new actor on the new node")
             metrics = scrape(daemon)
         finally:
             assert daemon.terminate() == 0
         assert [e["reason"] for e in died] == ["node_lost"] and died[0]["lost_batches"] >= 1
+        assert daemon.events("ray_slot_resumed")
+        assert not daemon.events("device_degraded") and not daemon.events("ray_slot_retired")
         assert 'vnpd_worker_restarts_total{device="cpu",reason="node_lost"} 1.0' in metrics
         check_output(out[0], text, slow_model, tmp_path)
     finally:

@@ -23,6 +23,7 @@ AFTER_DONE = ("move", "delete")
 LOG_FORMATS = ("json", "console", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BACKENDS = ("local", "ray")  # workers.backend: processes on this host | a Ray cluster
+RAY_AUTO_DEVICES = ("gpu", "cpu")  # ray.auto_device: what devices = "auto" counts
 ENV_PREFIX = "VNPD_"
 # Variables the engine read itself before these were config keys; still honoured, with the
 # priority of the environment, below VNPD_MODEL_ATTENTION / VNPD_MODEL_COMPILE_MODE.
@@ -94,10 +95,16 @@ class RayConfig:
 
     ``address``: "" = a local Ray that the daemon starts and stops; "auto" = join the
     cluster running here (``ray start``), left running on exit; "HOST:PORT" (the GCS
-    address) or "ray://HOST:10001" (Ray Client) = join that cluster.
+    address) or "ray://HOST:10001" (Ray Client) = join that cluster. ``auto_device`` and
+    ``placement_timeout_s``: how the slots follow the cluster (docs/CLUSTER.md).
     """
 
     address: str = "auto"
+    # What workers.devices = "auto" counts in the cluster: one GPU actor per GPU, or
+    # (CPU-only clusters, tests, the demo) one one-thread CPU actor per CPU.
+    auto_device: str = "gpu"
+    # An actor not placed on a node within this time is given up (0 = wait for ever).
+    placement_timeout_s: float = 60.0
 
 
 @dataclass
@@ -203,7 +210,8 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.compile_mode": (AUTO, COMPILE_OFF, *COMPILE_MODES), "jobs.on_poison": ON_POISON,
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS,
     "input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS,
-    "model.long_sequences": ("truncate", "window"), "workers.backend": BACKENDS}  # as vnpd.compute.windows (no torch here)
+    "model.long_sequences": ("truncate", "window"),  # as vnpd.compute.windows (no torch here)
+    "workers.backend": BACKENDS, "ray.auto_device": RAY_AUTO_DEVICES}
 POSITIVE = (
     "workers.heartbeat_interval_s", "workers.heartbeat_timeout_s", "workers.batches_in_flight",
     "workers.restart_backoff_s", "workers.restart_backoff_max_s",
@@ -211,4 +219,4 @@ POSITIVE = (
     "workers.degraded_retry_s", "inbox.rescan_interval_s", "jobs.max_active_jobs",
     "jobs.publish_retry_max_s", "cache.max_gb")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
-                "inbox.settle_s", "model.window_stride")
+                "inbox.settle_s", "model.window_stride", "ray.placement_timeout_s")

@@ -387,7 +387,9 @@ def make_pool(cfg: Config, specs: list[WorkerSpec], metrics: Any = None) -> Work
         from vnpd.workers.ray_actor import EngineActor
         from vnpd.workers.ray_pool import RayPool
 
-        return RayPool(specs, address=cfg.ray.address, actor=EngineActor, **options)
+        return RayPool(specs, address=cfg.ray.address, actor=EngineActor,
+                       auto_device=cfg.ray.auto_device,
+                       placement_timeout_s=cfg.ray.placement_timeout_s, **options)
     from vnpd.workers.local import LocalPool
 
     return LocalPool(specs, **options)

@@ -97,7 +97,7 @@ class Metrics:
             ["device"], buckets=LATENCY_BUCKETS, registry=r)
         self.worker_restarts_total = Counter(
             "vnpd_worker_restarts_total",
-            "Worker restarts, by reason (crash|hang|heartbeat|oom|sticky_error|poison)",
+            "Worker restarts, by reason (crash|hang|heartbeat|oom|sticky_error|poison|node_lost)",
             ["device", "reason"], registry=r)
         self.quarantined_sequences_total = Counter(
             "vnpd_quarantined_sequences_total", "Sequences quarantined as poison", registry=r)

@@ -1,5 +1,6 @@
-"""What the Ray pool asks of the cluster itself (connect, count GPUs, is a node alive),
-and :class:`ActorSlot`, the pool's record of one slot and where its actor runs.
+"""What the Ray pool asks of the cluster itself (connect, count its GPUs or CPUs, is an
+actor placed, is a node alive, why an actor died), and :class:`ActorSlot`, the pool's
+record of one slot and where its actor runs.
 
 Separate from :mod:`vnpd.workers.ray_pool` (the slots and their batches) so that each
 reads on its own. Ray is imported inside the functions: importing this module costs
@@ -8,12 +9,14 @@ nothing, and the local backend never imports it.
 Example::
 
     owned = connect_ray("", cpus=2, gpus=0)   # a local Ray of the daemon's own
-    cluster_gpus()                            # 0
+    cluster_units("GPU")                      # (0, 0): total and free
+    actor_placed(slot.actor)                  # False while it waits for a node
     node_alive(node_id)                       # False once the GCS marks it dead
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections import deque
@@ -66,11 +69,43 @@ def connect_ray(address: str, *, cpus: int | None, gpus: int | None) -> bool:
     return owned
 
 
-def cluster_gpus() -> int:
-    """GPUs in the cluster now (alive nodes only)."""
+def cluster_units(resource: str) -> tuple[int, int]:
+    """(total, free) whole units of ``resource`` ("GPU", "CPU") in the cluster now, over
+    alive nodes only; free = not held by any actor or task."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    return (int(ray.cluster_resources().get(resource, 0)),
+            int(ray.available_resources().get(resource, 0)))
+
+
+def actor_placed(actor: Any) -> bool | None:
+    """Whether Ray has given ``actor`` a process on some node yet: False while it waits
+    for a node with the resources it asked for, True once it is loading, alive or dead;
+    None when the GCS cannot say (Ray Client connections do not reach it)."""
+    info = _actor_info(actor)
+    if info is None:
+        return None
+    return not (info.get("State") in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
+                and not info.get("Pid"))
+
+
+def actor_node(actor: Any) -> str | None:
+    """The node id where ``actor`` runs or ran (dead actors keep it); None if unknown."""
+    info = _actor_info(actor)
+    node = ((info or {}).get("Address") or {}).get("NodeID")
+    return node if node and node.strip("f") else None
+
+
+def _actor_info(actor: Any) -> dict[str, Any] | None:
+    """The GCS actor table's row of ``actor``. Ray's public state API needs the
+    dashboard, which a daemon-owned Ray does not start, so this reads the table."""
+    from ray._private.state import actors
+
+    try:
+        info = actors(actor_id=actor._actor_id.hex())
+    except Exception:
+        return None
+    return info or None
 
 
 def node_alive(node_id: str) -> bool:
@@ -83,13 +118,33 @@ def node_alive(node_id: str) -> bool:
         return False
 
 
+def death_reason(slot: ActorSlot, exc: BaseException | None) -> str:
+    if getattr(exc, "actor_init_failed", False):
+        return "load_failed"
+    # Ray's messages mention nodes for plain crashes too ("node deaths by resource
+    # contention"): ask the GCS whether the actor's node is still alive. An actor that
+    # died loading the model has not told us its node yet: the GCS knows it.
+    node = slot.node_id or (actor_node(slot.actor) if slot.actor is not None else None)
+    if node is not None and not node_alive(node):
+        return "node_lost"
+    return "crash"
+
+
+def for_ray(spec: WorkerSpec) -> WorkerSpec:
+    """A spec as the daemon builds it for a local worker, made right for an actor: Ray
+    sets a GPU actor's CUDA_VISIBLE_DEVICES itself; a CPU actor sees no GPU."""
+    return dataclasses.replace(spec, env={"CUDA_VISIBLE_DEVICES": ""}
+                               if spec.device == "cpu" else {})
+
+
 @dataclass
 class ActorSlot:
     """The pool's view of one slot; it survives the actors that fill it."""
 
     spec: WorkerSpec
     credit: int
-    state: str = "stopped"  # starting | ready | stopping | stopped | dead | degraded
+    # starting | ready | stopping | stopped | dead | degraded | waiting (for room: no actor)
+    state: str = "stopped"
     actor: Any = None
     generation: int = 0
     pid: int | None = None

@@ -18,7 +18,10 @@ The same guarantees as :class:`~vnpd.workers.local.LocalPool`, split the same wa
   within a crash budget, or is marked degraded;
 - ``murder_workers``: heartbeat silence ("heartbeat") and a batch past its deadline
   ("hang", base + per-1k-tokens, as the local pool) kill the actor with ``ray.kill``;
-- an OOM lowers the slot's budget; a sticky CUDA error makes the actor exit.
+- an OOM lowers the slot's budget; a sticky CUDA error makes the actor exit;
+- the slots follow the cluster (:mod:`vnpd.workers.ray_scaling`): a lost node is not a
+  crash; "auto" retires the slots of units that left and adds slots for units that
+  joined; a device list parks a slot that no node can take, with no actor pending.
 
 ``[ray] address``: "" starts a local Ray sized from the devices, shut down on
 :meth:`RayPool.stop` (no process left behind); anything else joins a running cluster,
@@ -38,19 +41,24 @@ import structlog
 from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, ModelInfo, WorkerPool)
 from vnpd.workers.restarts import schedule_restart
 from vnpd.workers.protocol import ErrorMsg, HeartbeatMsg, ResultMsg, WorkerSpec
-from vnpd.workers.ray_cluster import ActorSlot, cluster_gpus, connect_ray, node_alive
+from vnpd.workers.ray_cluster import (ActorSlot, actor_placed, cluster_units, connect_ray,
+                                      death_reason, for_ray)
+from vnpd.workers.ray_scaling import plan_scaling
 
 log = structlog.get_logger()
 
 START_TIMEOUT_S = 900.0      # as LocalPool: a cold 3B load takes minutes
-SCALE_CHECK_INTERVAL_S = 5.0  # how often "auto" compares its slots with the cluster's GPUs
+SCALE_CHECK_INTERVAL_S = 5.0  # how often the slots are compared with the cluster
 
 
 class RayPool(WorkerPool):
     """Actors on a Ray cluster, one per slot; see the module doc.
 
-    ``specs`` as for the local pool; one spec with device "auto" stands for one GPU slot
-    per GPU of the cluster (and follows the cluster as it grows).
+    ``specs`` as for the local pool; one spec with device "auto" stands for one slot per
+    GPU of the cluster (``auto_device`` "cpu": per CPU), and the slots follow the cluster
+    as it grows and shrinks (:mod:`vnpd.workers.ray_scaling`). An explicit list keeps
+    its slots; one whose actor cannot be placed within ``placement_timeout_s`` waits,
+    with no actor pending, until the cluster has room for it.
     """
 
     def __init__(self, specs: list[WorkerSpec], *, address: str,
@@ -58,15 +66,19 @@ class RayPool(WorkerPool):
                  batch_deadline_per_1k_tokens_s: float, restart_backoff_s: float,
                  restart_backoff_max_s: float, crash_budget: int, crash_window_s: float,
                  degraded_retry_s: float, actor: type, credit: int = 3,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, auto_device: str = "gpu",
+                 placement_timeout_s: float = 60.0) -> None:
         """``actor``: the class each slot places (``vnpd.workers.ray_actor.EngineActor``),
         handed in by the daemon, so that this module never loads the engine."""
         super().__init__()
         self._actor_type = actor
         self.auto = [s for s in specs if s.device == "auto"]
         self.credit = credit
-        self.slots = [ActorSlot(_for_ray(s), credit) for s in specs if s.device != "auto"]
+        self.slots = [ActorSlot(for_ray(s), credit) for s in specs if s.device != "auto"]
         self.address = address
+        self.auto_device = auto_device
+        self.placement_timeout_s = placement_timeout_s
+        self._next_worker_id = len(self.slots)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.deadline_base = batch_deadline_base_s
         self.deadline_per_1k = batch_deadline_per_1k_tokens_s
@@ -93,9 +105,10 @@ class RayPool(WorkerPool):
         self.owns_ray = connect_ray(self.address, cpus=None if self.auto else len(self.slots),
                                     gpus=None if self.auto else gpus)
         self._actor_class = ray.remote(self._actor_type)
-        self._follow_cluster()
         for slot in self.slots:
             self._spawn(slot)
+        self._last_scale_check = time.monotonic()
+        self._follow_cluster()  # "auto": a slot per unit in the cluster
 
     async def stop(self, timeout_s: float) -> None:
         """Let actors finish what they hold, then kill them; stop the Ray we started."""
@@ -124,7 +137,7 @@ class RayPool(WorkerPool):
         log.info("ray_stopped", owned=self.owns_ray)
 
     def all_ready(self) -> bool:
-        return all(s.state in ("ready", "degraded") for s in self.slots) and \
+        return all(s.state in ("ready", "degraded", "waiting") for s in self.slots) and \
             any(s.state == "ready" for s in self.slots)
 
     def all_degraded(self) -> bool:
@@ -137,7 +150,7 @@ class RayPool(WorkerPool):
         now = time.monotonic()
         return any((s.state == "ready" and now - s.last_heartbeat < fresh_s)
                    or (s.state == "starting" and now - s.started_at < START_TIMEOUT_S)
-                   or s.state == "dead"
+                   or s.state in ("dead", "waiting")  # waiting for the cluster: not a hang
                    for s in self.slots)
 
     # Actors -------------------------------------------------------------------------
@@ -246,7 +259,7 @@ class RayPool(WorkerPool):
 
     def _actor_lost(self, slot: ActorSlot, exc: BaseException | None = None) -> None:
         """The slot's actor is gone (or given up on): requeue its batches, restart it."""
-        reason = slot.kill_reason or self._death_reason(slot, exc)
+        reason = slot.kill_reason or death_reason(slot, exc)
         lost = list(slot.inflight.values())
         slot.inflight.clear()
         self._retire(slot)
@@ -262,18 +275,14 @@ class RayPool(WorkerPool):
             self.metrics.worker_restarts_total.labels(device=slot.device, reason=reason).inc()
         if lost:
             self._report(BatchesLost(lost, reason))
-        self._schedule_restart(slot)
+        if reason == "node_lost":
+            # Not the slot's fault, so not a crash: a new actor at once, unless the check
+            # that this forces finds the cluster too small for the slot now.
+            slot.state, slot.next_start_at = "dead", time.monotonic()
+            self._last_scale_check = 0.0
+        else:
+            self._schedule_restart(slot)
         self.changed.set()
-
-    @staticmethod
-    def _death_reason(slot: ActorSlot, exc: BaseException | None) -> str:
-        if getattr(exc, "actor_init_failed", False):
-            return "load_failed"
-        # Ray's messages mention nodes for plain crashes too ("node deaths by resource
-        # contention"): ask the GCS whether the actor's node is still alive.
-        if slot.node_id is not None and not node_alive(slot.node_id):
-            return "node_lost"
-        return "crash"
 
     def _retire(self, slot: ActorSlot) -> None:
         """Forget the slot's actor (its late replies are dropped) and kill it."""
@@ -337,10 +346,9 @@ class RayPool(WorkerPool):
 
     def manage_workers(self) -> None:
         now = time.monotonic()
-        if self.auto and now - self._last_scale_check > SCALE_CHECK_INTERVAL_S:
+        if now - self._last_scale_check > SCALE_CHECK_INTERVAL_S:
             self._last_scale_check = now
-            for slot in self._follow_cluster():
-                self._spawn(slot)
+            self._follow_cluster()
         for slot in self.slots:
             if slot.state in ("dead", "degraded") and now >= slot.next_start_at:
                 if slot.state == "degraded":
@@ -349,25 +357,64 @@ class RayPool(WorkerPool):
                 slot.restarts += 1
                 self._spawn(slot)
 
-    def _follow_cluster(self) -> list[ActorSlot]:
-        """With devices "auto": add a GPU slot for each GPU the cluster gained; returns
-        the new slots. (A slot whose GPU left waits, pending, until one comes back.)"""
-        if not self.auto:
-            return []
-        gpus = cluster_gpus()
-        if gpus == 0 and not self.slots and not self._no_gpus_logged:
+    def _follow_cluster(self) -> None:
+        """Fit the slots to the cluster: retire, park, resume or add slots as
+        :func:`~vnpd.workers.ray_scaling.plan_scaling` decides, and start new actors."""
+        resource = "GPU" if self.auto and self.auto_device == "gpu" else "CPU"
+        try:
+            total, free = cluster_units(resource)
+        except Exception as exc:  # the GCS is unreachable: try again at the next check
+            log.warning("ray_cluster_unknown", error=str(exc))
+            return
+        if self.auto and total == 0 and not self.slots and not self._no_gpus_logged:
             self._no_gpus_logged = True
-            log.warning("ray_no_gpus", address=self.address,
+            log.warning("ray_no_gpus", address=self.address, resource=resource,
                         hint='devices = "auto" waits for GPUs to join the cluster; for CPU '
                              'actors set devices = ["cpu", ...]')
-        added = []
-        for i in range(len(self.slots), gpus):
-            spec = dataclasses.replace(self.auto[0], worker_id=i, device=f"gpu{i}", env={})
-            added.append(ActorSlot(spec, self.credit))
-        if added:
-            log.info("ray_slots_added", count=len(added), cluster_gpus=gpus)
-        self.slots += added
-        return added
+        plan = plan_scaling(self.slots, elastic=bool(self.auto), total=total, free=free,
+                            now=time.monotonic(), placement_timeout_s=self.placement_timeout_s,
+                            placed=lambda slot: actor_placed(slot.actor))
+        for slot, reason in plan.retire:
+            self._retire_slot(slot, reason, total)
+        for slot in plan.wait:
+            log.warning("ray_slot_waiting", worker=slot.spec.worker_id, device=slot.device,
+                        pending_s=round(time.monotonic() - slot.started_at, 1),
+                        cluster=resource, total=total, free=free)
+            self._retire(slot)
+            slot.state = "waiting"
+        for slot in plan.resume:
+            log.info("ray_slot_resumed", worker=slot.spec.worker_id, device=slot.device)
+            self._spawn(slot)
+        for _ in range(plan.add):
+            slot = ActorSlot(self._auto_spec(), self.credit)
+            self.slots.append(slot)
+            log.info("ray_slot_added", worker=slot.spec.worker_id, device=slot.device,
+                     cluster=resource, total=total, slots=len(self.slots))
+            self._spawn(slot)
+
+    def _auto_spec(self) -> WorkerSpec:
+        """The spec of a new elastic slot: a GPU actor (Ray sets its GPU), or a CPU actor
+        with the one CPU thread that it holds."""
+        i, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
+        if self.auto_device == "cpu":
+            return for_ray(dataclasses.replace(self.auto[0], worker_id=i, device="cpu",
+                                               threads=1))
+        return dataclasses.replace(self.auto[0], worker_id=i, device=f"gpu{i}", env={})
+
+    def _retire_slot(self, slot: ActorSlot, reason: str, total: int) -> None:
+        """Take ``slot`` out of the pool for good (the cluster has no room for it); what
+        it held, if anything, is requeued. Not a crash."""
+        lost = list(slot.inflight.values())
+        slot.inflight.clear()
+        self._retire(slot)
+        slot.state = "stopped"
+        self.slots.remove(slot)
+        log.warning("ray_slot_retired", worker=slot.spec.worker_id, device=slot.device,
+                    reason=reason, node=slot.node_ip, requeued=len(lost), cluster_total=total,
+                    slots=len(self.slots))
+        if lost:
+            self._report(BatchesLost(lost, reason))
+        self.changed.set()
 
     def _schedule_restart(self, slot: ActorSlot) -> None:
         schedule_restart(slot, crash_budget=self.crash_budget, crash_window_s=self.crash_window_s,
@@ -383,10 +430,3 @@ class RayPool(WorkerPool):
         for s in self.slots:
             held[s.device] = held.get(s.device, 0) + len(s.inflight)
         return held
-
-
-def _for_ray(spec: WorkerSpec) -> WorkerSpec:
-    """A spec as the daemon builds it for a local worker, made right for an actor: Ray
-    sets a GPU actor's CUDA_VISIBLE_DEVICES itself; a CPU actor sees no GPU."""
-    return dataclasses.replace(spec, env={"CUDA_VISIBLE_DEVICES": ""}
-                               if spec.device == "cpu" else {})
