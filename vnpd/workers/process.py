@@ -78,13 +78,7 @@ def _is_sticky(exc: BaseException) -> bool:
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of the spawned process. Exits 0 after StopMsg or when the parent goes."""
-    os.environ.update(spec.env)  # CUDA_VISIBLE_DEVICES before anything touches CUDA
-    from vnpd.log import configure_logging
-    from vnpd.malloc import pin_mmap_threshold
-
-    configure_logging(spec.log_format, spec.log_level, worker=spec.worker_id,
-                      device=spec.device, pid=os.getpid())
-    pin_mmap_threshold()
+    prepare_worker_process(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     channel = _Channel(conn)
     state = _State()
@@ -108,6 +102,18 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     _serve(conn, channel, state, engine, faults, spec.residues)
     state.stop.set()
     log.info("worker_exit", batches_done=state.batches_done)
+
+
+def prepare_worker_process(spec: WorkerSpec) -> None:
+    """What a worker process (local or Ray actor) does first: its environment (the
+    devices it sees, before anything touches CUDA), its logging, its heap."""
+    os.environ.update(spec.env)
+    from vnpd.log import configure_logging
+    from vnpd.malloc import pin_mmap_threshold
+
+    configure_logging(spec.log_format, spec.log_level, worker=spec.worker_id,
+                      device=spec.device, pid=os.getpid())
+    pin_mmap_threshold()
 
 
 def load_engine(spec: WorkerSpec) -> Any:

@@ -32,7 +32,7 @@ import structlog
 
 from vnpd.compute.packing import TokenBatch
 from vnpd.faults import FaultPlan
-from vnpd.workers.process import DEPTH, error_kind, load_engine
+from vnpd.workers.process import DEPTH, error_kind, load_engine, prepare_worker_process
 from vnpd.workers.protocol import ErrorMsg, HeartbeatMsg, ReadyMsg, ResultMsg, WorkerSpec
 
 log = structlog.get_logger()
@@ -45,11 +45,7 @@ class EngineActor:
 
     def __init__(self, spec: WorkerSpec) -> None:
         # A CPU slot hides every GPU; a GPU slot keeps the one GPU Ray assigned it.
-        os.environ.update(spec.env)
-        from vnpd.log import configure_logging
-
-        configure_logging(spec.log_format, spec.log_level, worker=spec.worker_id,
-                          device=spec.device, pid=os.getpid())
+        prepare_worker_process(spec)
         started = time.monotonic()
         self.spec = spec
         self.engine = load_engine(spec)  # raises: the actor's creation fails ("load_failed")
