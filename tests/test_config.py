@@ -185,6 +185,8 @@ def test_enum_errors():
     ({"metrics.listen": "::1:9464"}, "metrics.listen (from override metrics.listen): put an IPv6 "
                                      "host in brackets"),
     ({"model.checkpoint": " "}, "model.checkpoint"),
+    ({"nucleotide.gene_workers": -1}, "nucleotide.gene_workers (from override "
+                                      "nucleotide.gene_workers): must be 0 or more, got -1"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:
