@@ -41,8 +41,8 @@ def test_dna_is_published_with_source_fields_and_bad_dna_fails(
     records = {f"c{i}": random_dna(rng, rng.randint(100, 1300)) for i in range(6)}
     records["phage"] = phage_like(rng, 6)[0]
     records["all_n"] = "N" * 400
-    if gene_workers > 1:  # genes in a second batch of gene calls (gene_calls.BATCH_BASES)
-        records |= {"n_run": "N" * 250_000, "after": phage_like(rng, 6)[0]}
+    if gene_workers > 1:  # genes in later batches of gene calls (gene_calls.BATCH_BASES)
+        records |= {"n_run": "N" * 60_000, "after": phage_like(rng, 6)[0]}
     text = dna_text(records)
     bad = ">ok\nACGTACGTAC\n>broken contig\nACGTAC\nACGTJACG\n"
     daemon = Daemon(write_config(dirs, tiny_model, extra=NUCLEOTIDE.format(proteins, chunk, gene_workers)),

@@ -31,6 +31,7 @@ from vnpd.inputs.source import SourceSettings
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gene_calls, "BATCH_BASES", 3_000)
     monkeypatch.setattr(gene_calls, "BATCH_RECORDS", 4)
+    monkeypatch.setattr(gene_calls, "IN_FLIGHT_BASES", 12_000)
 
 
 def mixed_contigs(count: int, seed: int = 1) -> dict[str, str]:
@@ -97,7 +98,7 @@ def test_text_in_flight_stays_bounded(small_batches: None) -> None:
             yield record
 
     workers, longest = 2, max(len(r.sequence) for r in records)
-    bound = 2 * workers * 3_000 + 2 * (3_000 + longest)  # in flight + the batch being read
+    bound = 12_000 + 2 * (3_000 + longest)  # in flight, or one batch alone + the batch being read
     total = sum(len(r.sequence) for r in records)
     assert total > 5 * bound
     done, ahead = 0, []
@@ -145,6 +146,32 @@ def test_pyrodigal_failure_names_the_record_and_line(small_batches: None, worker
     assert (caught.value.record_id, caught.value.line) == ("c14", 29)
     assert got == [(rid, ref_genes(rid, seq)) for rid, seq in list(contigs.items())[:14]]
     assert not gene_threads()
+
+
+def test_contigs_longer_than_a_batch_still_run_at_once(small_batches: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each contig is a batch alone (> BATCH_BASES); IN_FLIGHT_BASES lets several run at once.
+    monkeypatch.setattr(gene_calls, "IN_FLIGHT_BASES", 1_000_000)
+    rng = random.Random(8)
+    contigs = {f"p{i}": phage_like(rng, 8)[0] for i in range(12)}
+    assert all(len(c) > 3_000 for c in contigs.values())
+    running, most, lock = 0, 0, threading.Lock()
+    shared = genes_of()
+
+    def counted(record: FastaRecord) -> list:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return shared(record)
+        finally:
+            with lock:
+                running -= 1
+
+    got = flat(call_genes(as_records(contigs), counted, workers=3))
+    assert got == [(rid, ref_genes(rid, seq)) for rid, seq in contigs.items()]
+    assert most >= 2
 
 
 def test_closing_early_stops_the_threads(small_batches: None) -> None:

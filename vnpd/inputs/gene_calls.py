@@ -10,8 +10,8 @@ the genes of one record (:func:`vnpd.inputs.nucleotide_source.record_genes` with
 and yields each record with its proteins, in the same order, exactly as a loop over the
 records would. With ``workers == 1`` it is that loop, in the calling thread, as vnpd always
 did. With more, records go to a thread pool in batches of about ``BATCH_BASES`` bases, and
-at most ``2 * workers`` batches, and ``2 * workers * BATCH_BASES`` bases of text, are in
-flight: memory stays bounded whatever the file size. A longer record goes alone.
+at most ``2 * workers`` batches, and ``IN_FLIGHT_BASES`` bases of text, are in flight:
+memory stays bounded whatever the file size. A longer record goes alone.
 
 Example::
 
@@ -37,13 +37,18 @@ if TYPE_CHECKING:  # annotations only: this module runs no vnpd code of its own
 GenesOf = Callable[["FastaRecord"], "list[Protein]"]
 """Calls the genes of one record; it must be safe to call from several threads at once."""
 
-BATCH_BASES = 250_000
-"""Bases per batch sent to a thread: about 0.4 s of gene calling on one core (579 kbp/s,
-docs/BENCHMARKS.md), so the pool's per-batch cost is negligible and short reads go by
-thousands, while batches in flight stay small."""
+BATCH_BASES = 50_000
+"""Bases per batch sent to a thread: about 0.1 s of gene calling on one core (~530 kbp/s,
+docs/BENCHMARKS.md), a thousand times the pool's cost per batch, and small enough that a
+file of a few Mbp keeps every thread busy to its end. A longer contig is a batch alone."""
 
-BATCH_RECORDS = 2_000
+BATCH_RECORDS = 1_000
 """Records per batch at most, whatever their length."""
+
+IN_FLIGHT_BASES = 64_000_000
+"""Bases of record text sent to the threads and not yet collected, at most (a single record
+longer than this goes alone). Viral contigs, giant viruses' included (up to ~2.5 Mbp), run
+on every thread at once; 100-Mbp chromosomes run one at a time."""
 
 MAX_AUTO_WORKERS = 32
 """``gene_workers = 0`` (auto) uses one thread per usable core, at most this many: 8 GPUs of
@@ -104,7 +109,7 @@ that failed, and that record's error (None if none failed)."""
 
 def _call_in_threads(records: Iterable[FastaRecord], genes_of: GenesOf,
                      workers: int) -> Iterator[tuple[FastaRecord, list[Protein]]]:
-    max_batches, max_bases = 2 * workers, 2 * workers * BATCH_BASES
+    max_batches = 2 * workers
     pending: deque[tuple[_Batch, Future[_Done]]] = deque()
     in_flight = 0  # bases of the records in ``pending``
     pool = ThreadPoolExecutor(workers, thread_name_prefix="vnpd-genes")
@@ -120,8 +125,8 @@ def _call_in_threads(records: Iterable[FastaRecord], genes_of: GenesOf,
                 while pending:
                     yield from _collect(*pending.popleft())
                 raise
-            while pending and (len(pending) >= max_batches or in_flight + batch.bases > max_bases
-                               or pending[0][1].done()):
+            while pending and (len(pending) >= max_batches or pending[0][1].done()
+                               or in_flight + batch.bases > IN_FLIGHT_BASES):
                 in_flight -= pending[0][0].bases
                 yield from _collect(*pending.popleft())
             pending.append((batch, pool.submit(_batch_genes, batch.records, genes_of)))
