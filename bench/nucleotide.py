@@ -15,6 +15,14 @@ Usage:
 Prints one JSON line per (kind, step) with how many cores keep one GPU busy: by proteins,
 taking a 3B GPU at ~1,000 ORF-length proteins/s and a 650M GPU at ~3,700/s, and by tokens
 (102.4k and 372k tokens/s; docs/BENCHMARKS.md). N GPUs need N times that.
+
+    python bench/nucleotide.py --case build --workers 1,2 --rounds 5 --contigs 60 --json OUT.json
+The daemon's whole indexing step, ``NucleotideSource.build`` (read, check, make proteins,
+write proteins.fasta, index it), on a file of coding contigs: genes with each
+``gene_workers`` value of ``--workers``, and six_frame, interleaved round by round so that
+the load of a shared machine falls on every variant alike. Prints each run, then per
+variant the median genes/s, contigs/s and kbp/s, and the ratio of each worker count's
+median to the first's (and the median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -24,15 +32,28 @@ import json
 import os
 import platform
 import random
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vnpd.inputs.nucleotide import (  # noqa: E402
-    FORWARD_CODONS, Protein, check_nucleotide, chunk_spans, gene_proteins, make_gene_finder,
-    six_frame_proteins)
+from vnpd.inputs.gene_calls import usable_cores
+from vnpd.inputs.nucleotide import (
+    FORWARD_CODONS,
+    Protein,
+    check_nucleotide,
+    chunk_spans,
+    gene_proteins,
+    make_gene_finder,
+    six_frame_proteins,
+)
+from vnpd.inputs.nucleotide_source import NucleotideSource
+from vnpd.inputs.source import SourceSettings
 
 GPU_PROTEINS_PER_S = {"3B": 1_000, "650M": 3_700}
 """ORF-length proteins/s one H200 embeds (docs/BENCHMARKS.md, vnpd engine)."""
@@ -92,16 +113,82 @@ def _rounded(value: object) -> object:
     return float(f"{value:.3g}") if isinstance(value, float) else value
 
 
+def build_case(args: argparse.Namespace, lengths: tuple[int, int]) -> dict[str, object]:
+    """``--case build``: NucleotideSource.build, genes per worker count and six_frame,
+    interleaved over ``--rounds``; see the module doc."""
+    workers = [int(w) for w in args.workers.split(",")]
+    rng = random.Random(args.seed)
+    contigs = [coding_contig(rng, rng.randint(*lengths), rng.uniform(0.4, 0.6))
+               for _ in range(args.contigs)]
+    bp = sum(len(c) for c in contigs)
+    variants = [(f"genes_w{w}", SourceSettings("nucleotide", "genes", gene_workers=w))
+                for w in workers]
+    variants.append(("six_frame", SourceSettings("nucleotide", "six_frame", args.chunk_length)))
+    work = Path(tempfile.mkdtemp(prefix="vnpd-bench-nt-"))
+    runs: list[dict[str, object]] = []
+    try:
+        src = work / "contigs.fna"
+        src.write_text("".join(f">contig{i}\n{c}\n" for i, c in enumerate(contigs)))
+        make_gene_finder()  # import pyrodigal-gv before the clock starts
+        for round_ in range(args.rounds):
+            for name, settings in variants:
+                out = work / name
+                started, cpu = time.perf_counter(), time.process_time()
+                source = NucleotideSource.build(src, out, settings)
+                seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+                shutil.rmtree(out)
+                # cores_used: CPU seconds of all threads per wall second; below the worker
+                # count when other processes hold the cores.
+                row = {"round": round_, "variant": name, "seconds": seconds,
+                       "cpu_seconds": cpu, "cores_used": cpu / seconds,
+                       "load_avg_1min": os.getloadavg()[0],
+                       "rows": source.num_rows, "rows_per_s": source.num_rows / seconds,
+                       "contigs_per_s": len(contigs) / seconds, "kbp_per_s": bp / 1e3 / seconds}
+                runs.append(row)
+                print(json.dumps(_rounded(row)), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary: dict[str, dict[str, float]] = {}
+    for name, _ in variants:
+        mine = [r for r in runs if r["variant"] == name]
+        summary[name] = {k: statistics.median(float(r[k]) for r in mine)  # type: ignore[arg-type]
+                         for k in ("rows_per_s", "contigs_per_s", "kbp_per_s", "cores_used")}
+    base = f"genes_w{workers[0]}"
+    for w in workers[1:]:
+        name = f"genes_w{w}"
+        per_round = [float(a["seconds"]) / float(b["seconds"])  # type: ignore[arg-type]
+                     for a, b in zip([r for r in runs if r["variant"] == base],
+                                     [r for r in runs if r["variant"] == name])]
+        summary[name] |= {f"ratio_to_w{workers[0]}": summary[name]["rows_per_s"]
+                          / summary[base]["rows_per_s"],
+                          "ratio_per_round_median": statistics.median(per_round)}
+    print(json.dumps({"summary": _rounded(summary)}), flush=True)
+    return {"case": "build", "cpu": platform.processor() or platform.machine(),
+            "usable_cores": usable_cores(), "python": platform.python_version(),
+            "contigs": args.contigs, "length": lengths, "bp": bp, "rounds": args.rounds,
+            "chunk_length": args.chunk_length, "runs": runs, "summary": summary}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=["steps", "build"], default="steps",
+                    help="steps: each translation step alone, one core; build: the indexing "
+                         "step with 1 vs N gene_workers")
     ap.add_argument("--contigs", type=int, default=40)
     ap.add_argument("--length", default="5000-50000", help="bp, 'L' or 'MIN-MAX'")
     ap.add_argument("--chunk-length", type=int, default=300)
+    ap.add_argument("--workers", default="1,2", help="build: gene_workers values, first = base")
+    ap.add_argument("--rounds", type=int, default=5, help="build: interleaved rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     low, _, high = args.length.partition("-")
     lengths = (int(low), int(high or low))
+    if args.case == "build":
+        result = build_case(args, lengths)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
 
     finder = make_gene_finder()
     chunk = args.chunk_length

@@ -189,6 +189,8 @@ def test_enum_errors():
                                  "not one of gpu, cpu"),
     ({"ray.placement_timeout_s": -1}, "ray.placement_timeout_s (from override "
                                       "ray.placement_timeout_s): must be 0 or more"),
+    ({"nucleotide.gene_workers": -1}, "nucleotide.gene_workers (from override "
+                                      "nucleotide.gene_workers): must be 0 or more, got -1"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:

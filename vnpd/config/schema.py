@@ -159,6 +159,7 @@ class NucleotideConfig:
 
     proteins: str = "six_frame"  # "six_frame" (VirNucPro) | "genes" (pyrodigal-gv)
     chunk_length: int = 300  # six_frame: bp per chunk; VirNucPro's models use 300 or 500
+    gene_workers: int = 0  # genes: threads calling genes per file; 0 = one per core (at most 32)
 
 
 @dataclass
@@ -219,4 +220,5 @@ POSITIVE = (
     "workers.degraded_retry_s", "inbox.rescan_interval_s", "jobs.max_active_jobs",
     "jobs.publish_retry_max_s", "cache.max_gb")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
-                "inbox.settle_s", "model.window_stride", "ray.placement_timeout_s")
+                "inbox.settle_s", "model.window_stride", "ray.placement_timeout_s",
+                "nucleotide.gene_workers")

@@ -26,17 +26,23 @@ from __future__ import annotations
 import json
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
 from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, sha256_file
+from vnpd.inputs.gene_calls import call_genes, resolve_workers
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
                                     make_gene_finder, six_frame_proteins)
 from vnpd.inputs.source import SequenceSource, SourceSettings
+
+if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
+    import pyrodigal_gv
 
 MAX_RECORD_BASES = 1_000_000_000
 """Longest nucleotide record accepted (1 Gbp): whole chromosomes pass, a runaway file does not."""
@@ -74,7 +80,7 @@ class NucleotideSource(SequenceSource):
         text, a duplicated id), or when the file changed while it was read; OSError when
         it cannot be read or ``directory`` cannot be written.
         """
-        proteins_of = _protein_maker(settings)
+        make_proteins = _protein_maker(settings)
         directory.mkdir(parents=True, exist_ok=True)
         before = os.stat(path)
         checker = DuplicateIdChecker()
@@ -82,16 +88,22 @@ class NucleotideSource(SequenceSource):
         with_proteins = 0
         with open(directory / "proteins.fasta", "w", encoding="utf-8") as out, \
                 open(directory / "records.txt", "w", encoding="utf-8") as ids:
-            for record in iter_fasta(path, max_residues=MAX_RECORD_BASES, kind="nucleotide"):
-                checker.add(record)
-                _check_record(record)
-                ids.write(record.id + "\n")
-                rows = 0
-                for protein in proteins_of(record.id, record.sequence):
-                    out.write(f">{protein.id}\n{protein.sequence}\n")
-                    _append(columns, record.index, protein)
-                    rows += 1
-                with_proteins += rows > 0
+
+            def checked() -> Iterator[FastaRecord]:
+                for record in iter_fasta(path, max_residues=MAX_RECORD_BASES, kind="nucleotide"):
+                    checker.add(record)
+                    _check_record(record)
+                    ids.write(record.id + "\n")
+                    yield record
+
+            with closing(make_proteins(checked())) as made:  # closing stops the gene threads
+                for record, proteins in made:
+                    rows = 0
+                    for protein in proteins:
+                        out.write(f">{protein.id}\n{protein.sequence}\n")
+                        _append(columns, record.index, protein)
+                        rows += 1
+                    with_proteins += rows > 0
         checker.finish(path, kind="nucleotide")
         sha256 = sha256_file(path)
         after = os.stat(path)
@@ -159,16 +171,39 @@ class NucleotideSource(SequenceSource):
                 "records_without_proteins": int(m["records_without_proteins"])}
 
 
-def _protein_maker(settings: SourceSettings) -> Callable[[str, str], Iterator[Protein]]:
-    """The translation ``settings`` ask for, as ``(record id, sequence) -> proteins``."""
+_Made = Iterator[tuple[FastaRecord, Iterable[Protein]]]
+
+
+def _protein_maker(settings: SourceSettings) -> Callable[[Iterator[FastaRecord]], _Made]:
+    """The translation ``settings`` ask for, as checked records -> (record, its proteins)
+    in the records' order. six_frame runs in the calling thread, one record at a time
+    (its proteins stream, so a long contig's are never all in memory); genes runs on
+    ``gene_workers`` threads (:func:`vnpd.inputs.gene_calls.call_genes`)."""
     if settings.proteins == "six_frame":
         if settings.chunk_length < 3:
             raise ValueError(f"chunk_length must be at least 3, not {settings.chunk_length}")
-        return lambda rid, seq: six_frame_proteins(rid, seq, settings.chunk_length)
+        size = settings.chunk_length
+        return lambda records: ((r, six_frame_proteins(r.id, r.sequence, size)) for r in records)
     if settings.proteins == "genes":
-        finder = make_gene_finder()  # one per build: it keeps no per-record state
-        return lambda rid, seq: gene_proteins(rid, seq, finder)
+        # One finder per build, shared by the threads: find_genes is re-entrant.
+        genes_of = partial(record_genes, finder=make_gene_finder())
+        workers = resolve_workers(settings.gene_workers)
+        return lambda records: call_genes(records, genes_of, workers)
     raise ValueError(f"proteins must be one of {PROTEIN_MODES}, not {settings.proteins!r}")
+
+
+def record_genes(record: FastaRecord, finder: pyrodigal_gv.ViralGeneFinder) -> list[Protein]:
+    """:func:`vnpd.inputs.nucleotide.gene_proteins` of one record, as a list; a failure of
+    pyrodigal-gv itself as a ``FastaError`` that names the record and its header line.
+
+    Example: ``record_genes(record, make_gene_finder())[0].id`` is ``"phage1_1"``.
+    """
+    try:
+        return list(gene_proteins(record.id, record.sequence, finder))
+    except Exception as exc:  # MemoryError too: a giant contig fails its file, not the daemon
+        raise FastaError(f"pyrodigal-gv could not call genes: {type(exc).__name__}: {exc}",
+                         record_id=record.id, record_index=record.index,
+                         line=record.line) from exc
 
 
 def _check_record(record: FastaRecord) -> None:
