@@ -206,3 +206,32 @@ def test_validate_config_accepts_window_mode(tmp_path: Path, tiny_model: Path) -
         "[model]\n", '[model]\nlong_sequences = "window"\nwindow_stride = 300\n'))
     result = run_validate(config)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_poison_long_sequence_is_quarantined_once(tmp_path: Path, tiny_model: Path) -> None:
+    """A record whose every window kills its worker: its row is quarantined as a whole
+    (once, not once per window: its other windows, split off to run alone, are dropped
+    with it), and every other row, long ones included, is published as the reference."""
+    stride = 15
+    dirs = DaemonDirs(tmp_path)
+    config = write_config(dirs, tiny_model, max_tokens=100, devices=("cpu",),
+                          workers={"restart_backoff_s": 0.2, "restart_backoff_max_s": 1.0,
+                                   "crash_budget": 50})
+    # seq0: 60 residues, 3 windows, which fill the first batch (pieces pack longest first).
+    seqs = random_sequences([60, 40, 12, 61, 5, 75], seed=9)
+    daemon = Daemon(config, dirs, env={**window_env(stride), "VNPD_TEST_FAULT": "crash:seq0"})
+    try:
+        daemon.wait_ready()
+        drop(dirs.inbox, "poison.fasta", fasta_text(seqs))
+        (out,) = daemon.wait_outputs(["poison.h5"], timeout=240)
+    finally:
+        assert daemon.terminate() == 0
+    verify_output(out)
+    assert [e["record"] for e in daemon.events("sequence_poisoned")] == ["seq0"]
+    assert len(daemon.events("worker_died")) == 3  # with others, alone, one window alone
+    with h5py.File(out, "r") as f:
+        assert [i.decode() for i in f["ids"][:]] == [f"seq{i}" for i in range(1, 6)]
+        assert list(f.attrs["quarantined_ids"]) == ["seq0"]
+        got = f["embeddings"][:]
+    _, want = reference(tiny_model, seqs, [2], stride)
+    assert np.abs(got - want[1:, 0]).max() <= 1e-5

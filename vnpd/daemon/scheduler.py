@@ -402,6 +402,11 @@ class Scheduler:
             self._finish(job)
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
+        # The row's other windows waiting alone (its batch's split) need not each prove it.
+        index = self._pieces(job)
+        for other in [q for q in job.queue if (index.rows(q.positions) == position).all()]:
+            self.journal.quarantine(job.job_id, other.batch_no, position, record_id, reason)
+            job.queue.remove(other)
         followers, _ = followers_rows(job.duplicates, np.array([position]))
         if len(followers):  # the same sequence again: it would fail the same way
             self.journal.quarantine_more(job.job_id, followers, f"same as {record_id}", reason)
