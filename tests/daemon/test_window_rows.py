@@ -235,3 +235,30 @@ def test_a_poison_long_sequence_is_quarantined_once(tmp_path: Path, tiny_model: 
         got = f["embeddings"][:]
     _, want = reference(tiny_model, seqs, [2], stride)
     assert np.abs(got - want[1:, 0]).max() <= 1e-5
+
+
+def test_the_cache_serves_short_rows_only_in_window_mode(tmp_path: Path,
+                                                         tiny_model: Path) -> None:
+    """A second file repeats rows of the first: its rows of one window come from the
+    cache, its long rows are computed again (never stored); all equal the reference."""
+    stride = 11
+    dirs = DaemonDirs(tmp_path)
+    config = write_config(dirs, tiny_model, max_tokens=100)
+    first = random_sequences([12, 90, 30, 45, 7], seed=10)
+    second = [first[3], "MKV", first[0], first[1], first[4], first[2]]
+    daemon = Daemon(config, dirs, env=window_env(stride))
+    try:
+        daemon.wait_ready()
+        drop(dirs.inbox, "first.fasta", fasta_text(first))
+        daemon.wait_outputs(["first.h5"])
+        drop(dirs.inbox, "second.fasta", fasta_text(second))
+        (out,) = daemon.wait_outputs(["second.h5"])
+    finally:
+        assert daemon.terminate() == 0
+    verify_output(out)
+    with h5py.File(out, "r") as f:
+        attrs = dict(f.attrs)
+        got = f["embeddings"][:]
+    assert attrs["cache_hits"] == 3 and attrs["computed_sequences"] == 3  # 12, 7, 30 cached
+    _, want = reference(tiny_model, second, [2], stride)
+    assert np.abs(got - want[:, 0]).max() <= 1e-5
