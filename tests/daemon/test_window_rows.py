@@ -4,7 +4,8 @@ reference (each window through `ESM2.forward` alone, tests/test_embed.py) and ag
 `vnpd embed --long-sequences window` on the same file; also across a SIGKILL mid-job.
 
 A small truncation (30) makes long sequences cheap, and a small token budget (100: three
-windows) spreads one sequence's windows over several batches and both workers.
+windows) spreads one sequence's windows over several batches, which two workers take; a
+larger one (1000) packs many windows, of several sequences, into one batch.
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ def test_window_means_match_fair_esm_and_embed(tmp_path: Path, tiny_model: Path,
 def test_window_layers_and_residues_match_fair_esm_and_embed(tmp_path: Path,
                                                              tiny_model: Path) -> None:
     """Two layers and per-residue rows (R counts every residue); stride equal to the
-    truncation (windows meet end to end, only the last one overlaps)."""
+    truncation (windows meet end to end, only the last one overlaps); about 30 windows
+    to a batch."""
     stride = TRUNCATION
     dirs = DaemonDirs(tmp_path)
-    config = write_config(dirs, tiny_model, max_tokens=100,
+    config = write_config(dirs, tiny_model, max_tokens=1000,
                           extra="[output]\nper_residue = true\n")
     seqs = job_sequences(seed=4)
     text = fasta_text(seqs)
