@@ -72,14 +72,8 @@ class Pieces:
 
 def split_into_windows(lengths: np.ndarray, truncation: int, stride: int) -> Pieces:
     """Every sequence's windows (:func:`plan_windows`), as one flat :class:`Pieces`."""
-    rows, starts, stops = [], [], []
-    for row, length in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
-        for start, stop in plan_windows(length, truncation, stride):
-            rows.append(row)
-            starts.append(start)
-            stops.append(stop)
-    as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-    return Pieces(as_array(rows), as_array(starts), as_array(stops))
+    index = PieceIndex.plan(np.asarray(lengths, dtype=np.int64), truncation, stride)
+    return Pieces(*index.spans(np.arange(index.num_pieces, dtype=np.int64)))
 
 
 def combine_windows(length: int, spans: Sequence[tuple[int, int]],
@@ -177,6 +171,10 @@ class PieceIndex:
     @property
     def windows(self) -> bool:
         return self.stride is not None
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.lengths) if self.offsets is None else int(self.offsets[-1])
 
     @property
     def num_slots(self) -> int:
