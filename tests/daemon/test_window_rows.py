@@ -264,3 +264,34 @@ def test_the_cache_serves_short_rows_only_in_window_mode(tmp_path: Path,
     assert attrs["cache_hits"] == 3 and attrs["computed_sequences"] == 3  # 12, 7, 30 cached
     _, want = reference(tiny_model, second, [2], stride)
     assert np.abs(got - want[:, 0]).max() <= 1e-5
+
+
+def test_a_restart_with_another_stride_computes_the_job_again(tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    """Windows done under stride 11, then the daemon restarts with stride 12, which gives
+    these lengths as many windows (the slots have the same shape): the slots of the other
+    stride are not read; the job is computed again, as the new settings say."""
+    dirs = DaemonDirs(tmp_path)
+    config = write_config(dirs, tiny_model, max_tokens=100, devices=("cpu",))
+    seqs = random_sequences([52, 41, 5] * 150, seed=12)
+    first = Daemon(config, dirs, env=window_env(11))
+    try:
+        first.wait_ready()
+        drop(dirs.inbox, "restride.fasta", fasta_text(seqs))
+        first.wait_for(lambda: len(journaled_batches(dirs.state, True)) >= 2, 120,
+                       "2 done batches")
+    finally:
+        first.kill()
+    assert not list(dirs.outbox.iterdir())
+    second = Daemon(config, dirs, env=window_env(12))
+    try:
+        (out,) = second.wait_outputs(["restride.h5"])
+    finally:
+        assert second.terminate() == 0
+    assert second.events("partial_shape_changed_restarting_job")
+    verify_output(out)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["window_stride"] == 12
+        got = f["embeddings"][:]
+    _, want = reference(tiny_model, seqs, [2], 12)
+    assert np.abs(got - want[:, 0]).max() <= 1e-5

@@ -583,3 +583,9 @@ def test_window_slots_survive_a_reopen_and_stay_out_of_the_output(tmp_path: Path
     with h5py.File(path, "r") as f:
         assert set(f.keys()) == {"embeddings", "ids", "lengths"}
     assert PartialOutput.create(tmp_path / "t.h5", 2, 4, "float32").window_slots_shape is None
+    plan = PartialOutput.create(tmp_path / "p.h5", 2, 4, "float32", window_slots=(1, 4),
+                                window_plan=(30, 11))
+    assert plan.window_plan == (30, 11)
+    plan.close()
+    assert PartialOutput.open_existing(tmp_path / "p.h5").window_plan == (30, 11)
+    assert PartialOutput.open_existing(tmp_path / "t.h5").window_plan == ()

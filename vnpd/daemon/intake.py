@@ -36,7 +36,7 @@ from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.scheduler import Scheduler
-from vnpd.daemon.window_rows import configured_stride, slot_shape
+from vnpd.daemon.window_rows import configured_stride, slot_shape, window_plan
 from vnpd.faults import FaultPlan
 from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates
 from vnpd.inputs.fasta import FastaError
@@ -208,11 +208,15 @@ class Intake:
             if partial is not None and not partial.finalized and (
                     partial.row_shape != row_shape(dim, num_layers)
                     or partial.has_residues != per_residue
-                    or partial.window_slots_shape != slots):
+                    or partial.window_slots_shape != slots
+                    or partial.window_plan != window_plan(pieces)):
                 # Layers, per_residue or windows changed across the restart: rows do not fit.
                 log.warning("partial_shape_changed_restarting_job", job=job_id,
                             rows=partial.row_shape, residues=partial.has_residues,
-                            window_slots=partial.window_slots_shape)
+                            window_slots=partial.window_slots_shape,
+                            window_plan=partial.window_plan)
+                if partial.window_plan != window_plan(pieces):
+                    duplicates = None  # keyed for the other mode: repeats are computed
                 partial.close()
                 partial = None
         if partial is None:
@@ -226,7 +230,7 @@ class Intake:
                     residue_counts=residue_counts(
                         np.asarray(source.lengths), self.cfg.model.truncation,
                         self.cfg.model.long_sequences) if per_residue else None,
-                    window_slots=slots),
+                    window_slots=slots, window_plan=window_plan(pieces)),
                 "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
         job = ActiveJob(job_id, name, source, partial,
                         self.journal.job(job_id).next_position, total_tokens,

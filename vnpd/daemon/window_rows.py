@@ -72,6 +72,12 @@ def slot_shape(index: PieceIndex, row_shape: tuple[int, ...],
     return (index.num_slots, *row_shape)
 
 
+def window_plan(index: PieceIndex) -> tuple[int, ...]:
+    """What numbers a job's slots (truncation, stride), kept with them: a restart under
+    other window settings must not read them (the job is then computed again)."""
+    return () if index.stride is None else (index.truncation, index.stride)
+
+
 def store_windows(partial: PartialOutput, index: PieceIndex, pieces: np.ndarray,
                   rows: np.ndarray, residues: np.ndarray | None,
                   counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,

@@ -83,7 +83,8 @@ class PartialOutput:
     @classmethod
     def create(cls, path: Path, num_sequences: int, dim: int, output_dtype: str, *,
                num_layers: int = 1, residue_counts: np.ndarray | None = None,
-               window_slots: tuple[int, ...] | None = None) -> PartialOutput:
+               window_slots: tuple[int, ...] | None = None,
+               window_plan: tuple[int, ...] = ()) -> PartialOutput:
         """Create (truncating any existing file) a partial file with every row unwritten.
 
         Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
@@ -93,7 +94,8 @@ class PartialOutput:
         ``num_layers`` > 1 makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,)
         adds the per-residue datasets (``vnpd.output.residues``), allocated here.
         ``window_slots`` (the shape of the daemon's window scratch, float32, slots first)
-        adds that dataset, allocated here too and never copied into the output.
+        adds that dataset, allocated here too and never copied into the output;
+        ``window_plan`` is kept with it (what numbers its slots, for a restart to check).
         """
         file = None
         try:
@@ -103,8 +105,9 @@ class PartialOutput:
                 residue_io.create_residue_datasets(
                     file, residue_counts, tuple(file["embeddings"].shape[1:]), output_dtype)
             if window_slots is not None:
-                file.create_dataset(WINDOW_SLOTS, window_slots, np.float32,
-                                    dcpl=early_alloc(), fill_time="never")
+                slots = file.create_dataset(WINDOW_SLOTS, window_slots, np.float32,
+                                            dcpl=early_alloc(), fill_time="never")
+                slots.attrs["plan"] = np.asarray(window_plan, dtype=np.int64)
             file.flush()
         except BaseException as exc:
             if file is not None:
@@ -227,6 +230,12 @@ class PartialOutput:
         """The shape of the window scratch, or None if the file has none."""
         f = self._file()
         return tuple(int(d) for d in f[WINDOW_SLOTS].shape) if WINDOW_SLOTS in f else None
+
+    @property
+    def window_plan(self) -> tuple[int, ...]:
+        """The ``window_plan`` given at ``create`` (() without window scratch)."""
+        f = self._file()
+        return tuple(int(v) for v in f[WINDOW_SLOTS].attrs["plan"]) if WINDOW_SLOTS in f else ()
 
     def write_window_slots(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Write ``values[i]`` (float32) into scratch slot ``slots[i]`` (unique, any order);
