@@ -358,7 +358,6 @@ def test_layers_per_residue_and_long_sequences_keys(tmp_path: Path):
     ('[model]\nlayers = [-1, -1]\n', "listed twice"),
     ('[model]\nlayer = 3\nlayers = [-1, 20]\n', "disagree"),
     ('[model]\nlayers = ["last"]\n', "list of integers"),
-    ('[model]\nlong_sequences = "window"\n', "not yet supported by the daemon"),
     ('[model]\nlong_sequences = "slide"\n', "truncate, window"),
     ('[model]\ntruncation = 100\nwindow_stride = 101\n', "at most truncation"),
     ('[model]\nwindow_stride = -1\n', "0 or more"),
@@ -366,3 +365,15 @@ def test_layers_per_residue_and_long_sequences_keys(tmp_path: Path):
 def test_layers_and_window_problems(tmp_path: Path, text: str, message: str):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path / "vnpd.toml", text), env={})
+
+
+def test_window_mode_is_accepted_and_its_stride_resolved(tmp_path: Path):
+    from vnpd.daemon.window_rows import configured_stride
+
+    cfg = load_config(write(tmp_path / "vnpd.toml",
+                            '[model]\nlong_sequences = "window"\ntruncation = 100\n'), env={})
+    assert cfg.model.long_sequences == "window" and configured_stride(cfg.model) == 50
+    cfg = load_config(None, env={"VNPD_MODEL_LONG_SEQUENCES": "window",
+                                 "VNPD_MODEL_WINDOW_STRIDE": "7"})
+    assert configured_stride(cfg.model) == 7
+    assert configured_stride(load_config(None, env={}).model) is None

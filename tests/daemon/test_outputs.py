@@ -1,6 +1,6 @@
 """The daemon with several layers and per-residue rows (issue 16), end to end: real
 workers, real files; outputs compared with `vnpd embed` on the same file (itself checked
-against fair-esm in tests/test_embed.py). Window mode is refused by the daemon's config."""
+against fair-esm in tests/test_embed.py). Window mode: tests/daemon/test_window_rows.py."""
 
 from __future__ import annotations
 
@@ -66,17 +66,6 @@ def test_daemon_writes_several_layers_and_residues_like_embed(tmp_path: Path,
 def run_validate(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vnpd", "validate-config", str(config)],
                           capture_output=True, text=True)
-
-
-def test_window_mode_is_refused_by_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
-    dirs = DaemonDirs(tmp_path)
-    config = write_config(dirs, tiny_model)
-    config.write_text(config.read_text().replace(
-        "[model]\n", '[model]\nlong_sequences = "window"\n'))
-    result = run_validate(config)
-    assert result.returncode == 78
-    assert "not yet supported by the daemon" in result.stderr
-    assert "vnpd embed --long-sequences window" in result.stderr
 
 
 def test_validate_config_warns_on_float32_residues(tmp_path: Path, tiny_model: Path) -> None:

@@ -561,3 +561,31 @@ def test_create_on_a_full_disk_raises_enospc_and_leaves_no_file(tmp_path: Path) 
         assert path.exists()
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+def test_window_slots_survive_a_reopen_and_stay_out_of_the_output(tmp_path: Path) -> None:
+    """The daemon's window scratch: written by slot (again = replaced), reopened after a
+    restart, and never copied into the finalized file, even with nothing to drop."""
+    path = tmp_path / "w.h5"
+    out = PartialOutput.create(path, 3, 4, "float32", window_slots=(5, 4))
+    assert out.window_slots_shape == (5, 4)
+    out.write_window_slots(np.array([3, 0]), np.full((2, 4), 7.0, np.float32))
+    out.write_window_slots(np.array([3]), np.full((1, 4), 2.0, np.float32))
+    out.flush()
+    out.close()
+    again = PartialOutput.open_existing(path)
+    assert again.window_slots_shape == (5, 4)
+    np.testing.assert_array_equal(again.read_window_slots(0, 4)[[0, 3], 0], [7.0, 2.0])
+    again.write_ids_lengths(0, list("abc"), np.array([1, 2, 3]))
+    again.write_rows(np.arange(3), tagged_rows(np.arange(3), 4))
+    again.finalize(META)
+    verify_output(path)
+    with h5py.File(path, "r") as f:
+        assert set(f.keys()) == {"embeddings", "ids", "lengths"}
+    assert PartialOutput.create(tmp_path / "t.h5", 2, 4, "float32").window_slots_shape is None
+    plan = PartialOutput.create(tmp_path / "p.h5", 2, 4, "float32", window_slots=(1, 4),
+                                window_plan=(30, 11))
+    assert plan.window_plan == (30, 11)
+    plan.close()
+    assert PartialOutput.open_existing(tmp_path / "p.h5").window_plan == (30, 11)
+    assert PartialOutput.open_existing(tmp_path / "t.h5").window_plan == ()

@@ -124,6 +124,9 @@ class TokenBatch:
     cu_seqlens: np.ndarray  # (n+1,) int32
     max_len: int
     ids: tuple[str, ...] = ()  # record ids, for logs and the test fault plan
+    # Per-residue rows this batch needs whatever its worker writes ("float32": the
+    # daemon's windows of long sequences, combined in the parent); None: the worker's own.
+    residues: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -131,9 +134,10 @@ class TokenBatch:
 
 
 def build_batch(positions: np.ndarray, sequences: Sequence[str],
-                truncation: int = FAIR_ESM_TRUNCATION, ids: Sequence[str] = ()) -> TokenBatch:
+                truncation: int = FAIR_ESM_TRUNCATION, ids: Sequence[str] = (),
+                residues: str | None = None) -> TokenBatch:
     """Concatenate the encoded ``sequences`` (aligned with ``positions`` and ``ids``)."""
     tokens, cu = encode_packed(sequences, truncation)
     lengths = np.diff(cu)
     return TokenBatch(np.asarray(positions, dtype=np.int64), tokens, cu,
-                      int(lengths.max()) if lengths.size else 0, tuple(ids))
+                      int(lengths.max()) if lengths.size else 0, tuple(ids), residues)

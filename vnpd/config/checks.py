@@ -73,10 +73,6 @@ def check_values(cfg: Config, origins: Mapping[str, str] | None = None) -> list[
     if 1 <= m.truncation <= FAIR_ESM_TRUNCATION and m.window_stride > m.truncation:
         problems.append(f"{name('model.window_stride')}: must be at most truncation "
                         f"({m.truncation}), or windows would leave gaps; got {m.window_stride}")
-    if m.long_sequences == "window":
-        problems.append(f"{name('model.long_sequences')}: \"window\" is not yet supported by "
-                        f"the daemon (vnpd run); use vnpd embed --long-sequences window, or "
-                        f"\"truncate\" here")
     problems += _check_ray_address(cfg.ray.address, name("ray.address"))
     if cfg.cache.max_gb * (1 << 30) < (1 << 20):
         problems.append(f"{name('cache.max_gb')}: must be at least 1 MiB (0.001), "

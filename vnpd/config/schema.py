@@ -62,7 +62,7 @@ class ModelConfig:
     attention: str = AUTO  # "auto" (first available) or a backend name to force
     compile_mode: str = AUTO  # "auto" (fused on CUDA, eager on CPU), "off" or a mode
     layers: list[int] = field(default_factory=list)  # several layers, one pass; [] = [layer]
-    long_sequences: str = "truncate"  # "truncate" (extract.py) | "window" (vnpd embed only, yet)
+    long_sequences: str = "truncate"  # "truncate" (extract.py) | "window"
     window_stride: int = 0  # window: residues between window starts; 0 = truncation // 2
 
     def resolved_layers(self) -> list[int]:

@@ -37,6 +37,7 @@ from vnpd.daemon.reuse import RowCache, checkpoint_digest, open_row_cache
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.daemon.specs import worker_specs
 from vnpd.daemon.status import utc_now, write_status
+from vnpd.daemon.window_rows import configured_stride
 from vnpd.faults import FaultPlan
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.log import configure_logging
@@ -293,7 +294,8 @@ class Daemon:
                 info = await self.pool.ready()
                 self.cache = await asyncio.to_thread(
                     open_row_cache, directory, c.max_gb, digest,
-                    list(info.layers or (info.layer,)), m.dtype, m.output_dtype, m.truncation)
+                    list(info.layers or (info.layer,)), m.dtype, m.output_dtype, m.truncation,
+                    configured_stride(m))
             except Exception as exc:  # a cache that cannot open costs speed, never results
                 log.error("cache_unavailable", path=str(directory), error=str(exc))
                 return

@@ -40,6 +40,7 @@ from vnpd.daemon.journal import Journal, JobRow
 from vnpd.daemon.metrics import Metrics
 from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.status import utc_now
+from vnpd.daemon.window_rows import configured_stride, write_long_rows
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.index import sha256_file
@@ -50,6 +51,7 @@ from vnpd.output.verify import verify_output
 from vnpd.workers.pool import ModelInfo
 
 if TYPE_CHECKING:  # annotations only: the daemon hands in the loaded configuration
+    from vnpd.compute.windows import PieceIndex
     from vnpd.config import Config
 
 log = structlog.get_logger()
@@ -68,11 +70,14 @@ def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: Outpu
                      attributes={**source.attributes(), **(reuse or {})})
 
 
-def reuse_counts(journal: Journal, job_id: int, duplicate_records: int) -> dict[str, int]:
+def reuse_counts(journal: Journal, job_id: int, duplicate_records: int,
+                 pieces: PieceIndex | None = None) -> dict[str, int]:
     """The output attributes that account for compute-once: ``computed_sequences`` (run
     through the model for this job), ``cache_hits`` and ``duplicate_records`` (rows that
-    repeat an earlier row of the file)."""
-    computed, hits = journal.reuse_counts(job_id)
+    repeat an earlier row of the file). ``pieces``: what the batches held (a long row
+    counts once, with its last window)."""
+    computed, hits = journal.reuse_counts(
+        job_id, len if pieces is None else (lambda p: int(pieces.is_last(p).sum())))
     return {"computed_sequences": computed, "cache_hits": hits,
             "duplicate_records": duplicate_records}
 
@@ -120,8 +125,13 @@ class JobCompletion:
             else:
                 meta = await self.output_meta(job)
                 dups = job.duplicates.duplicate_rows if job.duplicates is not None else 0
-                reuse = reuse_counts(self.journal, job.job_id, dups)
+                reuse = reuse_counts(self.journal, job.job_id, dups, job.pieces)
                 log.info("finalize_started", job=job.job_id, quarantined=len(quarantined))
+                if job.pieces is not None and job.pieces.windows:
+                    # Every window is done: make the long rows (again, after a crash).
+                    long_rows = await asyncio.to_thread(write_long_rows, partial, job.pieces,
+                                                        job.duplicates, quarantined)
+                    log.info("window_rows_written", job=job.job_id, rows=long_rows)
                 await asyncio.to_thread(finalize_partial, partial, job.source, meta, quarantined,
                                         reuse)
                 self.faults.crash_at("finalized")
@@ -150,7 +160,9 @@ class JobCompletion:
         info, m = await self.model(), self.cfg.model
         return OutputMeta(model=m.checkpoint, layer=info.layer, layers=info.layers, dtype=m.dtype,
                           truncation=m.truncation, attention_backend=info.attention_backend,
-                          source_name=job.name, source_sha256=job.source.sha256)
+                          source_name=job.name, source_sha256=job.source.sha256,
+                          long_sequences=m.long_sequences,
+                          window_stride=configured_stride(m) or 0)
 
     def finish_done(self, row: JobRow, dest: Path, tokens: int, seconds: float) -> None:
         """Steps 5 and 6: the output is in the outbox; retire the input and the job."""

@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from vnpd.compute.packing import tokens_for
+from vnpd.compute.windows import PieceIndex
 from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.scheduler import Scheduler
+from vnpd.daemon.window_rows import configured_stride, slot_shape, window_plan
 from vnpd.faults import FaultPlan
 from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates
 from vnpd.inputs.fasta import FastaError
@@ -156,7 +157,7 @@ class Intake:
                                            {"reason": f"cannot read file: {exc}"}, str(exc))
             return
         self.indexing.discard(job_id)
-        total_tokens = int(tokens_for(source.lengths, self.cfg.model.truncation).sum())
+        total_tokens = int(self._pieces(source).row_tokens(0, source.num_rows).sum())
         key = self._cache_key(source.sha256)
 
         async def save() -> None:
@@ -176,7 +177,15 @@ class Intake:
                       ) -> tuple[SequenceSource, DuplicatePlan]:
         """Validate and index an input, and find its repeated rows (in a thread)."""
         source = self.source_type.build(path, directory, self.settings)
-        return source, plan_duplicates(source, self.cfg.model.truncation)
+        # In window mode a row is all its residues: keys cover them all.
+        m = self.cfg.model
+        windows = m.long_sequences == "window"
+        return source, plan_duplicates(source, None if windows else m.truncation)
+
+    def _pieces(self, source: SequenceSource) -> PieceIndex:
+        """What a job's batches hold: its rows, or in window mode their windows."""
+        m = self.cfg.model
+        return PieceIndex.plan(source.lengths, m.truncation, configured_stride(m))
 
     async def _activate(self, job_id: int, name: str, source: SequenceSource,
                         total_tokens: int, *, resume: bool,
@@ -187,6 +196,8 @@ class Intake:
         info = await self._model()
         dim, num_layers = info.embed_dim, max(1, len(info.layers))
         per_residue = self.cfg.output.per_residue
+        pieces = self._pieces(source)
+        slots = slot_shape(pieces, row_shape(dim, num_layers), per_residue)
         partial_path = self.jobs_dir / str(job_id) / "partial.h5"
         partial = None
         if resume and partial_path.exists():
@@ -196,10 +207,16 @@ class Intake:
                 log.warning("partial_unreadable_restarting_job", job=job_id, error=str(exc))
             if partial is not None and not partial.finalized and (
                     partial.row_shape != row_shape(dim, num_layers)
-                    or partial.has_residues != per_residue):
-                # Layers or per_residue changed across the restart: its rows do not fit.
+                    or partial.has_residues != per_residue
+                    or partial.window_slots_shape != slots
+                    or partial.window_plan != window_plan(pieces)):
+                # Layers, per_residue or windows changed across the restart: rows do not fit.
                 log.warning("partial_shape_changed_restarting_job", job=job_id,
-                            rows=partial.row_shape, residues=partial.has_residues)
+                            rows=partial.row_shape, residues=partial.has_residues,
+                            window_slots=partial.window_slots_shape,
+                            window_plan=partial.window_plan)
+                if partial.window_plan != window_plan(pieces):
+                    duplicates = None  # keyed for the other mode: repeats are computed
                 partial.close()
                 partial = None
         if partial is None:
@@ -212,11 +229,12 @@ class Intake:
                     self.cfg.model.output_dtype, num_layers=num_layers,
                     residue_counts=residue_counts(
                         np.asarray(source.lengths), self.cfg.model.truncation,
-                        self.cfg.model.long_sequences) if per_residue else None),
+                        self.cfg.model.long_sequences) if per_residue else None,
+                    window_slots=slots, window_plan=window_plan(pieces)),
                 "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
         job = ActiveJob(job_id, name, source, partial,
                         self.journal.job(job_id).next_position, total_tokens,
-                        duplicates=duplicates)
+                        duplicates=duplicates, pieces=pieces)
         if partial.finalized:
             self._spawn_publish(job)
             return
@@ -231,6 +249,8 @@ class Intake:
             key += ["layers", m.resolved_layers(), "per_residue", self.cfg.output.per_residue]
         if s.kind != "protein":  # protein keys stay as they were, so old outputs still match
             key += [s.kind, s.proteins, s.chunk_length]
+        if m.long_sequences == "window":
+            key += ["window", configured_stride(m)]
         return json.dumps(key)
 
     # Resume -------------------------------------------------------------------------

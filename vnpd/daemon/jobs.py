@@ -18,6 +18,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # annotations only: this module stays a leaf of the import graph
     from vnpd.compute.packing import TokenBatch
+    from vnpd.compute.windows import PieceIndex
     from vnpd.inputs.duplicates import DuplicatePlan
     from vnpd.inputs.source import SequenceSource
     from vnpd.output.hdf5 import PartialOutput
@@ -25,7 +26,8 @@ if TYPE_CHECKING:  # annotations only: this module stays a leaf of the import gr
 
 @dataclass
 class QueuedBatch:
-    """A journaled batch of a job: its row positions, and once read, its tokens."""
+    """A journaled batch of a job: its pieces' positions (rows, in truncate mode; see
+    :class:`vnpd.compute.windows.PieceIndex`), and once read, its tokens."""
 
     batch_no: int
     positions: np.ndarray
@@ -52,6 +54,7 @@ class ActiveJob:
     started: float = field(default_factory=time.monotonic)
     failed: str | None = None
     duplicates: DuplicatePlan | None = None  # rows that repeat an earlier row: copied
+    pieces: PieceIndex | None = None  # what batches hold; None: rows, whole (truncate)
 
     @property
     def num_records(self) -> int:

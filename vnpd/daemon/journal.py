@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,17 +239,20 @@ class Journal:
         parts = [np.frombuffer(blob, dtype=np.int64) for (blob,) in cur.fetchall()]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def reuse_counts(self, job_id: int) -> tuple[int, int]:
+    def reuse_counts(self, job_id: int,
+                     count: Callable[[np.ndarray], int] = len) -> tuple[int, int]:
         """(rows computed by the model, rows served from the cache) of the done batches:
-        a batch journaled with no tokens holds cache hits."""
+        a batch journaled with no tokens holds cache hits. ``count``: the rows of a
+        batch's positions (pieces, in window mode)."""
         cur = self.db.execute("SELECT positions, tokens FROM batches WHERE job_id=? AND done=1",
                               (job_id,))
         computed = hits = 0
         for blob, tokens in cur.fetchall():
+            rows = count(np.frombuffer(blob, dtype=np.int64))
             if tokens:
-                computed += len(blob) // 8
+                computed += rows
             else:
-                hits += len(blob) // 8
+                hits += rows
         return computed, hits
 
     # Quarantine ---------------------------------------------------------------------

@@ -115,7 +115,7 @@ def split_window(duplicates: DuplicatePlan | None, cache: RowCache | None,
 
     Returns (local indices to compute, local indices served by the cache, their rows).
     Followers (rows that repeat an earlier row) are in neither: they get their leader's
-    row when it is written (:func:`followers_rows`).
+    row when it is written (:func:`vnpd.daemon.rows.write_with_copies`).
     """
     local = np.arange(stop - start)
     if duplicates is not None:
@@ -132,15 +132,6 @@ def split_window(duplicates: DuplicatePlan | None, cache: RowCache | None,
     return local[keep], local[hit], rows
 
 
-def followers_rows(duplicates: DuplicatePlan | None, positions: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The positions that repeat ``positions``, and for each the index into ``positions``
-    of the row it copies."""
-    if duplicates is None:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return duplicates.followers_of(positions)
-
-
 def checkpoint_digest(directory: Path, checkpoint: str) -> str:
     """The checkpoint's content hash (SHA-256; remembered beside the cache, so an unchanged
     file is hashed once). Slow the first time for a large model: start it early."""
@@ -151,12 +142,17 @@ def checkpoint_digest(directory: Path, checkpoint: str) -> str:
 
 
 def open_row_cache(directory: Path, max_gb: float, digest: str, layers: list[int],
-                   dtype: str, output_dtype: str, truncation: int) -> RowCache:
-    """The daemon's cache for the model of content hash ``digest`` and these settings."""
+                   dtype: str, output_dtype: str, truncation: int,
+                   window_stride: int | None = None) -> RowCache:
+    """The daemon's cache for the model of content hash ``digest`` and these settings;
+    ``window_stride``: window mode with this stride (None: truncate). In window mode only
+    rows of one window (no longer than the truncation) are stored and served."""
     from vnpd.cache.key import cache_namespace
 
     namespace = cache_namespace(digest, layers=layers, dtype=dtype, output_dtype=output_dtype,
-                                truncation=truncation, long_sequences="truncate",
-                                window_stride=max(1, truncation // 2), per_residue=False)
+                                truncation=truncation,
+                                long_sequences="truncate" if window_stride is None else "window",
+                                window_stride=window_stride or max(1, truncation // 2),
+                                per_residue=False)
     log.info("cache_open", path=str(directory), max_gb=max_gb, model_sha256=digest[:16])
     return RowCache.open(directory, int(max_gb * (1 << 30)), namespace)

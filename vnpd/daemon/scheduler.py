@@ -2,7 +2,8 @@
 
 Each active job reads its file in windows (bounded host memory whatever the file size),
 packs each window by token budget, journals the batches (positions, not ids), and queues
-them. :meth:`Scheduler.take_batch` serves jobs round-robin, so a one-sequence file gets
+them. What a batch holds are pieces (:class:`vnpd.compute.windows.PieceIndex`): rows, or
+in window mode the windows of long rows, kept by slot (:mod:`vnpd.daemon.window_rows`). :meth:`Scheduler.take_batch` serves jobs round-robin, so a one-sequence file gets
 the next free slot instead of waiting behind a million-sequence file.
 
 Failures: a batch that OOMs is split in two (the device's budget was already lowered by
@@ -23,16 +24,20 @@ import asyncio
 import itertools
 import sqlite3
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import structlog
 
-from vnpd.compute.packing import TokenBatch, build_batch, pack_batches, tokens_for
+from vnpd.compute.packing import TokenBatch, build_batch, pack_batches
+from vnpd.compute.windows import PieceIndex
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
-from vnpd.daemon.reuse import RowCache, followers_rows, split_window
+from vnpd.daemon.reuse import RowCache, split_window
+from vnpd.daemon.rows import followers_rows, write_with_copies
+from vnpd.daemon.window_rows import store_windows
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError, FastaRecord
 from vnpd.workers.pool import BatchDone, BatchesLost, BatchFailed, Dispatch, Outcome
@@ -72,18 +77,19 @@ class Scheduler:
     def add_job(self, job: ActiveJob) -> None:
         """Start serving a job; its journaled unfinished batches are queued first,
         suspects (batches that failed before the restart) at the very front."""
+        pieces = self._pieces(job)
         rows = self.journal.pending_batches(job.job_id)
         for row in sorted(rows, key=lambda r: r.attempts == 0):
             # A batch of cache hits whose rows a crash lost (no tokens) is computed.
-            tokens = row.tokens or int(tokens_for(np.asarray(job.source.lengths[row.positions]),
-                                                  self.truncation).sum())
+            tokens = row.tokens or int(pieces.tokens(row.positions).sum())
             job.queue.append(QueuedBatch(row.batch_no, row.positions, tokens,
                                          attempts=row.attempts))
-        job.done_sequences, job.done_tokens = self.journal.progress(job.job_id)
-        job.done_sequences += len(self.journal.quarantined(job.job_id))
+        _, job.done_tokens = self.journal.progress(job.job_id)
+        done = self.journal.done_positions(job.job_id)
+        done_rows = pieces.rows(done[pieces.is_last(done)])  # a row is done with its last piece
+        job.done_sequences = len(done_rows) + len(self.journal.quarantined(job.job_id))
         if job.duplicates is not None:  # the copies written with the done batches' rows
-            job.done_sequences += len(job.duplicates.followers_of(
-                self.journal.done_positions(job.job_id))[0])
+            job.done_sequences += len(job.duplicates.followers_of(done_rows)[0])
         self.jobs[job.job_id] = job
         self._rr.append(job.job_id)
         log.info("job_started", job=job.job_id, file=job.name, sequences=job.num_records,
@@ -155,25 +161,24 @@ class Scheduler:
     def _read_window(self, job: ActiveJob) -> None:
         if job.next_position >= job.num_records or self._disk.waiting():
             return
-        start = job.next_position
+        start, pieces = job.next_position, self._pieces(job)
         # The window: records up to the one that reaches WINDOW_BATCHES budgets of tokens.
-        ahead = tokens_for(np.asarray(job.source.lengths[start:start + WINDOW_MAX_RECORDS]),
-                           self.truncation)
+        ahead = pieces.row_tokens(start, min(start + WINDOW_MAX_RECORDS, job.num_records))
         count = min(int(np.searchsorted(np.cumsum(ahead), WINDOW_BATCHES * self.max_tokens))
                     + 1, len(ahead))
         stop = start + count
         records = list(itertools.islice(job.source.rows(start), count))
         # Ids and lengths are not written here but at finalize, from the input: ids are
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
-        lengths = np.asarray(job.source.lengths[start:stop])
         # Repeats of earlier rows are copied, cached rows served: neither is computed.
         compute, hit, hit_rows = split_window(job.duplicates, self.cache, start, stop)
-        plan = [compute[b] for b in pack_batches(lengths[compute], self.max_tokens,
-                                                 self.truncation)]
-        cost = ahead[:count]
-        batches = [(local + start, int(cost[local].sum())) for local in plan]
+        # What runs are pieces: the rows, or in window mode the windows of long rows.
+        todo = pieces.pieces_of(compute + start)
+        cost = pieces.tokens(todo)
+        plan = [todo[b] for b in pack_batches(cost - 2, self.max_tokens, self.truncation)]
+        batches = [(p, int(pieces.tokens(p).sum())) for p in plan]
         if len(hit):
-            batches.append((hit + start, 0))  # no tokens: a batch of cache hits
+            batches.append((pieces.pieces_of(hit + start), 0))  # no tokens: cache hits
         try:
             numbers = self.journal.add_batches(job.job_id, batches, stop)
         except sqlite3.OperationalError as exc:
@@ -183,9 +188,8 @@ class Scheduler:
         if len(hit):
             self._write_rows(job, hit + start, hit_rows)
             job.unflushed.append(numbers.pop())
-        for no, local in zip(numbers, plan):
-            batch = build_batch(local + start, [records[i].sequence for i in local],
-                                self.truncation, [records[i].id for i in local])
+        for no, batch_pieces in zip(numbers, plan):
+            batch = self._piece_batch(job, batch_pieces, lambda row: records[row - start])
             job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens, batch))
         job.next_position = stop
         if not plan:
@@ -203,16 +207,33 @@ class Scheduler:
 
     def _read_batch(self, job: ActiveJob, positions: np.ndarray) -> TokenBatch:
         """Re-read the records of a journaled batch (after a restart or a split)."""
-        lo, hi = int(positions.min()), int(positions.max())
-        wanted = set(positions.tolist())
+        rows = self._pieces(job).rows(positions)
+        lo, hi = int(rows.min()), int(rows.max())
+        wanted = set(rows.tolist())
         found: dict[int, FastaRecord] = {}
         for record in job.source.rows(lo):
             if record.index in wanted:
                 found[record.index] = record
             if record.index >= hi:
                 break
-        return build_batch(positions, [found[int(p)].sequence for p in positions],
-                           self.truncation, [found[int(p)].id for p in positions])
+        return self._piece_batch(job, positions, found.__getitem__)
+
+    def _piece_batch(self, job: ActiveJob, pieces: np.ndarray,
+                     record: Callable[[int], FastaRecord]) -> TokenBatch:
+        """The batch of ``pieces``, cut from the records of their rows. Windows of long
+        rows ask for float32 residue rows, which the parent combines."""
+        index = self._pieces(job)
+        rows, starts, stops = index.spans(pieces)
+        records = [record(r) for r in rows.tolist()]
+        return build_batch(pieces, [r.sequence[a:b] for r, a, b in
+                                    zip(records, starts.tolist(), stops.tolist())],
+                           self.truncation, [r.id for r in records],
+                           residues="float32" if index.windowed(pieces).any() else None)
+
+    def _pieces(self, job: ActiveJob) -> PieceIndex:
+        if job.pieces is None:  # truncate mode: pieces are rows
+            job.pieces = PieceIndex.plan(job.source.lengths, self.truncation, None)
+        return job.pieces
 
     # Pool outcomes ------------------------------------------------------------------
     def apply(self, outcome: Outcome) -> None:
@@ -232,36 +253,42 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None or queued.batch_no not in job.inflight:
             return  # job failed meanwhile, or a duplicate result: never written twice
-        self._write_rows(job, queued.positions, rows, residues, residue_counts)
-        if self.cache is not None and job.duplicates is not None:
-            self.cache.store(np.asarray(job.duplicates.keys[queued.positions]), rows)
+        positions, rows = self._write_pieces(job, queued.positions, rows, residues,
+                                             residue_counts)
+        if self.cache is not None and job.duplicates is not None and len(positions):
+            self.cache.store(np.asarray(job.duplicates.keys[positions]), rows)
         job.inflight.discard(queued.batch_no)
         job.unflushed.append(queued.batch_no)
         job.done_tokens += queued.tokens
         if self.metrics is not None:
-            self.metrics.sequences_total.inc(len(queued.positions))
+            finished = self._pieces(job).is_last(queued.positions)  # rows done with it
+            self.metrics.sequences_total.inc(int(finished.sum()))
             self.metrics.tokens_total.inc(queued.tokens)
         log.debug("batch_done", job=job_id, batch=queued.batch_no, device=device,
                   sequences=len(queued.positions), tokens=queued.tokens,
                   seconds=round(seconds, 3))
+
+    def _write_pieces(self, job: ActiveJob, pieces: np.ndarray, rows: np.ndarray,
+                      residues: np.ndarray | None, residue_counts: np.ndarray | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Write a batch's results: windows of long rows into their slots, whole rows at
+        their positions. Returns (positions, rows) of the whole rows written."""
+        index = self._pieces(job)
+        if index.windows:
+            job.done_sequences += int(index.is_last(pieces[index.windowed(pieces)]).sum())
+            pieces, rows, residues, residue_counts = store_windows(
+                job.partial, index, pieces, rows, residues, residue_counts)
+        positions = index.rows(pieces)
+        self._write_rows(job, positions, rows, residues, residue_counts)
+        return positions, rows
 
     def _write_rows(self, job: ActiveJob, positions: np.ndarray, rows: np.ndarray,
                     residues: np.ndarray | None = None,
                     residue_counts: np.ndarray | None = None) -> None:
         """Write rows (and per-residue rows, before the same flush) at their positions,
         and copies at the positions that repeat them."""
-        job.partial.write_rows(positions, rows)
-        if residues is not None:
-            job.partial.write_residues(positions, residues, residue_counts)
-        followers, which = followers_rows(job.duplicates, positions)
-        if len(followers):
-            job.partial.write_rows(followers, rows[which])
-            if residues is not None:
-                counts = np.asarray(residue_counts, dtype=np.int64)
-                starts = np.cumsum(counts) - counts
-                copies = np.concatenate([residues[starts[w]:starts[w] + counts[w]] for w in which])
-                job.partial.write_residues(followers, copies, counts[which])
-        job.done_sequences += len(positions) + len(followers)
+        job.done_sequences += write_with_copies(job.partial, job.duplicates, positions, rows,
+                                                residues, residue_counts)
 
     def commit(self) -> None:
         """Make written rows durable, then journal their batches as done.
@@ -355,8 +382,7 @@ class Scheduler:
         else:
             half = len(queued.positions) // 2
             parts = [queued.positions[:half], queued.positions[half:]]
-        lengths = job.source.lengths
-        tokens = [int(tokens_for(np.asarray(lengths[p]), self.truncation).sum()) for p in parts]
+        tokens = [int(self._pieces(job).tokens(p).sum()) for p in parts]
         numbers = self.journal.split_batch(job.job_id, queued.batch_no, list(zip(parts, tokens)))
         log.warning("batch_split", job=job.job_id, batch=queued.batch_no, into=numbers,
                     sequences=len(queued.positions), reason=reason)
@@ -364,7 +390,7 @@ class Scheduler:
                                        for no, p, t in zip(numbers, parts, tokens)]))
 
     def _poisoned(self, job: ActiveJob, queued: QueuedBatch, reason: str) -> None:
-        position = int(queued.positions[0])
+        position = int(self._pieces(job).rows(queued.positions[:1])[0])  # its row
         record_id = queued.batch.ids[0] if queued.batch and queued.batch.ids else str(position)
         log.error("sequence_poisoned", job=job.job_id, position=position, record=record_id,
                   reason=reason, policy=self.on_poison)
@@ -376,7 +402,12 @@ class Scheduler:
             self._finish(job)
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
-        followers, _ = followers_rows(job.duplicates, queued.positions)
+        # The row's other windows waiting alone (its batch's split) need not each prove it.
+        index = self._pieces(job)
+        for other in [q for q in job.queue if (index.rows(q.positions) == position).all()]:
+            self.journal.quarantine(job.job_id, other.batch_no, position, record_id, reason)
+            job.queue.remove(other)
+        followers, _ = followers_rows(job.duplicates, np.array([position]))
         if len(followers):  # the same sequence again: it would fail the same way
             self.journal.quarantine_more(job.job_id, followers, f"same as {record_id}", reason)
         job.done_sequences += 1 + len(followers)

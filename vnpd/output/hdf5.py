@@ -48,9 +48,10 @@ import numpy as np
 import structlog
 
 from vnpd.output import residues as residue_io
-from vnpd.output.layout import (_LIBVER, SCHEMA_VERSION, OutputMeta, as_write_error, field_data,
-                                field_dtype, new_file, write_attrs)
+from vnpd.output.layout import (_LIBVER, SCHEMA_VERSION, OutputMeta, as_write_error, early_alloc,
+                                field_data, field_dtype, new_file, write_attrs)
 from vnpd.output.outbox import fsync_dir, fsync_file
+from vnpd.output.schema import WINDOW_SLOTS
 from vnpd.output.verify import IncompleteOutputError, _block_rows, _check_datasets
 
 __all__ = ["SCHEMA_VERSION", "OutputMeta", "PartialOutput"]  # the first two live in layout
@@ -81,7 +82,9 @@ class PartialOutput:
 
     @classmethod
     def create(cls, path: Path, num_sequences: int, dim: int, output_dtype: str, *,
-               num_layers: int = 1, residue_counts: np.ndarray | None = None) -> PartialOutput:
+               num_layers: int = 1, residue_counts: np.ndarray | None = None,
+               window_slots: tuple[int, ...] | None = None,
+               window_plan: tuple[int, ...] = ()) -> PartialOutput:
         """Create (truncating any existing file) a partial file with every row unwritten.
 
         Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
@@ -90,6 +93,9 @@ class PartialOutput:
         ValueError or RuntimeError too: those become the OSError they carry).
         ``num_layers`` > 1 makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,)
         adds the per-residue datasets (``vnpd.output.residues``), allocated here.
+        ``window_slots`` (the shape of the daemon's window scratch, float32, slots first)
+        adds that dataset, allocated here too and never copied into the output;
+        ``window_plan`` is kept with it (what numbers its slots, for a restart to check).
         """
         file = None
         try:
@@ -98,7 +104,11 @@ class PartialOutput:
             if residue_counts is not None:
                 residue_io.create_residue_datasets(
                     file, residue_counts, tuple(file["embeddings"].shape[1:]), output_dtype)
-                file.flush()
+            if window_slots is not None:
+                slots = file.create_dataset(WINDOW_SLOTS, window_slots, np.float32,
+                                            dcpl=early_alloc(), fill_time="never")
+                slots.attrs["plan"] = np.asarray(window_plan, dtype=np.int64)
+            file.flush()
         except BaseException as exc:
             if file is not None:
                 try:
@@ -215,6 +225,29 @@ class PartialOutput:
     def has_residues(self) -> bool:
         return self._residue_offsets is not None
 
+    @property
+    def window_slots_shape(self) -> tuple[int, ...] | None:
+        """The shape of the window scratch, or None if the file has none."""
+        f = self._file()
+        return tuple(int(d) for d in f[WINDOW_SLOTS].shape) if WINDOW_SLOTS in f else None
+
+    @property
+    def window_plan(self) -> tuple[int, ...]:
+        """The ``window_plan`` given at ``create`` (() without window scratch)."""
+        f = self._file()
+        return tuple(int(v) for v in f[WINDOW_SLOTS].attrs["plan"]) if WINDOW_SLOTS in f else ()
+
+    def write_window_slots(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values[i]`` (float32) into scratch slot ``slots[i]`` (unique, any order);
+        writing a slot again replaces it."""
+        order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
+        dset = self._file()[WINDOW_SLOTS]
+        for i in order.tolist():
+            dset[int(slots[i])] = values[i]
+
+    def read_window_slots(self, start: int, stop: int) -> np.ndarray:
+        return self._file()[WINDOW_SLOTS][start:stop]
+
     def flush(self) -> None:
         """Make every row written so far durable (HDF5 flush, then fsync)."""
         self._file().flush()
@@ -257,7 +290,7 @@ class PartialOutput:
                 raise ValueError(f"row field {name!r} of shape {values.shape} for "
                                  f"{self.num_sequences} rows (or a name already taken)")
         extra = dict(attributes or {})
-        if not drop.size and ids is None:
+        if not drop.size and ids is None and WINDOW_SLOTS not in f:
             for name, values in fields.items():
                 f.create_dataset(name, data=field_data(values), dtype=field_dtype(values))
             write_attrs(f, meta, self.num_sequences, [], extra)

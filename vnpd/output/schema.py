@@ -29,6 +29,9 @@ IDS = "ids"
 LENGTHS = "lengths"
 RESIDUES = "residues"
 RESIDUE_OFFSETS = "residue_offsets"
+# Scratch of the daemon's partial file in window mode (float32, one slot per window of a
+# long sequence: vnpd.daemon.window_rows); finalize leaves it behind: never in an output.
+WINDOW_SLOTS = "window_slots"
 
 
 def row_shape(dim: int, num_layers: int = 1) -> tuple[int, ...]:

@@ -196,7 +196,7 @@ def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
                 state.busy_batch, state.busy_since = msg.batch_id, launched
             try:
                 faults.inject(msg.batch.ids)
-                result = engine.submit(msg.batch, residues=residues)
+                result = engine.submit(msg.batch, residues=msg.batch.residues or residues)
             except BaseException as exc:
                 _fail(channel, exc, msg.batch_id)
                 state.busy_batch, state.busy_since = ((pending[0][0].batch_id, pending[0][2])

@@ -101,7 +101,7 @@ class EngineActor:
 
     def _launch(self, batch: TokenBatch) -> Any:
         self.faults.inject(batch.ids)
-        return self.engine.submit(batch, residues=self.spec.residues)
+        return self.engine.submit(batch, residues=batch.residues or self.spec.residues)
 
     def _failed(self, exc: BaseException, batch_id: int) -> ErrorMsg:
         kind = error_kind(exc, batch_id)
