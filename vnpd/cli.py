@@ -229,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from vnpd.config import ConfigError, load_config
-    from vnpd.daemon.inbox import submit_files
+    from vnpd.daemon.submit import submit_files
 
     configure_logging("auto", "warning", stream=sys.stderr)
     try:

@@ -30,8 +30,8 @@ from vnpd.daemon.inbox import (
     claim_file,
     is_candidate_name,
     scan_inbox,
-    submit_files,
 )
+from vnpd.daemon.submit import submit_files
 
 REPO = Path(__file__).resolve().parents[1]
 FASTA = b">s1 test\nMKTAYIAKQR\n>s2\nACDEFGHIK\n"

@@ -1,4 +1,5 @@
-"""The inbox: find settled regular files, claim them atomically, and the writer side.
+"""The inbox: find settled regular files and claim them atomically (the writer side,
+``vnpd submit``, is :mod:`vnpd.daemon.submit`).
 
 Writer contract (docs/INBOX.md): write the file elsewhere, or under a hidden name or one
 ending in ``.part``/``.tmp``, then rename it into place; ``vnpd submit`` does exactly this.
@@ -23,15 +24,15 @@ import errno
 import os
 import stat
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from vnpd.output.outbox import fsync_dir, link_without_replacing, unique_destination
+from vnpd.output.outbox import fsync_dir
+
 
 log = structlog.get_logger()
 
@@ -40,7 +41,6 @@ MAX_NAME_BYTES = 200
 """Longest inbox name taken (UTF-8 bytes). The daemon derives longer names from it: the
 claimed ``<job id>.<random>-<name>`` (+18) and ``failed/<name>.error.json`` (+11), and a
 file name may have at most 255 bytes (NAME_MAX)."""
-_COPY_CHUNK = 1 << 20
 # Reads of a file cannot change what a scan finds; waking on them would let any reader
 # (a backup, a user's `less`) spin the daemon's intake loop.
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
@@ -345,70 +345,3 @@ class InboxWatcher:
         observer.join(timeout=timeout_s)
         if observer.is_alive():
             log.warning("inbox_watcher_stop_timeout", timeout_s=timeout_s)
-
-
-def _check_source(src: Path) -> None:
-    st = os.stat(src)  # a symlink given by the user is theirs to follow
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file; submit its files",
-                                str(src))
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file (FIFO, socket or device?)", str(src))
-    if not is_candidate_name(src.name):
-        raise OSError(errno.EINVAL, "the daemon ignores hidden, *.part and *.tmp names; "
-                      "rename the file first", str(src))
-
-
-def _copy_to_temp(src: Path, tmp: Path) -> None:
-    # O_NONBLOCK: if src was swapped for a FIFO after the check, open must not hang.
-    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
-    with open(fd, "rb") as fin:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(src))
-        os.set_blocking(fd, True)
-        with open(tmp, "xb") as fout:
-            while chunk := fin.read(_COPY_CHUNK):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-
-
-def _publish_no_clobber(tmp: Path, inbox: Path, name: str) -> Path:
-    """Give ``tmp`` a free final name without ever replacing an existing file."""
-    while True:
-        dest = unique_destination(inbox, name)
-        try:
-            link_without_replacing(tmp, dest)
-        except FileExistsError:
-            continue  # the name was taken meanwhile: take the next free one
-        tmp.unlink(missing_ok=True)  # gone already if the fallback renamed it
-        return dest
-
-
-def submit_files(files: Sequence[Path], inbox: Path) -> list[Path]:
-    """Put each file into ``inbox`` so the daemon never sees it partial; return final paths.
-
-    For each file: copy to ``inbox/.<name>.<random>.part`` (hidden, ignored by the
-    daemon), fsync it, give it its final name, then fsync the inbox. The copy makes this
-    work from any filesystem. An existing name is never replaced: ``x.fasta`` becomes
-    ``x.1.fasta``, ``x.2.fasta``, ... The copy gets a fresh mtime (settling starts now).
-
-    All sources are checked before anything is copied. Raises OSError (``IsADirectoryError``
-    for a directory) for a missing or non-regular source, or a name the daemon would
-    ignore (hidden, ``*.part``, ``*.tmp``). A failed copy leaves no temp file behind.
-    """
-    # No log lines here: `vnpd submit` prints the final paths on stdout for scripts.
-    sources = [Path(f) for f in files]
-    for src in sources:
-        _check_source(src)
-    out = []
-    for src in sources:
-        tmp = inbox / f".{src.name[:200]}.{uuid.uuid4().hex[:12]}.part"
-        try:
-            _copy_to_temp(src, tmp)
-            dest = _publish_no_clobber(tmp, inbox, src.name)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(inbox)
-        out.append(dest)
-    return out
