@@ -22,6 +22,7 @@ from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.inputs.protein import ProteinSource
 from vnpd.workers.local import LocalPool
+from vnpd.workers.restarts import Supervision
 from vnpd.workers.pool import Dispatch
 
 BUDGET = 256
@@ -41,10 +42,10 @@ class Bench:
                                    on_poison="quarantine")
         specs = [WorkerSpec(i, "cpu", "m.pt", "float32", -1, 1022, BUDGET, 1.0, "json", "info")
                  for i in range(2)]
-        self.supervisor = LocalPool(
-            specs, heartbeat_timeout_s=30, batch_deadline_base_s=60,
+        self.supervisor = LocalPool(specs, Supervision(
+            heartbeat_timeout_s=30, batch_deadline_base_s=60,
             batch_deadline_per_1k_tokens_s=0, restart_backoff_s=1, restart_backoff_max_s=1,
-            crash_budget=99, crash_window_s=60, degraded_retry_s=60)
+            crash_budget=99, crash_window_s=60, degraded_retry_s=60))
         for h in self.supervisor.workers:
             h.state, h.max_tokens = "ready", BUDGET
         self.done: list[int] = []   # positions whose rows were written, in order

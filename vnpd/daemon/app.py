@@ -44,6 +44,7 @@ from vnpd.log import configure_logging
 from vnpd.malloc import pin_mmap_threshold
 from vnpd.workers.pool import ModelInfo, WorkerPool
 from vnpd.workers.protocol import WorkerSpec
+from vnpd.workers.restarts import Supervision
 
 log = structlog.get_logger()
 
@@ -377,21 +378,20 @@ def make_pool(cfg: Config, specs: list[WorkerSpec], metrics: Any = None) -> Work
     """The pool of ``cfg.workers.backend`` with one slot per spec (ray: a spec with device
     "auto" stands for every GPU of the cluster)."""
     w = cfg.workers
-    options = dict(heartbeat_timeout_s=w.heartbeat_timeout_s,
-                   batch_deadline_base_s=w.batch_deadline_base_s,
-                   batch_deadline_per_1k_tokens_s=w.batch_deadline_per_1k_tokens_s,
-                   restart_backoff_s=w.restart_backoff_s,
-                   restart_backoff_max_s=w.restart_backoff_max_s,
-                   crash_budget=w.crash_budget, crash_window_s=w.crash_window_s,
-                   degraded_retry_s=w.degraded_retry_s, credit=w.batches_in_flight + 1,
-                   metrics=metrics)
+    supervision = Supervision(
+        heartbeat_timeout_s=w.heartbeat_timeout_s, batch_deadline_base_s=w.batch_deadline_base_s,
+        batch_deadline_per_1k_tokens_s=w.batch_deadline_per_1k_tokens_s,
+        restart_backoff_s=w.restart_backoff_s, restart_backoff_max_s=w.restart_backoff_max_s,
+        crash_budget=w.crash_budget, crash_window_s=w.crash_window_s,
+        degraded_retry_s=w.degraded_retry_s)
+    credit = w.batches_in_flight + 1
     if w.backend == "ray":
         from vnpd.workers.ray_actor import EngineActor
         from vnpd.workers.ray_pool import RayPool
 
-        return RayPool(specs, address=cfg.ray.address, actor=EngineActor,
-                       auto_device=cfg.ray.auto_device,
-                       placement_timeout_s=cfg.ray.placement_timeout_s, **options)
+        return RayPool(specs, supervision, address=cfg.ray.address, actor=EngineActor,
+                       credit=credit, metrics=metrics, auto_device=cfg.ray.auto_device,
+                       placement_timeout_s=cfg.ray.placement_timeout_s)
     from vnpd.workers.local import LocalPool
 
-    return LocalPool(specs, **options)
+    return LocalPool(specs, supervision, credit=credit, metrics=metrics)

@@ -33,7 +33,7 @@ import structlog
 from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, Dispatch,
                                ModelInfo, WorkerPool)
 from vnpd.workers.process import worker_main
-from vnpd.workers.restarts import schedule_restart
+from vnpd.workers.restarts import Supervision
 from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg,
                                    ResultMsg, StopMsg, WorkerSpec)
 
@@ -87,22 +87,10 @@ class WorkerHandle:
 class LocalPool(WorkerPool):
     """Worker processes on this host, one per configured device."""
 
-    def __init__(self, specs: list[WorkerSpec], *,
-                 heartbeat_timeout_s: float, batch_deadline_base_s: float,
-                 batch_deadline_per_1k_tokens_s: float, restart_backoff_s: float,
-                 restart_backoff_max_s: float, crash_budget: int, crash_window_s: float,
-                 degraded_retry_s: float, credit: int = 3, metrics: Any = None) -> None:
-        super().__init__()
+    def __init__(self, specs: list[WorkerSpec], supervision: Supervision, *,
+                 credit: int = 3, metrics: Any = None) -> None:
+        super().__init__(supervision, metrics)
         self.workers = [WorkerHandle(spec, credit) for spec in specs]
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.deadline_base = batch_deadline_base_s
-        self.deadline_per_1k = batch_deadline_per_1k_tokens_s
-        self.backoff = restart_backoff_s
-        self.backoff_max = restart_backoff_max_s
-        self.crash_budget = crash_budget
-        self.crash_window_s = crash_window_s
-        self.degraded_retry_s = degraded_retry_s
-        self.metrics = metrics
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ctx = mp.get_context("spawn")
 
@@ -141,7 +129,7 @@ class LocalPool(WorkerPool):
             for h in self.workers:
                 # A worker that stopped answering will not drain: don't wait for it.
                 if h.process is not None and h.process.is_alive() and h.kill_deadline is None \
-                        and time.monotonic() - h.last_heartbeat > self.heartbeat_timeout_s:
+                        and time.monotonic() - h.last_heartbeat > self.supervision.heartbeat_timeout_s:
                     self.kill(h, "unresponsive_at_shutdown")
                 if h.kill_deadline is not None and time.monotonic() >= h.kill_deadline:
                     h.process.kill()
@@ -309,7 +297,7 @@ class LocalPool(WorkerPool):
             if reason is None and h.state == "starting" and now - h.started_at > START_TIMEOUT_S:
                 reason = "start_timeout"
             if reason is None and h.state == "ready" and \
-                    now - h.last_heartbeat > self.heartbeat_timeout_s:
+                    now - h.last_heartbeat > self.supervision.heartbeat_timeout_s:
                 reason = "heartbeat"
             if reason is None and h.busy_batch is not None and h.busy_since is not None:
                 d = h.inflight.get(h.busy_batch)
@@ -317,9 +305,6 @@ class LocalPool(WorkerPool):
                     reason = "hang"
             if reason is not None:
                 self.kill(h, reason)
-
-    def batch_deadline(self, tokens: int) -> float:
-        return self.deadline_base + self.deadline_per_1k * tokens / 1000
 
     def kill(self, h: WorkerHandle, reason: str) -> None:
         """SIGTERM now, SIGKILL after a grace period (checked by murder_workers)."""
@@ -333,21 +318,6 @@ class LocalPool(WorkerPool):
         except ProcessLookupError:
             pass
 
-    def manage_workers(self) -> None:
-        now = time.monotonic()
-        for h in self.workers:
-            if h.state in ("dead", "degraded") and now >= h.next_start_at:
-                if h.state == "degraded":
-                    log.info("device_retry", worker=h.spec.worker_id, device=h.device)
-                    h.crashes.clear()
-                h.restarts += 1
-                self._spawn(h)
-
-    def _schedule_restart(self, h: WorkerHandle) -> None:
-        schedule_restart(h, crash_budget=self.crash_budget, crash_window_s=self.crash_window_s,
-                         degraded_retry_s=self.degraded_retry_s, backoff_s=self.backoff,
-                         backoff_max_s=self.backoff_max)
-
     def _close(self, h: WorkerHandle) -> None:
         h.outbox.put(None)
         if h.conn is not None:
@@ -356,12 +326,5 @@ class LocalPool(WorkerPool):
         if h.process is not None:
             h.process.join(0)
 
-    # Status ---------------------------------------------------------------------------
-    def describe(self) -> list[dict[str, Any]]:
-        return [h.describe() for h in self.workers]
-
-    def inflight(self) -> dict[str, int]:
-        held: dict[str, int] = {}
-        for h in self.workers:
-            held[h.device] = held.get(h.device, 0) + len(h.inflight)
-        return held
+    def _slots(self) -> list[WorkerHandle]:
+        return self.workers

@@ -33,6 +33,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import structlog
+
+from vnpd.workers.restarts import Supervision, schedule_restart
+
+log = structlog.get_logger()
 
 if TYPE_CHECKING:  # annotations only
     from vnpd.compute.packing import TokenBatch
@@ -103,7 +108,9 @@ class BatchSource(Protocol):
 class WorkerPool(ABC):
     """Slots with warm models; see the module doc. Owned by the daemon's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, supervision: Supervision, metrics: Any = None) -> None:
+        self.supervision = supervision
+        self.metrics = metrics
         self.changed = asyncio.Event()  # set whenever a slot frees credit or changes state
         self._outcomes: deque[Outcome] = deque()
         self._ready: asyncio.Future[ModelInfo] | None = None
@@ -150,15 +157,44 @@ class WorkerPool(ABC):
     def healthy(self, fresh_s: float) -> bool:
         """A slot that answered within ``fresh_s``, or one being (re)started."""
 
-    @abstractmethod
     def describe(self) -> list[dict[str, Any]]:
         """One dict per slot for ``vnpd status``: worker, device, pid, state, ..."""
+        return [slot.describe() for slot in self._slots()]
 
-    @abstractmethod
     def inflight(self) -> dict[str, int]:
         """Batches held per device, for metrics."""
+        held: dict[str, int] = {}
+        for slot in self._slots():
+            held[slot.device] = held.get(slot.device, 0) + len(slot.inflight)
+        return held
 
-    # What implementations call --------------------------------------------------------
+    def batch_deadline(self, tokens: int) -> float:
+        return self.supervision.batch_deadline(tokens)
+
+    def manage_workers(self) -> None:
+        """Start the slots whose restart (or rest, when degraded) is due."""
+        now = time.monotonic()
+        for slot in self._slots():
+            if slot.state in ("dead", "degraded") and now >= slot.next_start_at:
+                if slot.state == "degraded":
+                    log.info("device_retry", worker=slot.spec.worker_id, device=slot.device)
+                    slot.crashes.clear()
+                slot.restarts += 1
+                self._spawn(slot)
+
+    # What implementations provide and call --------------------------------------------
+    @abstractmethod
+    def _slots(self) -> Sequence[Any]:
+        """The slots, each with ``spec``, ``device``, ``state``, ``inflight``, ``crashes``,
+        ``next_start_at``, ``restarts`` and ``describe()``."""
+
+    @abstractmethod
+    def _spawn(self, slot: Any) -> None:
+        """Start a process or actor for ``slot``."""
+
+    def _schedule_restart(self, slot: Any) -> None:
+        schedule_restart(slot, self.supervision)
+
     def _fill_slots(self, slots: Sequence[Any], source: BatchSource,
                     send: Callable[[Any, Dispatch], None]) -> int:
         """The pull loop of every pool: give each ready slot with free credit a batch from

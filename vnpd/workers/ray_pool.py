@@ -39,7 +39,7 @@ from typing import Any, Callable
 import structlog
 
 from vnpd.workers.pool import (BatchDone, BatchesLost, BatchFailed, BatchSource, ModelInfo, WorkerPool)
-from vnpd.workers.restarts import schedule_restart
+from vnpd.workers.restarts import Supervision
 from vnpd.workers.protocol import ErrorMsg, HeartbeatMsg, ResultMsg, WorkerSpec
 from vnpd.workers.ray_cluster import (ActorSlot, actor_placed, cluster_units, connect_ray,
                                       death_reason, for_ray)
@@ -61,16 +61,12 @@ class RayPool(WorkerPool):
     with no actor pending, until the cluster has room for it.
     """
 
-    def __init__(self, specs: list[WorkerSpec], *, address: str,
-                 heartbeat_timeout_s: float, batch_deadline_base_s: float,
-                 batch_deadline_per_1k_tokens_s: float, restart_backoff_s: float,
-                 restart_backoff_max_s: float, crash_budget: int, crash_window_s: float,
-                 degraded_retry_s: float, actor: type, credit: int = 3,
-                 metrics: Any = None, auto_device: str = "gpu",
-                 placement_timeout_s: float = 60.0) -> None:
+    def __init__(self, specs: list[WorkerSpec], supervision: Supervision, *, address: str,
+                 actor: type, credit: int = 3, metrics: Any = None,
+                 auto_device: str = "gpu", placement_timeout_s: float = 60.0) -> None:
         """``actor``: the class each slot places (``vnpd.workers.ray_actor.EngineActor``),
         handed in by the daemon, so that this module never loads the engine."""
-        super().__init__()
+        super().__init__(supervision, metrics)
         self._actor_type = actor
         self.auto = [s for s in specs if s.device == "auto"]
         self.credit = credit
@@ -79,15 +75,6 @@ class RayPool(WorkerPool):
         self.auto_device = auto_device
         self.placement_timeout_s = placement_timeout_s
         self._next_worker_id = len(self.slots)
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.deadline_base = batch_deadline_base_s
-        self.deadline_per_1k = batch_deadline_per_1k_tokens_s
-        self.backoff = restart_backoff_s
-        self.backoff_max = restart_backoff_max_s
-        self.crash_budget = crash_budget
-        self.crash_window_s = crash_window_s
-        self.degraded_retry_s = degraded_retry_s
-        self.metrics = metrics
         self.loop: asyncio.AbstractEventLoop | None = None
         self.owns_ray = False
         self._actor_class: Any = None
@@ -325,7 +312,7 @@ class RayPool(WorkerPool):
             if slot.state == "starting" and now - slot.started_at > START_TIMEOUT_S:
                 reason = "start_timeout"
             elif slot.state in ("ready", "stopping") and \
-                    now - slot.last_heartbeat > self.heartbeat_timeout_s:
+                    now - slot.last_heartbeat > self.supervision.heartbeat_timeout_s:
                 reason = "heartbeat"
             elif slot.state in ("ready", "stopping") and slot.busy_since is not None:
                 d = slot.inflight.get(slot.busy_batch)  # type: ignore[arg-type]
@@ -333,9 +320,6 @@ class RayPool(WorkerPool):
                     reason = "hang"
             if reason is not None:
                 self.kill(slot, reason)
-
-    def batch_deadline(self, tokens: int) -> float:
-        return self.deadline_base + self.deadline_per_1k * tokens / 1000
 
     def kill(self, slot: ActorSlot, reason: str) -> None:
         """``ray.kill`` the actor now; its batches are requeued at once."""
@@ -349,13 +333,7 @@ class RayPool(WorkerPool):
         if now - self._last_scale_check > SCALE_CHECK_INTERVAL_S:
             self._last_scale_check = now
             self._follow_cluster()
-        for slot in self.slots:
-            if slot.state in ("dead", "degraded") and now >= slot.next_start_at:
-                if slot.state == "degraded":
-                    log.info("device_retry", worker=slot.spec.worker_id, device=slot.device)
-                    slot.crashes.clear()
-                slot.restarts += 1
-                self._spawn(slot)
+        super().manage_workers()
 
     def _follow_cluster(self) -> None:
         """Fit the slots to the cluster: retire, park, resume or add slots as
@@ -416,17 +394,5 @@ class RayPool(WorkerPool):
             self._report(BatchesLost(lost, reason))
         self.changed.set()
 
-    def _schedule_restart(self, slot: ActorSlot) -> None:
-        schedule_restart(slot, crash_budget=self.crash_budget, crash_window_s=self.crash_window_s,
-                         degraded_retry_s=self.degraded_retry_s, backoff_s=self.backoff,
-                         backoff_max_s=self.backoff_max)
-
-    # Status ---------------------------------------------------------------------------
-    def describe(self) -> list[dict[str, Any]]:
-        return [s.describe() for s in self.slots]
-
-    def inflight(self) -> dict[str, int]:
-        held: dict[str, int] = {}
-        for s in self.slots:
-            held[s.device] = held.get(s.device, 0) + len(s.inflight)
-        return held
+    def _slots(self) -> list[ActorSlot]:
+        return self.slots

@@ -3,14 +3,18 @@ slot that crashed too often in a window is degraded and rested (gunicorn-style a
 
 Example::
 
-    schedule_restart(slot, crash_budget=5, crash_window_s=600, degraded_retry_s=900,
-                     backoff_s=1, backoff_max_s=60)   # slot.state: "dead" or "degraded"
+    policy = Supervision(heartbeat_timeout_s=30, batch_deadline_base_s=120,
+                         batch_deadline_per_1k_tokens_s=5, restart_backoff_s=1,
+                         restart_backoff_max_s=60, crash_budget=5, crash_window_s=600,
+                         degraded_retry_s=900)
+    schedule_restart(slot, policy)   # slot.state: "dead" or "degraded"
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -28,11 +32,31 @@ class Slot(Protocol):
     def device(self) -> str: ...
 
 
-def schedule_restart(slot: Slot, *, crash_budget: int, crash_window_s: float,
-                     degraded_retry_s: float, backoff_s: float, backoff_max_s: float) -> None:
+@dataclass(frozen=True)
+class Supervision:
+    """How a pool watches its slots and restarts them: ``[workers]`` in the config."""
+
+    heartbeat_timeout_s: float
+    batch_deadline_base_s: float
+    batch_deadline_per_1k_tokens_s: float
+    restart_backoff_s: float
+    restart_backoff_max_s: float
+    crash_budget: int
+    crash_window_s: float
+    degraded_retry_s: float
+
+    def batch_deadline(self, tokens: int) -> float:
+        """Seconds a batch of ``tokens`` may run before its slot counts as hung."""
+        return self.batch_deadline_base_s + self.batch_deadline_per_1k_tokens_s * tokens / 1000
+
+
+def schedule_restart(slot: Slot, policy: Supervision) -> None:
     """Count a crash of ``slot``: schedule its restart with exponential backoff, or mark it
     degraded (retried after ``degraded_retry_s``) once ``crash_budget`` crashes fall within
     ``crash_window_s``."""
+    crash_budget, crash_window_s = policy.crash_budget, policy.crash_window_s
+    degraded_retry_s = policy.degraded_retry_s
+    backoff_s, backoff_max_s = policy.restart_backoff_s, policy.restart_backoff_max_s
     now = time.monotonic()
     slot.crashes.append(now)
     while slot.crashes and now - slot.crashes[0] > crash_window_s:
