@@ -3,8 +3,9 @@
 Each active job reads its file in windows (bounded host memory whatever the file size),
 packs each window by token budget, journals the batches (positions, not ids), and queues
 them. What a batch holds are pieces (:class:`vnpd.compute.windows.PieceIndex`): rows, or
-in window mode the windows of long rows, kept by slot (:mod:`vnpd.daemon.window_rows`). :meth:`Scheduler.take_batch` serves jobs round-robin, so a one-sequence file gets
-the next free slot instead of waiting behind a million-sequence file.
+in window mode the windows of long rows, kept by slot (:mod:`vnpd.daemon.window_rows`),
+cut from the input by :mod:`vnpd.daemon.piece_batches`. :meth:`Scheduler.take_batch`
+serves jobs round-robin, so a one-sequence file gets the next free slot instead of waiting behind a million-sequence file.
 
 Failures: a batch that OOMs is split in two (the device's budget was already lowered by
 the supervisor). Any other failure (its worker died, hung or reported an error) counts an
@@ -24,22 +25,21 @@ import asyncio
 import itertools
 import sqlite3
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import structlog
 
-from vnpd.compute.packing import TokenBatch, build_batch, pack_batches
-from vnpd.compute.windows import PieceIndex
+from vnpd.compute.packing import pack_batches
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
+from vnpd.daemon.piece_batches import job_pieces, piece_batch, reread_batch
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
 from vnpd.daemon.reuse import RowCache, split_window
 from vnpd.daemon.rows import followers_rows, write_with_copies
 from vnpd.daemon.window_rows import store_windows
 from vnpd.faults import FaultPlan
-from vnpd.inputs.fasta import FastaError, FastaRecord
+from vnpd.inputs.fasta import FastaError
 from vnpd.workers.pool import BatchDone, BatchesLost, BatchFailed, Dispatch, Outcome
 
 log = structlog.get_logger()
@@ -77,7 +77,7 @@ class Scheduler:
     def add_job(self, job: ActiveJob) -> None:
         """Start serving a job; its journaled unfinished batches are queued first,
         suspects (batches that failed before the restart) at the very front."""
-        pieces = self._pieces(job)
+        pieces = job_pieces(job, self.truncation)
         rows = self.journal.pending_batches(job.job_id)
         for row in sorted(rows, key=lambda r: r.attempts == 0):
             # A batch of cache hits whose rows a crash lost (no tokens) is computed.
@@ -161,7 +161,7 @@ class Scheduler:
     def _read_window(self, job: ActiveJob) -> None:
         if job.next_position >= job.num_records or self._disk.waiting():
             return
-        start, pieces = job.next_position, self._pieces(job)
+        start, pieces = job.next_position, job_pieces(job, self.truncation)
         # The window: records up to the one that reaches WINDOW_BATCHES budgets of tokens.
         ahead = pieces.row_tokens(start, min(start + WINDOW_MAX_RECORDS, job.num_records))
         count = min(int(np.searchsorted(np.cumsum(ahead), WINDOW_BATCHES * self.max_tokens))
@@ -189,7 +189,8 @@ class Scheduler:
             self._write_rows(job, hit + start, hit_rows)
             job.unflushed.append(numbers.pop())
         for no, batch_pieces in zip(numbers, plan):
-            batch = self._piece_batch(job, batch_pieces, lambda row: records[row - start])
+            batch = piece_batch(job, batch_pieces, lambda row: records[row - start],
+                                self.truncation)
             job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens, batch))
         job.next_position = stop
         if not plan:
@@ -197,43 +198,13 @@ class Scheduler:
 
     def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
         if queued.batch is None:
-            queued.batch = self._read_batch(job, queued.positions)
+            queued.batch = reread_batch(job, queued.positions, self.truncation)
         job.inflight.add(queued.batch_no)
         if queued.attempts:
             log.info("batch_isolated", job=job.job_id, batch=queued.batch_no,
                      sequences=len(queued.positions), attempts=queued.attempts)
         return Dispatch((job.job_id, queued), next(self._batch_ids), queued.batch,
                         exclusive=queued.attempts > 0)
-
-    def _read_batch(self, job: ActiveJob, positions: np.ndarray) -> TokenBatch:
-        """Re-read the records of a journaled batch (after a restart or a split)."""
-        rows = self._pieces(job).rows(positions)
-        lo, hi = int(rows.min()), int(rows.max())
-        wanted = set(rows.tolist())
-        found: dict[int, FastaRecord] = {}
-        for record in job.source.rows(lo):
-            if record.index in wanted:
-                found[record.index] = record
-            if record.index >= hi:
-                break
-        return self._piece_batch(job, positions, found.__getitem__)
-
-    def _piece_batch(self, job: ActiveJob, pieces: np.ndarray,
-                     record: Callable[[int], FastaRecord]) -> TokenBatch:
-        """The batch of ``pieces``, cut from the records of their rows. Windows of long
-        rows ask for float32 residue rows, which the parent combines."""
-        index = self._pieces(job)
-        rows, starts, stops = index.spans(pieces)
-        records = [record(r) for r in rows.tolist()]
-        return build_batch(pieces, [r.sequence[a:b] for r, a, b in
-                                    zip(records, starts.tolist(), stops.tolist())],
-                           self.truncation, [r.id for r in records],
-                           residues="float32" if index.windowed(pieces).any() else None)
-
-    def _pieces(self, job: ActiveJob) -> PieceIndex:
-        if job.pieces is None:  # truncate mode: pieces are rows
-            job.pieces = PieceIndex.plan(job.source.lengths, self.truncation, None)
-        return job.pieces
 
     # Pool outcomes ------------------------------------------------------------------
     def apply(self, outcome: Outcome) -> None:
@@ -261,7 +232,7 @@ class Scheduler:
         job.unflushed.append(queued.batch_no)
         job.done_tokens += queued.tokens
         if self.metrics is not None:
-            finished = self._pieces(job).is_last(queued.positions)  # rows done with it
+            finished = job_pieces(job, self.truncation).is_last(queued.positions)  # rows done with it
             self.metrics.sequences_total.inc(int(finished.sum()))
             self.metrics.tokens_total.inc(queued.tokens)
         log.debug("batch_done", job=job_id, batch=queued.batch_no, device=device,
@@ -273,7 +244,7 @@ class Scheduler:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Write a batch's results: windows of long rows into their slots, whole rows at
         their positions. Returns (positions, rows) of the whole rows written."""
-        index = self._pieces(job)
+        index = job_pieces(job, self.truncation)
         if index.windows:
             job.done_sequences += int(index.is_last(pieces[index.windowed(pieces)]).sum())
             pieces, rows, residues, residue_counts = store_windows(
@@ -382,7 +353,7 @@ class Scheduler:
         else:
             half = len(queued.positions) // 2
             parts = [queued.positions[:half], queued.positions[half:]]
-        tokens = [int(self._pieces(job).tokens(p).sum()) for p in parts]
+        tokens = [int(job_pieces(job, self.truncation).tokens(p).sum()) for p in parts]
         numbers = self.journal.split_batch(job.job_id, queued.batch_no, list(zip(parts, tokens)))
         log.warning("batch_split", job=job.job_id, batch=queued.batch_no, into=numbers,
                     sequences=len(queued.positions), reason=reason)
@@ -390,7 +361,7 @@ class Scheduler:
                                        for no, p, t in zip(numbers, parts, tokens)]))
 
     def _poisoned(self, job: ActiveJob, queued: QueuedBatch, reason: str) -> None:
-        position = int(self._pieces(job).rows(queued.positions[:1])[0])  # its row
+        position = int(job_pieces(job, self.truncation).rows(queued.positions[:1])[0])  # its row
         record_id = queued.batch.ids[0] if queued.batch and queued.batch.ids else str(position)
         log.error("sequence_poisoned", job=job.job_id, position=position, record=record_id,
                   reason=reason, policy=self.on_poison)
@@ -403,7 +374,7 @@ class Scheduler:
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
         # The row's other windows waiting alone (its batch's split) need not each prove it.
-        index = self._pieces(job)
+        index = job_pieces(job, self.truncation)
         for other in [q for q in job.queue if (index.rows(q.positions) == position).all()]:
             self.journal.quarantine(job.job_id, other.batch_no, position, record_id, reason)
             job.queue.remove(other)

@@ -1,0 +1,53 @@
+"""A job's batches cut from its input: the pieces a batch holds (rows, or in window mode
+the windows of long rows, :class:`vnpd.compute.windows.PieceIndex`) as tokens.
+
+Example::
+
+    batch = piece_batch(job, pieces, records.__getitem__, truncation=1022)
+    batch = reread_batch(job, queued.positions, truncation=1022)  # after a restart or split
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from vnpd.compute.packing import TokenBatch, build_batch
+from vnpd.compute.windows import PieceIndex
+from vnpd.daemon.jobs import ActiveJob
+from vnpd.inputs.fasta import FastaRecord
+
+
+def job_pieces(job: ActiveJob, truncation: int) -> PieceIndex:
+    """What ``job``'s batches hold: its piece index, planned once (truncate mode: its rows)."""
+    if job.pieces is None:  # truncate mode: pieces are rows
+        job.pieces = PieceIndex.plan(job.source.lengths, truncation, None)
+    return job.pieces
+
+
+def reread_batch(job: ActiveJob, positions: np.ndarray, truncation: int) -> TokenBatch:
+    """Re-read the records of a journaled batch (after a restart or a split)."""
+    rows = job_pieces(job, truncation).rows(positions)
+    lo, hi = int(rows.min()), int(rows.max())
+    wanted = set(rows.tolist())
+    found: dict[int, FastaRecord] = {}
+    for record in job.source.rows(lo):
+        if record.index in wanted:
+            found[record.index] = record
+        if record.index >= hi:
+            break
+    return piece_batch(job, positions, found.__getitem__, truncation)
+
+
+def piece_batch(job: ActiveJob, pieces: np.ndarray, record: Callable[[int], FastaRecord],
+                truncation: int) -> TokenBatch:
+    """The batch of ``pieces``, cut from the records of their rows. Windows of long
+    rows ask for float32 residue rows, which the parent combines."""
+    index = job_pieces(job, truncation)
+    rows, starts, stops = index.spans(pieces)
+    records = [record(r) for r in rows.tolist()]
+    return build_batch(pieces, [r.sequence[a:b] for r, a, b in
+                                zip(records, starts.tolist(), stops.tolist())],
+                       truncation, [r.id for r in records],
+                       residues="float32" if index.windowed(pieces).any() else None)
