@@ -118,6 +118,8 @@ class Daemon:
                                    on_poison=cfg.jobs.on_poison, metrics=self.metrics,
                                    disk_retry_max_s=cfg.jobs.publish_retry_max_s,
                                    faults=self.faults)
+        if cfg.output.per_residue:  # a loan is the pooled row only: no sharing then
+            self.scheduler.sharing = None
         self.pool: WorkerPool = make_pool(cfg, worker_specs(cfg, self.devices, self.faults), self.metrics)
         self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
                                         self.done_dir, self.pool.ready, self.faults)

@@ -49,6 +49,7 @@ class ActiveJob:
     queue: deque[QueuedBatch] = field(default_factory=deque)
     inflight: set[int] = field(default_factory=set)
     unflushed: list[int] = field(default_factory=list)  # rows written, not yet journaled
+    borrowed: dict[int, int] = field(default_factory=dict)  # batch -> row another job computes
     done_sequences: int = 0
     done_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -62,4 +63,5 @@ class ActiveJob:
 
     def finished(self) -> bool:
         return (not self.queue and not self.inflight and not self.unflushed
+                and not self.borrowed
                 and self.next_position >= self.num_records)

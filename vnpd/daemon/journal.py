@@ -195,6 +195,11 @@ class Journal:
                               (job_id, batch_no)).fetchone()
         return int(row[0])
 
+    def set_tokens(self, job_id: int, batch_no: int, tokens: int) -> None:
+        """A batch journaled with no tokens (rows served, not computed) is computed."""
+        self.db.execute("UPDATE batches SET tokens=? WHERE job_id=? AND batch_no=?",
+                        (tokens, job_id, batch_no))
+
     def split_batch(self, job_id: int, batch_no: int,
                     parts: list[tuple[np.ndarray, int]]) -> list[int]:
         """Replace a batch by smaller ones covering the same positions (one transaction).

@@ -22,6 +22,7 @@ beside others, one with its batch alone, one alone), not two per halving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sqlite3
 from collections import deque
@@ -37,6 +38,7 @@ from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
 from vnpd.daemon.reuse import RowCache, split_window
 from vnpd.daemon.rows import followers_rows, write_with_copies
+from vnpd.daemon.sharing import RowSharing
 from vnpd.daemon.window_rows import store_windows
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError
@@ -66,6 +68,8 @@ class Scheduler:
         self.metrics = metrics
         self.faults = faults
         self.cache: RowCache | None = None  # set by the daemon once the cache is open
+        # Rows of jobs running at once, lent to each other (None: per-residue rows).
+        self.sharing: RowSharing | None = RowSharing()
         self.jobs: dict[int, ActiveJob] = {}
         self.finished: asyncio.Queue[ActiveJob] = asyncio.Queue()
         self._rr: deque[int] = deque()
@@ -82,6 +86,9 @@ class Scheduler:
         for row in sorted(rows, key=lambda r: r.attempts == 0):
             # A batch of cache hits whose rows a crash lost (no tokens) is computed.
             tokens = row.tokens or int(pieces.tokens(row.positions).sum())
+            if not row.tokens:  # served rows (hits, loans) a crash lost: now computed
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self.journal.set_tokens(job.job_id, row.batch_no, tokens)
             job.queue.append(QueuedBatch(row.batch_no, row.positions, tokens,
                                          attempts=row.attempts))
         _, job.done_tokens = self.journal.progress(job.job_id)
@@ -101,6 +108,8 @@ class Scheduler:
         job = self.jobs.pop(job_id, None)
         if job_id in self._rr:
             self._rr.remove(job_id)
+        if self.sharing is not None:  # what it was to lend, its borrowers compute
+            self.sharing.release(job_id, None, self.jobs, self.journal)
         return job
 
     def queued_sequences(self) -> int:
@@ -172,6 +181,9 @@ class Scheduler:
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
         # Repeats of earlier rows are copied, cached rows served: neither is computed.
         compute, hit, hit_rows = split_window(job.duplicates, self.cache, start, stop)
+        borrowed = np.zeros(0, dtype=np.int64)  # rows another job computes now: borrowed
+        if self.sharing is not None:
+            borrowed, compute = self.sharing.split(job, compute, start)
         # What runs are pieces: the rows, or in window mode the windows of long rows.
         todo = pieces.pieces_of(compute + start)
         cost = pieces.tokens(todo)
@@ -179,22 +191,26 @@ class Scheduler:
         batches = [(p, int(pieces.tokens(p).sum())) for p in plan]
         if len(hit):
             batches.append((pieces.pieces_of(hit + start), 0))  # no tokens: cache hits
+        batches += [(pieces.pieces_of(borrowed[i:i + 1]), 0) for i in range(len(borrowed))]
         try:
             numbers = self.journal.add_batches(job.job_id, batches, stop)
         except sqlite3.OperationalError as exc:
             # A full disk: nothing was journaled or queued; the window is read again later.
             self._disk_failed("window_read_failed", exc, job=job.job_id, start=start)
             return
+        if self.sharing is not None:
+            self.sharing.register(job, compute + start, borrowed,
+                                  numbers[len(numbers) - len(borrowed):])
         if len(hit):
             self._write_rows(job, hit + start, hit_rows)
-            job.unflushed.append(numbers.pop())
+            job.unflushed.append(numbers[len(plan)])
         for no, batch_pieces in zip(numbers, plan):
             batch = piece_batch(job, batch_pieces, lambda row: records[row - start],
                                 self.truncation)
             job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens, batch))
         job.next_position = stop
         if not plan:
-            self._check_complete(job)  # a window of repeats and hits only: maybe the last
+            self._check_complete(job)  # a window of repeats, hits, loans only: maybe the last
 
     def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
         if queued.batch is None:
@@ -228,6 +244,9 @@ class Scheduler:
                                              residue_counts)
         if self.cache is not None and job.duplicates is not None and len(positions):
             self.cache.store(np.asarray(job.duplicates.keys[positions]), rows)
+        if self.sharing is not None and len(positions):  # rows that other jobs borrowed
+            self.sharing.repay(job.job_id, positions, rows, self.jobs, self.journal,
+                               refuse=residues is not None)
         job.inflight.discard(queued.batch_no)
         job.unflushed.append(queued.batch_no)
         job.done_tokens += queued.tokens
@@ -373,6 +392,8 @@ class Scheduler:
             self._finish(job)
             return
         self.journal.quarantine(job.job_id, queued.batch_no, position, record_id, reason)
+        if self.sharing is not None:  # its borrowers compute it, by their own rules
+            self.sharing.release(job.job_id, [position], self.jobs, self.journal)
         # The row's other windows waiting alone (its batch's split) need not each prove it.
         index = job_pieces(job, self.truncation)
         for other in [q for q in job.queue if (index.rows(q.positions) == position).all()]:
