@@ -6,6 +6,7 @@ them. What a batch holds are pieces (:class:`vnpd.compute.windows.PieceIndex`): 
 in window mode the windows of long rows, kept by slot (:mod:`vnpd.daemon.window_rows`),
 cut from the input by :mod:`vnpd.daemon.piece_batches`. :meth:`Scheduler.take_batch`
 serves jobs round-robin, so a one-sequence file gets the next free slot instead of waiting behind a million-sequence file.
+Rows that another job computes now are borrowed from it (:mod:`vnpd.daemon.sharing`).
 
 Failures: a batch that OOMs is split in two (the device's budget was already lowered by
 the supervisor). Any other failure (its worker died, hung or reported an error) counts an
