@@ -19,6 +19,12 @@ import pytest
 
 from tests.conftest import random_sequences
 from tests.daemon.test_reuse import expected_rows
+from tests.daemon.test_window_rows import (
+    TRUNCATION,
+    job_sequences,
+    reference,
+    window_env,
+)
 from tests.daemon_harness import Daemon, DaemonDirs, drop, fasta_text, write_config
 from vnpd.compute.families.esm2_checkpoint import make_test_model
 from vnpd.output.verify import read_output, verify_output
@@ -142,3 +148,29 @@ def test_a_lenders_poison_row_is_the_borrowers_to_compute(tmp_path: Path,
         assert sorted(e["record"] for e in daemon.events("sequence_poisoned")) == sorted(bad)
     finally:
         assert daemon.terminate() == 0
+
+
+def test_window_mode_lends_rows_of_one_window_only(tmp_path: Path, slow_model: Path) -> None:
+    dirs = DaemonDirs(tmp_path)
+    seqs = job_sequences(seed=71)  # short and long rows, and repeats of each
+    order = np.random.default_rng(72).permutation(len(seqs))
+    files = {"a.fasta": seqs, "b.fasta": [seqs[i] for i in order]}
+    config = write_config(dirs, slow_model, max_tokens=1024, extra=NO_CACHE)  # one window
+    drop_all(dirs, files)
+    daemon = Daemon(config, dirs, env=window_env(stride=20))
+    try:
+        daemon.wait_outputs([Path(n).stem + ".h5" for n in files])
+    finally:
+        assert daemon.terminate() == 0
+    computed = 0
+    for name, rows in files.items():
+        path = dirs.outbox / (Path(name).stem + ".h5")
+        verify_output(path)
+        emb, ids, _, attrs = read_output(path)
+        assert ids == [f"{Path(name).stem}_{i}" for i in range(len(rows))]
+        _, want = reference(slow_model, rows, [6], 20)
+        assert np.abs(emb - want[:, 0]).max() <= 1e-5
+        computed += int(attrs["computed_sequences"])
+    long_rows = sum(1 for n in set(seqs) if len(n) > TRUNCATION)
+    short_rows = len(set(seqs)) - long_rows
+    assert computed == short_rows + 2 * long_rows  # short rows once; long rows per file

@@ -247,7 +247,7 @@ class Scheduler:
             self.cache.store(np.asarray(job.duplicates.keys[positions]), rows)
         if self.sharing is not None and len(positions):  # rows that other jobs borrowed
             self.sharing.repay(job.job_id, positions, rows, self.jobs, self.journal,
-                               refuse=residues is not None)
+                               refuse=job.partial.has_residues)
         job.inflight.discard(queued.batch_no)
         job.unflushed.append(queued.batch_no)
         job.done_tokens += queued.tokens
