@@ -16,16 +16,18 @@ the next commit flushes the file, then marks it done, as for any other row. A cr
 that leaves a pending batch of no tokens, which a restart computes (``Scheduler.add_job``).
 When the lender gives the row up, the borrower computes it itself
 (:func:`compute_instead`), so it is quarantined, or fails its job, by its own rules.
+With per-residue output there are no loans (the daemon sets ``Scheduler.sharing`` to
+None): a loan carries the pooled row only.
 
 Only whole rows are lent: in window mode, the rows of one window (as the cache).
 
 Example::
 
     sharing = RowSharing()
-    lent = sharing.lenders_of(job, rows)        # mask: rows another job computes
-    sharing.borrow(job, rows[lent], batch_nos)  # after journaling a batch per row
-    sharing.lend(job, rows[~lent])              # after queueing their batches
-    loans, which = sharing.settle(job.job_id, written_positions)
+    borrowed, compute = sharing.split(job, compute, start)   # reading a window
+    sharing.register(job, compute + start, borrowed, batch_nos)  # once journaled
+    sharing.repay(lender.job_id, positions, rows, jobs, journal)  # rows written
+    sharing.release(job.job_id, None, jobs, journal)  # a job left: borrowers compute
 """
 
 from __future__ import annotations
