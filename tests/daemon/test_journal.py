@@ -70,3 +70,16 @@ def test_journal_without_the_record_column_is_upgraded(tmp_path: Path) -> None:
     assert j.quarantined(1) == [QuarantineRow(4, "", "s4: crash")]
     j.quarantine(1, 0, 9, "s9", "hang")
     assert j.quarantined(1)[1] == QuarantineRow(9, "s9", "hang")
+
+
+def test_a_served_batch_that_is_computed_counts_as_computed(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    job = j.add_job("a.fasta", tmp_path / "claimed" / "1-a.fasta")
+    j.set_indexed(job, "ab" * 32, "key", 10, 500)
+    # A computed batch, a batch of cache hits, and two loans (a batch of no tokens each).
+    numbers = j.add_batches(job, [(np.array([0, 1]), 60), (np.array([2, 3]), 0),
+                                  (np.array([4]), 0), (np.array([5]), 0)], 6)
+    j.set_tokens(job, numbers[3], 25)  # its lender gave it up: the borrower computes it
+    j.mark_done(job, numbers)
+    assert j.reuse_counts(job) == (3, 3)
+    j.close()
