@@ -5,18 +5,25 @@ Example::
 
     batch = piece_batch(job, pieces, records.__getitem__, truncation=1022)
     batch = reread_batch(job, queued.positions, truncation=1022)  # after a restart or split
+    queue_journaled(job, journal, truncation=1022)  # a job resumed: its pending batches
 """
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vnpd.compute.packing import TokenBatch, build_batch
 from vnpd.compute.windows import PieceIndex
-from vnpd.daemon.jobs import ActiveJob
+from vnpd.daemon.jobs import ActiveJob, QueuedBatch
 from vnpd.inputs.fasta import FastaRecord
+
+if TYPE_CHECKING:  # annotations only
+    from vnpd.daemon.journal import Journal
 
 
 def job_pieces(job: ActiveJob, truncation: int) -> PieceIndex:
@@ -51,3 +58,24 @@ def piece_batch(job: ActiveJob, pieces: np.ndarray, record: Callable[[int], Fast
                                 zip(records, starts.tolist(), stops.tolist())],
                        truncation, [r.id for r in records],
                        residues="float32" if index.windowed(pieces).any() else None)
+
+
+def queue_journaled(job: ActiveJob, journal: Journal, truncation: int) -> None:
+    """Queue ``job``'s journaled unfinished batches, suspects (batches that failed before
+    the restart) at the very front, and count what it has done already."""
+    pieces = job_pieces(job, truncation)
+    rows = journal.pending_batches(job.job_id)
+    for row in sorted(rows, key=lambda r: r.attempts == 0):
+        # A batch of cache hits whose rows a crash lost (no tokens) is computed.
+        tokens = row.tokens or int(pieces.tokens(row.positions).sum())
+        if not row.tokens:  # served rows (hits, loans) a crash lost: now computed
+            with contextlib.suppress(sqlite3.OperationalError):
+                journal.set_tokens(job.job_id, row.batch_no, tokens)
+        job.queue.append(QueuedBatch(row.batch_no, row.positions, tokens,
+                                     attempts=row.attempts))
+    _, job.done_tokens = journal.progress(job.job_id)
+    done = journal.done_positions(job.job_id)
+    done_rows = pieces.rows(done[pieces.is_last(done)])  # a row is done with its last piece
+    job.done_sequences = len(done_rows) + len(journal.quarantined(job.job_id))
+    if job.duplicates is not None:  # the copies written with the done batches' rows
+        job.done_sequences += len(job.duplicates.followers_of(done_rows)[0])

@@ -5,7 +5,8 @@ packs each window by token budget, journals the batches (positions, not ids), an
 them. What a batch holds are pieces (:class:`vnpd.compute.windows.PieceIndex`): rows, or
 in window mode the windows of long rows, kept by slot (:mod:`vnpd.daemon.window_rows`),
 cut from the input by :mod:`vnpd.daemon.piece_batches`. :meth:`Scheduler.take_batch`
-serves jobs round-robin, so a one-sequence file gets the next free slot instead of waiting behind a million-sequence file.
+serves jobs round-robin, so a one-sequence file gets the next free slot instead of waiting
+behind a million-sequence file.
 Rows that another job computes now are borrowed from it (:mod:`vnpd.daemon.sharing`).
 
 Failures: a batch that OOMs is split in two (the device's budget was already lowered by
@@ -23,7 +24,6 @@ beside others, one with its batch alone, one alone), not two per halving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import sqlite3
 from collections import deque
@@ -34,7 +34,7 @@ import structlog
 
 from vnpd.compute.packing import pack_batches
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
-from vnpd.daemon.piece_batches import job_pieces, piece_batch, reread_batch
+from vnpd.daemon.piece_batches import job_pieces, piece_batch, queue_journaled, reread_batch
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
 from vnpd.daemon.reuse import RowCache, split_window
@@ -80,24 +80,8 @@ class Scheduler:
 
     # Jobs ---------------------------------------------------------------------------
     def add_job(self, job: ActiveJob) -> None:
-        """Start serving a job; its journaled unfinished batches are queued first,
-        suspects (batches that failed before the restart) at the very front."""
-        pieces = job_pieces(job, self.truncation)
-        rows = self.journal.pending_batches(job.job_id)
-        for row in sorted(rows, key=lambda r: r.attempts == 0):
-            # A batch of cache hits whose rows a crash lost (no tokens) is computed.
-            tokens = row.tokens or int(pieces.tokens(row.positions).sum())
-            if not row.tokens:  # served rows (hits, loans) a crash lost: now computed
-                with contextlib.suppress(sqlite3.OperationalError):
-                    self.journal.set_tokens(job.job_id, row.batch_no, tokens)
-            job.queue.append(QueuedBatch(row.batch_no, row.positions, tokens,
-                                         attempts=row.attempts))
-        _, job.done_tokens = self.journal.progress(job.job_id)
-        done = self.journal.done_positions(job.job_id)
-        done_rows = pieces.rows(done[pieces.is_last(done)])  # a row is done with its last piece
-        job.done_sequences = len(done_rows) + len(self.journal.quarantined(job.job_id))
-        if job.duplicates is not None:  # the copies written with the done batches' rows
-            job.done_sequences += len(job.duplicates.followers_of(done_rows)[0])
+        """Start serving a job, its journaled unfinished batches first (suspects first)."""
+        queue_journaled(job, self.journal, self.truncation)
         self.jobs[job.job_id] = job
         self._rr.append(job.job_id)
         log.info("job_started", job=job.job_id, file=job.name, sequences=job.num_records,
