@@ -39,7 +39,7 @@ from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, sha256_file
 from vnpd.inputs.gene_calls import call_genes, resolve_workers
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
                                     make_gene_finder, six_frame_proteins)
-from vnpd.inputs.source import SequenceSource, SourceSettings
+from vnpd.inputs.source import IndexedSource, SourceSettings
 
 if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
     import pyrodigal_gv
@@ -55,7 +55,7 @@ _DTYPES = {"q": np.int64, "b": np.int8}
 _HINT = "; is this a protein file? this daemon reads nucleotide FASTA ([input] kind)"
 
 
-class NucleotideSource(SequenceSource):
+class NucleotideSource(IndexedSource):
     """A nucleotide FASTA file, served as the protein rows derived from it; see the module doc."""
 
     kind = "nucleotide"
@@ -134,14 +134,6 @@ class NucleotideSource(SequenceSource):
             np.save(directory / f"{name}.npy", values)
         (directory / "nucleotide.json").write_text(json.dumps(self.meta))
         return sorted(p for p in directory.iterdir() if p.is_file())
-
-    @property
-    def num_rows(self) -> int:
-        return self.index.num_records
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.index.lengths
 
     @property
     def sha256(self) -> str:

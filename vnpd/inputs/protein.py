@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 
 from vnpd.inputs.fasta import FastaRecord
 from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
-from vnpd.inputs.source import SequenceSource, SourceSettings
+from vnpd.inputs.source import IndexedSource, SourceSettings
 
 
-class ProteinSource(SequenceSource):
+class ProteinSource(IndexedSource):
     """A protein FASTA file: row i is record i, read in place through its index."""
 
     kind = "protein"
@@ -39,14 +38,6 @@ class ProteinSource(SequenceSource):
     def save(self, directory: Path) -> list[Path]:
         self.index.save(directory)
         return sorted(directory.iterdir())
-
-    @property
-    def num_rows(self) -> int:
-        return self.index.num_records
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.index.lengths
 
     @property
     def sha256(self) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # annotations only: the interface imports no implementation
     from vnpd.inputs.fasta import FastaRecord
+    from vnpd.inputs.index import FileIndex
 
 
 @dataclass(frozen=True)
@@ -99,3 +100,17 @@ class SequenceSource(ABC):
     def attributes(self) -> dict[str, Any]:
         """Root attributes this kind adds to the output."""
         return {"input_kind": self.kind}
+
+
+class IndexedSource(SequenceSource):
+    """A source whose rows are the records of one indexed FASTA file, ``self.index``."""
+
+    index: FileIndex
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.num_records
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.index.lengths
