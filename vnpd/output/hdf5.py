@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 import h5py
 import numpy as np
@@ -110,17 +110,7 @@ class PartialOutput:
                 slots.attrs["plan"] = np.asarray(window_plan, dtype=np.int64)
             file.flush()
         except BaseException as exc:
-            if file is not None:
-                try:
-                    file.close()
-                except Exception:  # noqa: BLE001 - a file whose flush failed (full disk)
-                    pass
-            # HDF5 may keep a file it failed to close open: a new inode for the next try.
-            path.unlink(missing_ok=True)
-            error = as_write_error(exc, path) if isinstance(exc, Exception) else None
-            if error is None or error is exc:
-                raise
-            raise error from exc
+            _discard(file, path, exc)
         return cls(path, file)
 
     @classmethod
@@ -344,16 +334,7 @@ class PartialOutput:
             dst.close()
             fsync_file(tmp)
         except BaseException as exc:
-            if dst is not None:
-                try:
-                    dst.close()
-                except Exception:  # noqa: BLE001 - a file whose flush failed does not close
-                    pass
-            tmp.unlink(missing_ok=True)
-            error = as_write_error(exc, tmp) if isinstance(exc, Exception) else None
-            if error is None or error is exc:
-                raise
-            raise error from exc
+            _discard(dst, tmp, exc)
         self.close()
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
@@ -367,3 +348,19 @@ class PartialOutput:
         self._f.close()
         self._f = None
         fsync_file(self.path)
+
+
+def _discard(file: h5py.File | None, path: Path, exc: BaseException) -> NoReturn:
+    """A file being written failed with ``exc``: close it if it will close, remove it, and
+    raise ``exc`` (a write failure as the OSError the daemon retries, ``as_write_error``).
+    HDF5 may keep a file it failed to close open: the next try gets a new inode."""
+    if file is not None:
+        try:
+            file.close()
+        except Exception:  # noqa: BLE001 - a file whose flush failed (full disk) does not close
+            pass
+    path.unlink(missing_ok=True)
+    error = as_write_error(exc, path) if isinstance(exc, Exception) else None
+    if error is None or error is exc:
+        raise exc
+    raise error from exc
