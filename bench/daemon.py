@@ -39,45 +39,56 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.engine import WORKLOADS, make_sequences, run_engine, workload_lengths  # noqa: E402
+from bench.engine import (DEVICE, WORKLOADS, device_name, free_device_memory,  # noqa: E402
+                          make_sequences, run_engine, sync, workload_lengths)
 from vnpd.compute.engine import Engine  # noqa: E402
 from vnpd.compute.families.esm2_checkpoint import save_esm2_checkpoint  # noqa: E402
 from vnpd.compute.tokenizer import tokens_for  # noqa: E402
 
 
-def write_checkpoint(workload: str, out: Path) -> Path:
+def write_checkpoint(workload: str, root: Path) -> Path:
+    """A random-weight checkpoint of ``workload``'s architecture under ``root/model``,
+    written once: benches given the same ``--workdir`` in one GPU call share it (a 3B
+    checkpoint takes about a minute to make and write)."""
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
-    arch = WORKLOADS[workload]
+    arch = WORKLOADS[workload]  # named by architecture: 3b-orf and 3b-uniprot share one
+    out = root / "model" / f"esm2_t{arch['layers']}_{arch['dim']}.pt"
+    done = out.with_suffix(".done")
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: minutes faster than on the CPU
+    with torch.device(DEVICE):  # random init on the GPU: minutes faster than on the CPU
         model = ESM2(num_layers=arch["layers"], embed_dim=arch["dim"],
                      attention_heads=arch["heads"], alphabet=Alphabet.from_architecture("ESM-1b"))
     save_esm2_checkpoint(model, out, seed=0)
     del model
-    torch.cuda.empty_cache()
+    free_device_memory()
+    done.touch()
     return out
 
 
 def engine_only(checkpoint: Path, seqs: list[str], lengths: np.ndarray, dtype: str) -> float:
-    engine = Engine.load(str(checkpoint), device="cuda:0", dtype=dtype)
+    engine = Engine.load(str(checkpoint), device=DEVICE, dtype=dtype)
     go = run_engine(engine, seqs, lengths)
     engine.warmup()
     go(limit=3)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     go()
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - t0
     del engine, go
-    torch.cuda.empty_cache()
+    free_device_memory()
     return float(tokens_for(lengths).sum()) / seconds
 
 
 def daemon_run(root: Path, checkpoint: Path, files: list[tuple[str, str]], devices: list[str],
                dtype: str, total_tokens: int, backend: str = "local",
-               cache: bool = True, sequential: bool = False) -> dict[str, object]:
+               cache: bool = True, sequential: bool = False, extra_config: str = ""
+               ) -> dict[str, object]:
     run = root / ("run-" + backend + "-" + "-".join(d.replace(":", "") for d in devices)
                   + ("" if cache else "-nocache"))
     shutil.rmtree(run, ignore_errors=True)
@@ -108,7 +119,7 @@ format = "json"
 level = "info"
 [cache]
 enabled = {"true" if cache else "false"}
-""")
+{extra_config}""")
     for name, text in files:  # staged on the same filesystem: a drop is one rename
         (run / "stage" / name).write_text(text)
     log_path = run / "daemon.log"
@@ -124,11 +135,11 @@ enabled = {"true" if cache else "false"}
         t0 = time.monotonic()
         for name, _ in files:
             os.rename(run / "stage" / name, run / "inbox" / name)
-            while sequential and not (run / "outbox" / (Path(name).stem + ".h5")).exists():
+            while sequential and not (run / "outbox" / output_name(name)).exists():
                 if proc.poll() is not None:
                     raise RuntimeError("daemon exited:\n" + log_path.read_text()[-3000:])
                 time.sleep(0.02)
-        expected = {Path(name).stem + ".h5" for name, _ in files}
+        expected = {output_name(name) for name, _ in files}
         while not expected.issubset({p.name for p in (run / "outbox").iterdir()}):
             if proc.poll() is not None:
                 raise RuntimeError("daemon exited:\n" + log_path.read_text()[-3000:])
@@ -146,9 +157,43 @@ enabled = {"true" if cache else "false"}
             "computed_sequences": computed, "cache_hits": hits, "log": str(log_path)}
 
 
+def output_name(name: str) -> str:
+    return Path(name).stem + ".h5"
+
+
+def nucleotide_workload(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str], str]:
+    """``--kind nucleotide``: phage-like coding contigs of 5-50 kbp in ``--files`` files,
+    the proteins the daemon makes of them (in the same order, for the engine alone), and
+    the daemon's config for that input kind."""
+    import random
+
+    from bench.nucleotide import coding_contig
+    from vnpd.inputs.nucleotide import gene_proteins, make_gene_finder, six_frame_proteins
+
+    rng = random.Random(args.seed)
+    contigs = [coding_contig(rng, rng.randint(5000, 50000), rng.uniform(0.4, 0.6))
+               for _ in range(args.contigs)]
+    finder = make_gene_finder() if args.proteins == "genes" else None
+    seqs = [p.sequence for i, c in enumerate(contigs)
+            for p in (six_frame_proteins(f"contig{i}", c, args.chunk_length) if finder is None
+                      else gene_proteins(f"contig{i}", c, finder))]
+    per_file = np.array_split(np.arange(len(contigs)), args.files)
+    files = [(f"part{k}.fna", "".join(f">contig{i}\n{contigs[i]}\n" for i in idx))
+             for k, idx in enumerate(per_file)]
+    config = (f'[input]\nkind = "nucleotide"\n[nucleotide]\nproteins = "{args.proteins}"\n'
+              f"chunk_length = {args.chunk_length}\n")
+    return files, seqs, config
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", choices=list(WORKLOADS), default="3b-uniprot")
+    ap.add_argument("--kind", choices=["protein", "nucleotide"], default="protein",
+                    help="nucleotide: --contigs coding contigs, embedded as --proteins")
+    ap.add_argument("--contigs", type=int, default=400)
+    ap.add_argument("--proteins", choices=["six_frame", "genes"], default="six_frame")
+    ap.add_argument("--chunk-length", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sequences", type=int, default=12000)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16")
@@ -170,8 +215,14 @@ def main() -> None:
     args = ap.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="vnpd-bench-"))
-    lengths = workload_lengths(args.workload, args.sequences)
-    seqs = make_sequences(lengths)
+    extra_config = ""
+    if args.kind == "nucleotide" and args.repeat_fraction:
+        ap.error("--repeat-fraction is for protein input")
+    if args.kind == "nucleotide":
+        files, seqs, extra_config = nucleotide_workload(args)
+    else:
+        seqs = make_sequences(workload_lengths(args.workload, args.sequences))
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     if args.repeat_fraction:
         rng = np.random.default_rng(2)
         copies = rng.choice(len(seqs), int(args.repeat_fraction * len(seqs)), replace=False)
@@ -180,15 +231,19 @@ def main() -> None:
             seqs[c] = seqs[s]
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     total_tokens = int(tokens_for(lengths).sum())
-    per_file = np.array_split(np.arange(len(seqs)), args.files)
-    files = [(f"part{k}.fasta", "".join(f">s{i}\n{seqs[i]}\n" for i in idx))
-             for k, idx in enumerate(per_file)]
-    checkpoint = write_checkpoint(args.workload, root / "model" / f"esm2_{args.workload}.pt")
-    result: dict[str, object] = {"workload": args.workload, "sequences": len(seqs),
-                                 "distinct": len(set(seqs)),
+    if args.kind == "protein":
+        per_file = np.array_split(np.arange(len(seqs)), args.files)
+        files = [(f"part{k}.fasta", "".join(f">s{i}\n{seqs[i]}\n" for i in idx))
+                 for k, idx in enumerate(per_file)]
+    checkpoint = write_checkpoint(args.workload, root)
+    result: dict[str, object] = {"workload": args.workload, "kind": args.kind,
+                                 "sequences": len(seqs), "distinct": len(set(seqs)),
                                  "tokens": total_tokens, "files": args.files,
-                                 "gpu": torch.cuda.get_device_name(),
-                                 "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+                                 "gpu": device_name(), "torch": torch.__version__}
+    if args.kind == "nucleotide":
+        result |= {"contigs": args.contigs, "proteins": args.proteins,
+                   "chunk_length": args.chunk_length,
+                   "fasta_bytes": sum(len(text) for _, text in files)}
     print(json.dumps(result), flush=True)
     if not args.skip_engine:
         result["engine_tok_s"] = engine_only(checkpoint, seqs, lengths, args.dtype)
@@ -198,7 +253,7 @@ def main() -> None:
     for device_set, backend, cache in itertools.product(args.device_sets.split(";"),
                                                         args.backends.split(","), caches):
         r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens,
-                       backend, cache, args.sequential)
+                       backend, cache, args.sequential, extra_config)
         runs.append(r)
         ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
                  if "engine_tok_s" in result else "")

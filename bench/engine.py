@@ -37,7 +37,25 @@ WORKLOADS = {
     "3b-uniprot": dict(layers=36, dim=2560, heads=40),
     "3b-orf": dict(layers=36, dim=2560, heads=40),   # VirNucPro's workload: six-frame ORFs
     "650m-orf": dict(layers=33, dim=1280, heads=20),
+    "tiny-orf": dict(layers=2, dim=64, heads=4),     # a CPU smoke test of the scripts
 }
+DEVICE = os.environ.get("VNPD_BENCH_DEVICE", "cuda:0")
+"""Where the benches run their engines: ``cpu`` (with tiny-orf) checks a script here."""
+
+
+def sync() -> None:
+    """Wait for the device's queued work, so that a clock read after it is honest."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free_device_memory() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else DEVICE
 RESIDUES = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
 
 

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.daemon import daemon_run, write_checkpoint  # noqa: E402
-from bench.engine import WORKLOADS, make_sequences, workload_lengths  # noqa: E402
+from bench.engine import (DEVICE, WORKLOADS, device_name, free_device_memory,  # noqa: E402
+                          make_sequences, sync, workload_lengths)
 from vnpd.compute.engine import Engine  # noqa: E402
 from vnpd.compute.packing import build_batch, pack_batches, tokens_for  # noqa: E402
 
@@ -56,10 +57,10 @@ def engine_rate(engine: Engine, seqs: list[str], lengths: np.ndarray,
             p.residues()
 
     go(limit=3)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     go()
-    torch.cuda.synchronize()
+    sync()
     return float(tokens_for(lengths, engine.truncation).sum()) / (time.perf_counter() - t0)
 
 
@@ -68,7 +69,7 @@ def case_layers(ckpt: Path, args: argparse.Namespace, seqs: list[str], lengths: 
     layers = WORKLOADS[args.workload]["layers"]
     sets = {"one": (-1,), "four": (-1, layers // 2, 2 * layers // 3, layers - 3)}
     out: dict = {}
-    engine = Engine.load(str(ckpt), device="cuda:0", dtype="bfloat16")
+    engine = Engine.load(str(ckpt), device=DEVICE, dtype="bfloat16")
     engine.warmup()
     for name, chosen in list(sets.items()) * 2:  # twice, interleaved: the second counts
         engine.layers = _resolve(chosen, layers)
@@ -80,8 +81,8 @@ def case_layers(ckpt: Path, args: argparse.Namespace, seqs: list[str], lengths: 
     batch = build_batch(few, [seqs[i] for i in few], engine.truncation)
     got = engine.submit(batch, residues="float32").residues()
     del engine
-    torch.cuda.empty_cache()
-    ref_engine = Engine.load(str(ckpt), device="cuda:0", dtype="float32",
+    free_device_memory()
+    ref_engine = Engine.load(str(ckpt), device=DEVICE, dtype="float32",
                              layers=sets["four"])
     want = ref_engine.submit(batch, residues="float32").residues()
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
@@ -98,12 +99,12 @@ def _resolve(chosen: tuple[int, ...], layers: int) -> tuple[int, ...]:
 def case_residues(ckpt: Path, args: argparse.Namespace, seqs: list[str], lengths: np.ndarray,
                   root: Path) -> dict:
     out: dict = {}
-    engine = Engine.load(str(ckpt), device="cuda:0", dtype="bfloat16")
+    engine = Engine.load(str(ckpt), device=DEVICE, dtype="bfloat16")
     engine.warmup()
     for residues in (None, "float16", None, "float16"):
         out[f"engine_{residues or 'off'}"] = engine_rate(engine, seqs, lengths, residues)
     del engine
-    torch.cuda.empty_cache()
+    free_device_memory()
     per_file = -(-len(seqs) // args.files)
     files = [(f"f{i}.fasta", "".join(f">s{i}_{j}\n{seqs[j]}\n"
                                     for j in range(i * per_file,
@@ -113,7 +114,7 @@ def case_residues(ckpt: Path, args: argparse.Namespace, seqs: list[str], lengths
     os.environ["VNPD_MODEL_OUTPUT_DTYPE"] = "float16"
     for per_residue in ("false", "true"):
         os.environ["VNPD_OUTPUT_PER_RESIDUE"] = per_residue
-        run = daemon_run(root / f"residues-{per_residue}", ckpt, files, ["cuda:0"],
+        run = daemon_run(root / f"residues-{per_residue}", ckpt, files, [DEVICE],
                          "bfloat16", total)
         out[f"daemon_{'float16' if per_residue == 'true' else 'off'}"] = run["tok_s"]
     out["daemon_over_engine_per_residue"] = out["daemon_float16"] / out["engine_float16"]
@@ -122,6 +123,11 @@ def case_residues(ckpt: Path, args: argparse.Namespace, seqs: list[str], lengths
 
 
 def case_window(ckpt: Path, args: argparse.Namespace, root: Path) -> dict:
+    """10% of the sequences over 1022 residues: `vnpd embed` truncate vs window (twice,
+    interleaved), the daemon in window mode (drop to last publish), and the bf16
+    per-residue rows of long sequences in window mode against an fp32 engine's."""
+    import h5py
+
     from vnpd.embed import EmbedOptions, embed_file
 
     rng = np.random.default_rng(3)
@@ -131,7 +137,7 @@ def case_window(ckpt: Path, args: argparse.Namespace, root: Path) -> dict:
     seqs = make_sequences(lengths)
     src = root / "window.fasta"
     src.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
-    engine = Engine.load(str(ckpt), device="cuda:0", dtype="bfloat16")
+    engine = Engine.load(str(ckpt), device=DEVICE, dtype="bfloat16")
     engine.warmup()
     out: dict = {"long_fraction": float(long.mean()), "residues": int(lengths.sum())}
     for mode in ("truncate", "window", "truncate", "window"):
@@ -140,6 +146,38 @@ def case_window(ckpt: Path, args: argparse.Namespace, root: Path) -> dict:
         seconds = time.perf_counter() - t0
         out[f"{mode}_seconds"] = seconds
         out[f"{mode}_residues_per_s"] = float(lengths.sum()) / seconds
+    # Fidelity: a few long sequences, every residue's rows, bf16 against fp32.
+    few = root / "window-few.fasta"
+    picked = np.flatnonzero(long)[:12]
+    few.write_text("".join(f">s{i}\n{seqs[i]}\n" for i in picked))
+    rows = {}
+    for dtype in ("bfloat16", "float32"):
+        if dtype == "float32":
+            del engine
+            free_device_memory()
+            engine = Engine.load(str(ckpt), device=DEVICE, dtype="float32")
+        path = root / f"window-few-{dtype}.h5"
+        embed_file(few, path, engine, options=EmbedOptions(per_residue=True,
+                                                            long_sequences="window"))
+        with h5py.File(path, "r") as f:
+            rows[dtype] = f["residues"][:].astype(np.float64)
+    got, want = rows["bfloat16"], rows["float32"]
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    out["window_residue_min_cosine_bf16_vs_fp32"] = float(cos.min())
+    out["window_fidelity_residues"] = int(cos.size)
+    del engine
+    free_device_memory()
+    # The daemon in window mode on the same file (four parts), drop to last publish.
+    parts = np.array_split(np.arange(len(seqs)), args.files)
+    files = [(f"w{k}.fasta", "".join(f">s{i}\n{seqs[i]}\n" for i in idx))
+             for k, idx in enumerate(parts)]
+    os.environ["VNPD_MODEL_LONG_SEQUENCES"] = "window"
+    run = daemon_run(root / "window-daemon", ckpt, files, [DEVICE], "bfloat16",
+                     int(lengths.sum()))
+    del os.environ["VNPD_MODEL_LONG_SEQUENCES"]
+    out["daemon_window_seconds"] = run["seconds"]
+    out["daemon_window_residues_per_s"] = float(lengths.sum()) / run["seconds"]
+    out["daemon_over_embed_window"] = out["window_seconds"] / run["seconds"]
     return out
 
 
@@ -154,7 +192,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="vnpd-outputs-"))
     root.mkdir(parents=True, exist_ok=True)
-    ckpt = write_checkpoint(args.workload, root / f"esm2_{args.workload}.pt")
+    ckpt = write_checkpoint(args.workload, root)
     lengths = workload_lengths(args.workload, args.sequences)
     seqs = make_sequences(lengths)
     if args.case == "layers":
@@ -164,7 +202,7 @@ def main() -> None:
     else:
         result = case_window(ckpt, args, root)
     result.update(case=args.case, workload=args.workload, sequences=args.sequences,
-                  gpu=torch.cuda.get_device_name(0))
+                  gpu=device_name())
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
