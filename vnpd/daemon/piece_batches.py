@@ -3,7 +3,8 @@ the windows of long rows, :class:`vnpd.compute.windows.PieceIndex`) as tokens.
 
 Example::
 
-    batch = piece_batch(job, pieces, records.__getitem__, truncation=1022)
+    plan = pack_pieces(job_pieces(job, 1022), pieces, max_tokens=131072)
+    batch = piece_batch(job, plan[0], records.__getitem__, truncation=1022)
     batch = reread_batch(job, queued.positions, truncation=1022)  # after a restart or split
     queue_journaled(job, journal, truncation=1022)  # a job resumed: its pending batches
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vnpd.compute.packing import TokenBatch, build_batch
+from vnpd.compute.packing import TokenBatch, build_batch, pack_batches
 from vnpd.compute.windows import PieceIndex
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
 from vnpd.inputs.fasta import FastaRecord
@@ -31,6 +32,16 @@ def job_pieces(job: ActiveJob, truncation: int) -> PieceIndex:
     if job.pieces is None:  # truncate mode: pieces are rows
         job.pieces = PieceIndex.plan(job.source.lengths, truncation, None)
     return job.pieces
+
+
+def pack_pieces(index: PieceIndex, pieces: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """``pieces`` packed into batches of at most ``max_tokens``: whole rows, then windows
+    of long rows apart from them. A batch with a window ships every residue's rows
+    (float32, for the parent to combine, :func:`piece_batch`): 10 KB a token at 3B,
+    which whole rows packed beside windows would pay for nothing."""
+    windowed = index.windowed(pieces)
+    return [group[b] for group in (pieces[~windowed], pieces[windowed]) if group.size
+            for b in pack_batches(index.tokens(group) - 2, max_tokens, index.truncation)]
 
 
 def reread_batch(job: ActiveJob, positions: np.ndarray, truncation: int) -> TokenBatch:

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from vnpd.compute.packing import pack_batches
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
-from vnpd.daemon.piece_batches import job_pieces, piece_batch, queue_journaled, reread_batch
+from vnpd.daemon.piece_batches import (job_pieces, pack_pieces, piece_batch, queue_journaled,
+                                       reread_batch)
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
 from vnpd.daemon.reuse import RowCache, split_window
@@ -170,9 +170,7 @@ class Scheduler:
         if self.sharing is not None:
             borrowed, compute = self.sharing.split(job, compute, start)
         # What runs are pieces: the rows, or in window mode the windows of long rows.
-        todo = pieces.pieces_of(compute + start)
-        cost = pieces.tokens(todo)
-        plan = [todo[b] for b in pack_batches(cost - 2, self.max_tokens, self.truncation)]
+        plan = pack_pieces(pieces, pieces.pieces_of(compute + start), self.max_tokens)
         batches = [(p, int(pieces.tokens(p).sum())) for p in plan]
         if len(hit):
             batches.append((pieces.pieces_of(hit + start), 0))  # no tokens: cache hits
