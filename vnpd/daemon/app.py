@@ -211,7 +211,7 @@ class Daemon:
             await asyncio.wait([stop], timeout=0.05)
         await stop
         self._apply_outcomes()
-        self.scheduler.commit()
+        await self.scheduler.commit(wait=True)
         for task in list(self.tasks - self.publishing):
             task.cancel()
         if self.publishing:
@@ -254,8 +254,10 @@ class Daemon:
                 self.last_progress = time.monotonic()
             self._apply_outcomes()
             now = time.monotonic()
-            if now - last_commit > COMMIT_INTERVAL_S:
-                self.scheduler.commit()
+            # A job's last rows are committed at once: its publish need not wait.
+            if now - last_commit > COMMIT_INTERVAL_S or any(
+                    job.awaits_commit() for job in self.scheduler.jobs.values()):
+                self._spawn(self.scheduler.commit())  # its fsync runs in a thread
                 last_commit = now
             if now - last_ping > self.cfg.workers.heartbeat_interval_s:
                 self.pool.ping_workers()

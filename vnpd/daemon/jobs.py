@@ -61,6 +61,11 @@ class ActiveJob:
     def num_records(self) -> int:
         return self.source.num_rows
 
+    def awaits_commit(self) -> bool:
+        """Every batch is computed, some not yet durable: its commit ends the job."""
+        return bool(self.unflushed) and not self.queue and not self.inflight and \
+            not self.borrowed and self.next_position >= self.num_records
+
     def finished(self) -> bool:
         return (not self.queue and not self.inflight and not self.unflushed
                 and not self.borrowed

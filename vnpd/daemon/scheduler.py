@@ -77,6 +77,7 @@ class Scheduler:
         self._batch_ids = itertools.count(1)
         # After a disk error (full disk), commits and window reads pause with backoff.
         self._disk = Backoff(disk_retry_max_s)
+        self._commit_lock = asyncio.Lock()
 
     # Jobs ---------------------------------------------------------------------------
     def add_job(self, job: ActiveJob) -> None:
@@ -263,31 +264,38 @@ class Scheduler:
         job.done_sequences += write_with_copies(job.partial, job.duplicates, positions, rows,
                                                 residues, residue_counts)
 
-    def commit(self) -> None:
+    async def commit(self, *, wait: bool = False) -> None:
         """Make written rows durable, then journal their batches as done.
 
-        Called about once a second rather than per batch: an fsync per batch would cost
-        more than the batch on small models. A crash loses at most the uncommitted
-        batches, which are then recomputed; rows are never marked done before they are
-        on disk.
+        Called twice a second, not per batch (an fsync can cost more than a small model's
+        batch). The fsync runs in a thread while results go on being written; only the
+        batches written before it are journaled after it. A crash loses at most the
+        uncommitted batches (recomputed); rows are never marked done before they are on
+        disk. One at a time: with another under way, returns, or with ``wait`` follows it.
         """
-        if self._disk.waiting():
+        if self._disk.waiting() or (self._commit_lock.locked() and not wait):
             return
-        for job in list(self.jobs.values()):
-            if not job.unflushed:
-                continue
-            try:
-                job.partial.flush()
-                self.faults.crash_at("rows_flushed")
-                self.journal.mark_done(job.job_id, job.unflushed)
-            except DISK_ERRORS as exc:
-                # A full disk: the batches stay pending, and a later commit tries again.
-                self._disk_failed("commit_failed", exc, job=job.job_id,
-                                  batches=len(job.unflushed))
-                return
-            self._disk.reset()
-            job.unflushed.clear()
-            self._check_complete(job)
+        async with self._commit_lock:
+            for job in [j for j in self.jobs.values() if j.unflushed]:
+                batches = list(job.unflushed)
+                try:
+                    await asyncio.to_thread(job.partial.flush)
+                    if self.jobs.get(job.job_id) is not job:
+                        continue  # failed meanwhile: its file is no longer ours to commit
+                    self.faults.crash_at("rows_flushed")
+                    self.journal.mark_done(job.job_id, batches)
+                except Exception as exc:
+                    if self.jobs.get(job.job_id) is not job:
+                        continue  # failed, and its file closed, during the flush
+                    if not isinstance(exc, DISK_ERRORS):
+                        raise
+                    # A full disk: the batches stay pending, and a later commit tries again.
+                    self._disk_failed("commit_failed", exc, job=job.job_id,
+                                      batches=len(batches))
+                    return
+                self._disk.reset()
+                del job.unflushed[:len(batches)]  # those written since wait for the next
+                self._check_complete(job)
 
     def _disk_failed(self, event: str, exc: BaseException, **fields: Any) -> None:
         log.error(event, error=str(exc), retry_in_s=self._disk.failed(), **fields)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU measurements of the open issues, in two sets that each fit one device call
+# (10 minutes). Run from the repository root on the GPU machine, with the missing
+# packages installed (docs/BENCHMARKS.md); results and logs go under $OUT.
+#   bash bench/gpu_runs.sh ratios    # daemon / engine: 3B and 650M ORF, 3B UniProt, nucleotide
+#   bash bench/gpu_runs.sh outputs   # per-residue, window mode, the parent on this host's cores
+set -uo pipefail
+W=${W:-/tmp/vnpd-gpu-runs}   # one work dir: the benches share each architecture's checkpoint
+mkdir -p "$W" "$OUT"
+step() {  # step NAME COMMAND...: run it; its output (less the daemon's log lines) goes to
+    local name=$1; shift  # $OUT/all.log, one file: a call brings back at most 8
+    echo "== $name $(date +%T)" | tee -a "$OUT/all.log"
+    "$@" 2>&1 | grep -v '^20[0-9][0-9]-' | tee -a "$OUT/all.log"
+}
+case "${1:-}" in
+ratios)
+    step 3b-orf python3 bench/daemon.py --workload 3b-orf --sequences 16000 --files 4 \
+        --workdir "$W" --json "$OUT/3b-orf.json"
+    step 650m-orf python3 bench/daemon.py --workload 650m-orf --sequences 64000 --files 4 \
+        --cache both --workdir "$W" --json "$OUT/650m-orf.json"
+    step 3b-uniprot python3 bench/daemon.py --workload 3b-uniprot --sequences 8000 --files 4 \
+        --workdir "$W" --json "$OUT/3b-uniprot.json"
+    step nt-six-frame python3 bench/daemon.py --workload 3b-orf --kind nucleotide --contigs 400 \
+        --files 4 --workdir "$W" --json "$OUT/nt-six-frame.json"
+    step nt-genes python3 bench/daemon.py --workload 3b-orf --kind nucleotide --proteins genes \
+        --contigs 200 --files 4 --workdir "$W" --json "$OUT/nt-genes.json"
+    ;;
+outputs)
+    step residues python3 bench/outputs.py --case residues --workload 3b-uniprot --sequences 4000 \
+        --workdir "$W" --json "$OUT/residues.json"
+    step window python3 bench/outputs.py --case window --workload 3b-uniprot --sequences 2000 \
+        --workdir "$W" --json "$OUT/window.json"
+    for w in 8 1 4 16 64; do
+        n=$([ "$w" = 8 ] && echo 500000 || echo 100000)
+        step "parent-$w" python3 bench/parent.py --workers "$w" --sequences "$n" --dim 2560 \
+            --json "$OUT/parent-$w.json"
+    done
+    ;;
+*) echo "usage: bash bench/gpu_runs.sh ratios|outputs" >&2; exit 2 ;;
+esac
