@@ -119,7 +119,10 @@ class JobCompletion:
         self.faults = faults
         self.failing: set[Path] = set()  # failed/ destinations being written now
 
-    # Publish ------------------------------------------------------------------------
+    # Create and publish ---------------------------------------------------------------
+    # The intake creates a job's partial file through this (:func:`create_partial`).
+    create_partial = staticmethod(create_partial)
+
     async def publish(self, job: ActiveJob) -> None:
         """Steps 1-6 for a job whose rows are all written (or whose file is finalized)."""
         quarantined = [q.position for q in self.journal.quarantined(job.job_id)]

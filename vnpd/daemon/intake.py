@@ -31,7 +31,6 @@ import numpy as np
 import structlog
 
 from vnpd.compute.windows import PieceIndex
-from vnpd.daemon.completion import create_partial
 from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal
@@ -234,8 +233,9 @@ class Intake:
                     self.cfg.model.long_sequences) if per_residue else None}
             try:
                 partial = await with_disk_retry(
-                    lambda: asyncio.to_thread(create_partial, partial_path, source, meta, dim,
-                                              self.cfg.model.output_dtype, **layout),
+                    lambda: asyncio.to_thread(self.completion.create_partial, partial_path,
+                                              source, meta, dim, self.cfg.model.output_dtype,
+                                              **layout),
                     "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id,
                     file=name)
             except FastaError as exc:  # its writer went on after the claim: fail the job

@@ -84,10 +84,13 @@ class WindowScratch:
             f = open_h5(side, "r+")
         except OSError:
             return None
-        if WINDOW_SLOTS not in f or "plan" not in f[WINDOW_SLOTS].attrs:
-            f.close()
-            return None
-        return cls(f[WINDOW_SLOTS], f)
+        try:
+            if WINDOW_SLOTS in f and "plan" in f[WINDOW_SLOTS].attrs:
+                return cls(f[WINDOW_SLOTS], f)
+        except (OSError, KeyError, RuntimeError, ValueError):  # torn metadata: none
+            pass
+        f.close()
+        return None
 
     def write(self, slots: np.ndarray, values: np.ndarray) -> None:
         order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
