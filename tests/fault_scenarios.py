@@ -743,9 +743,10 @@ def scenario_outbox_full(root: Path, model: Path, reference: Reference) -> Outco
 def scenario_disk_full(root: Path, model: Path, reference: Reference) -> Outcome:
     """7b. A real full disk: the daemon's directories live on a small tmpfs, which a
     filler file fills up, twice: (1) completely, while a job computes: commits and
-    window reads fail; (2) before a job comes in, all but what its input and partial
-    output need and half as much again, so that it computes but its output cannot be
-    compacted at publish. Each time the daemon stays up and logs what fails,
+    window reads fail; (2) before a job comes in, all but its input and half of what its
+    output needs: the output takes its space when the job starts (its partial file is
+    allocated in full and prefilled), since finalize no longer copies it, so the
+    partial file cannot be created. Each time the daemon stays up and logs what fails,
     and once the filler is removed it publishes everything, exactly once. Needs root
     (mount); skipped without it."""
     outcome = Outcome("disk full (small tmpfs)")
@@ -773,16 +774,16 @@ def scenario_disk_full(root: Path, model: Path, reference: Reference) -> Outcome
             daemon.wait_outputs(["compute.h5"], timeout=120)
 
             # Filled before the drop, so that no window or row races the filler: left free
-            # is the input, its partial output and half as much again, which the partial's
-            # rows and the journal fit in but the compacted copy made at publish does not.
+            # is the input and half of its output, which the partial file (allocated in
+            # full at create) does not fit in.
             per_row = (run.dirs.outbox / "compute.h5").stat().st_size / 3000
-            _fill_up(filler, leave=len(texts["publish.fasta"]) + int(1.5 * 20000 * per_row))
+            _fill_up(filler, leave=len(texts["publish.fasta"]) + int(0.5 * 20000 * per_row))
             drop(run.dirs.inbox, "publish.fasta", texts["publish.fasta"])
-            retries = daemon.wait_for(lambda: [e for e in daemon.events("publish_retry")
+            retries = daemon.wait_for(lambda: [e for e in daemon.events("partial_create_retry")
                                                if e["file"] == "publish.fasta"], 120,
-                                      "a publish retry on the nearly full disk")
+                                      "a retry to create the output on the nearly full disk")
             if "No space left" not in retries[0]["error"]:
-                outcome.problems.append(f"publish_retry error {retries[0]['error']!r}")
+                outcome.problems.append(f"partial_create_retry error {retries[0]['error']!r}")
             filler.unlink()
             daemon.wait_outputs(["publish.h5"], timeout=120)
         except AssertionError as exc:

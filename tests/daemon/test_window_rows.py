@@ -167,7 +167,9 @@ def test_window_job_survives_sigkill(tmp_path: Path, tiny_model: Path, how: str)
     stride = 11
     dirs = DaemonDirs(tmp_path)
     config = write_config(dirs, tiny_model, max_tokens=100, devices=("cpu",))
-    seqs = random_sequences([400, 31, 5, 260, 90, 700, 12, 333] * 3, seed=8)
+    # Long enough that the kill after 5 done batches lands before the publish (which,
+    # finalized in place, follows the last batch closely).
+    seqs = random_sequences([400, 31, 5, 260, 90, 700, 12, 333] * 8, seed=8)
     env = window_env(stride)
     first = Daemon(config, dirs, env={**env, "VNPD_TEST_CRASH_AT": how}
                    if how == "rows_flushed" else env)

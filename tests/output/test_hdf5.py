@@ -589,3 +589,197 @@ def test_window_slots_survive_a_reopen_and_stay_out_of_the_output(tmp_path: Path
     plan.close()
     assert PartialOutput.open_existing(tmp_path / "p.h5").window_plan == (30, 11)
     assert PartialOutput.open_existing(tmp_path / "t.h5").window_plan == ()
+
+
+# Prefilled partial files (the daemon's): ids, lengths, fields, attributes at create ------
+
+def prefilled(path: Path, n: int, dim: int, **fields: np.ndarray) -> PartialOutput:
+    out = PartialOutput.create(path, n, dim, "float32", ids=(f"seq{i}" for i in range(n)),
+                               lengths=np.arange(n) + 1, meta=META, row_fields=fields,
+                               attributes={"input_kind": "test", "chunk_length": 300,
+                                           "cache_hits": -1})
+    out.write_rows(np.arange(n)[::-1].copy(), tagged_rows(np.arange(n)[::-1], dim))
+    return out
+
+
+def test_prefilled_file_finalizes_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "p.h5"
+    out = prefilled(path, 7, 4, frame=np.arange(7) % 6)
+    assert out.prefilled and not out.finalized
+    out.flush()
+    with pytest.raises(IncompleteOutputError, match="not finalized"):
+        verify_output(path)  # every row written, but not marked: never published
+    inode = path.stat().st_ino
+    out.finalize(META, attributes={"cache_hits": 5, "computed_sequences": 2})
+    assert path.stat().st_ino == inode  # no new file: the rows were not copied
+    verify_output(path)
+    emb, ids, lengths, attrs = read_output(path)
+    assert ids == [f"seq{i}" for i in range(7)] and lengths.tolist() == list(range(1, 8))
+    assert np.array_equal(emb, tagged_rows(np.arange(7), 4))
+    assert attrs["schema_version"] == SCHEMA_VERSION and attrs["num_sequences"] == 7
+    assert attrs["input_kind"] == "test" and attrs["chunk_length"] == 300
+    assert attrs["cache_hits"] == 5 and attrs["computed_sequences"] == 2  # placeholder, new
+    assert attrs["quarantined_ids"] == [] and attrs["source_name"] == META.source_name
+    with h5py.File(path, "r") as f:
+        assert f["frame"][:].tolist() == (np.arange(7) % 6).tolist()
+        assert f.attrs["cache_hits"].dtype == np.int64
+
+
+def test_prefilled_file_with_quarantine_is_rebuilt_with_its_fields(tmp_path: Path) -> None:
+    path = tmp_path / "q.h5"
+    out = prefilled(path, 6, 3, frame=np.arange(6) * 10,
+                    protein=np.array([f"p{i}" for i in range(6)], dtype=object))
+    out.finalize(META, quarantined=[1, 4], attributes={"cache_hits": 1})
+    verify_output(path)
+    emb, ids, lengths, attrs = read_output(path)
+    kept = np.array([0, 2, 3, 5])
+    assert ids == [f"seq{i}" for i in kept] and lengths.tolist() == (kept + 1).tolist()
+    assert np.array_equal(emb, tagged_rows(kept, 3))
+    assert attrs["quarantined_ids"] == ["seq1", "seq4"] and attrs["input_kind"] == "test"
+    assert attrs["cache_hits"] == 1 and attrs["num_sequences"] == 4
+    with h5py.File(path, "r") as f:
+        assert f["frame"][:].tolist() == (kept * 10).tolist()
+        assert [s.decode() for s in f["protein"][:]] == [f"p{i}" for i in kept]
+
+
+def test_prefilled_file_with_other_meta_is_rebuilt_and_refuses_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.h5"
+    out = prefilled(path, 3, 2)
+    with pytest.raises(ValueError, match="prefilled"):
+        out.finalize(META, ids=["a", "b", "c"], lengths=np.ones(3))
+    other = OutputMeta(**{**vars(META), "attention_backend": "cudnn"})
+    inode = path.stat().st_ino
+    out.finalize(other)
+    assert path.stat().st_ino != inode  # written anew, with the meta of now
+    verify_output(path)
+    assert read_output(path)[3]["attention_backend"] == "cudnn"
+
+
+def test_prefilled_create_checks_the_ids(tmp_path: Path) -> None:
+    for ids in (["a", "b"], ["a", "b", "c", "d"]):
+        with pytest.raises(ValueError, match="ids"):
+            PartialOutput.create(tmp_path / "x.h5", 3, 2, "float32", ids=ids,
+                                 lengths=np.ones(3), meta=META)
+        assert not (tmp_path / "x.h5").exists()
+
+
+def test_prefilled_layers_residues_and_window_sidecar_finalize_in_place(tmp_path: Path
+                                                                        ) -> None:
+    """Several layers, per-residue rows (written raw) and the window scratch in its
+    sidecar: reopened after a restart, the sidecar comes back; finalize copies nothing,
+    leaves the scratch out of the output and removes the sidecar."""
+    n, dim, counts = 4, 3, np.array([2, 0, 3, 1])
+    path = tmp_path / "partial.h5"
+    meta = OutputMeta(**{**vars(META), "layers": (6, 3), "long_sequences": "window",
+                         "window_stride": 5})
+    out = PartialOutput.create(path, n, dim, "float16", num_layers=2, residue_counts=counts,
+                               window_slots=(3, 2, dim), window_plan=(10, 5),
+                               ids=list("abcd"), lengths=counts + 7, meta=meta)
+    side = tmp_path / "partial.slots.h5"
+    assert side.exists() and out.window_slots_shape == (3, 2, dim)
+    rows = np.stack([np.full((2, dim), p + 0.5) for p in range(n)])
+    out.write_rows(np.array([3, 1, 0, 2]), rows[[3, 1, 0, 2]])
+    residues = np.concatenate([np.full((c, 2, dim), 10.0 * p + np.arange(c)[:, None, None])
+                               for p, c in enumerate(counts)])
+    out.write_residues(np.arange(n), residues, counts)
+    out.write_window_slots(np.array([2]), np.full((1, 2, dim), 9.0, np.float32))
+    out.flush()
+    out.close()
+    again = PartialOutput.open_existing(path)
+    assert again.prefilled and not again.finalized and again.window_plan == (10, 5)
+    assert again.read_window_slots(2, 3)[0, 0, 0] == 9.0
+    inode = path.stat().st_ino
+    again.finalize(meta, attributes={"duplicate_records": 0})
+    assert path.stat().st_ino == inode and not side.exists()
+    verify_output(path)
+    with h5py.File(path, "r") as f:
+        assert set(f.keys()) == {"embeddings", "ids", "lengths", "residues", "residue_offsets"}
+        np.testing.assert_array_equal(f["embeddings"][:], rows.astype(np.float16))
+        np.testing.assert_array_equal(f["residues"][:], residues.astype(np.float16))
+        assert f.attrs["layers"].tolist() == [6, 3] and f.attrs["window_stride"] == 5
+
+
+def test_a_finalized_file_reopened_drops_its_sidecar(tmp_path: Path) -> None:
+    """Killed between finalize and the sidecar's removal: the restart removes it."""
+    path = tmp_path / "partial.h5"
+    out = prefilled(path, 2, 2)
+    out.finalize(META)
+    side = tmp_path / "partial.slots.h5"
+    with h5py.File(side, "w") as f:
+        f.create_dataset("window_slots", data=np.zeros((1, 2), np.float32)).attrs["plan"] = [1]
+    again = PartialOutput.open_existing(path)
+    assert again.finalized and again.window_slots_shape is None and not side.exists()
+
+
+def test_an_earlier_versions_partial_with_the_scratch_inside_is_copied(tmp_path: Path
+                                                                       ) -> None:
+    """A partial file from before the sidecar (scratch inside, no marker) still serves
+    its slots and finalizes through the copy that leaves them behind."""
+    path = tmp_path / "old.h5"
+    PartialOutput.create(path, 2, 3, "float32").close()
+    with h5py.File(path, "r+") as f:  # as the earlier version wrote it
+        f.create_dataset("window_slots", data=np.full((2, 3), 4.0, np.float32))
+        f["window_slots"].attrs["plan"] = np.array([30, 11])
+    out = PartialOutput.open_existing(path)
+    assert not out.prefilled and out.window_plan == (30, 11)
+    assert out.read_window_slots(0, 2)[1, 2] == 4.0
+    out.write_rows(np.arange(2), tagged_rows(np.arange(2), 3))
+    out.finalize(META, ids=["x", "y"], lengths=np.array([3, 4]))
+    verify_output(path)
+    with h5py.File(path, "r") as f:
+        assert "window_slots" not in f and f["ids"].asstr()[:].tolist() == ["x", "y"]
+
+
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import numpy as np
+    from vnpd.output.hdf5 import OutputMeta, PartialOutput
+    path, at = Path(sys.argv[1]), int(sys.argv[2])
+    meta = OutputMeta("m", 1, "float32", 1022, "exact", "in.fa", "0" * 64)
+    n, dim = 200_000, 8
+    def ids():
+        for i in range(n):
+            if i == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield f"s{i}"
+    out = PartialOutput.create(path, n, dim, "float32", ids=ids(), lengths=np.ones(n),
+                               meta=meta, attributes={"cache_hits": -1})
+    out.write_rows(np.arange(n), np.ones((n, dim)))
+    out.flush()
+    if at == n:  # killed while finalize marks the file
+        signal.setitimer(signal.ITIMER_REAL, 0.0005)
+        signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGKILL))
+    out.finalize(meta, attributes={"cache_hits": 3})
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("at", [100, 150_000, 200_000])
+def test_sigkill_during_prefill_or_finalize_leaves_a_file_the_restart_handles(
+        tmp_path: Path, at: int) -> None:
+    """Killed while ids are written (at < n) or while finalize marks the file (at = n): a
+    reopened file is either unreadable (the job starts anew), not prefilled (finalized
+    from the input, as an earlier version's), prefilled (finalize again) or finalized
+    and complete. Never a marked file that is not complete."""
+    path = tmp_path / "k.h5"
+    env = {**os.environ, "PYTHONPATH": str(Path(vnpd.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(path), str(at)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    try:
+        out = PartialOutput.open_existing(path)
+    except IncompleteOutputError:
+        return
+    meta = OutputMeta("m", 1, "float32", 1022, "exact", "in.fa", "0" * 64)
+    if out.finalized:
+        out.close()
+        verify_output(path)
+        assert read_output(path)[3]["cache_hits"] == 3  # the counts come before the marker
+    elif out.prefilled:
+        assert at == 200_000  # the marker 0 is written only after every id
+        out.finalize(meta, attributes={"cache_hits": 3})
+        verify_output(path)
+    else:
+        assert at < 200_000
+        out.close()

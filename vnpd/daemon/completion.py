@@ -4,9 +4,11 @@ Each step below is journaled or idempotent, so the daemon may die between any tw
 them (tests/daemon/test_faults.py kills it at each with ``VNPD_TEST_CRASH_AT``) and the restart
 finishes the job with one output, never a second ``sample.1.h5``:
 
-1. **finalize** the partial file: ids and lengths from the input, then the attributes,
-   and quarantined rows dropped. A finalized file carries its attributes, so a restart
-   sees that and does not finalize (or compact) it twice.
+1. **finalize** the partial file: it was prefilled at create (ids, lengths, row fields,
+   attributes: :func:`create_partial`), so this writes the end-of-job counts and marks it
+   finalized in place; with quarantined rows it writes it anew without them. A finalized
+   file carries the marker, so a restart sees that and does not finalize (or compact) it
+   twice.
 2. **verify** it: every row written, every id readable.
 3. **journal the output name** (state ``publishing``) before linking: a restart links to
    that same name, where the link is idempotent, instead of picking a fresh one.
@@ -55,15 +57,38 @@ if TYPE_CHECKING:  # annotations only: the daemon hands in the loaded configurat
     from vnpd.config import Config
 
 log = structlog.get_logger()
+# The end-of-job attributes (``reuse_counts``): create writes placeholders (-1) that
+# finalize rewrites in place, so that finalize allocates no file metadata.
+REUSE_ATTRIBUTES = ("computed_sequences", "cache_hits", "duplicate_records")
 
-def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: OutputMeta,
-                     quarantined: list[int], reuse: dict[str, int] | None = None) -> None:
-    """Finalize the partial file with its ids and lengths, read from ``source``, the row
-    fields and attributes of its input kind, and ``reuse`` (how many rows were computed,
-    served from the cache, or copies of an earlier row).
+
+def create_partial(path: Path, source: SequenceSource, meta: OutputMeta, dim: int,
+                   output_dtype: str, **layout: Any) -> PartialOutput:
+    """Create a job's partial file, prefilled with everything but the embeddings: ids
+    (one pass over the input), lengths, the row fields and attributes of its input kind,
+    ``meta``, and placeholders for the end-of-job counts; so finalize copies nothing
+    (:class:`PartialOutput`). ``layout``: the rest of ``PartialOutput.create``'s options.
 
     Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
     """
+    return PartialOutput.create(
+        path, source.num_rows, dim, output_dtype, ids=(r.id for r in source.rows()),
+        lengths=source.lengths, meta=meta, row_fields=source.row_fields(),
+        attributes={**source.attributes(), **dict.fromkeys(REUSE_ATTRIBUTES, -1)}, **layout)
+
+
+def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: OutputMeta,
+                     quarantined: list[int], reuse: dict[str, int] | None = None) -> None:
+    """Finalize the partial file with ``reuse`` (how many rows were computed, served from
+    the cache, or copies of an earlier row): in place if it was prefilled
+    (:func:`create_partial`), else (a partial file of an earlier version) with its ids and
+    lengths read from ``source``, and the row fields and attributes of its input kind.
+
+    Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
+    """
+    if partial.prefilled:
+        partial.finalize(meta, quarantined=quarantined, attributes=reuse)
+        return
     ids = (r.id for r in source.rows())
     partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=source.lengths,
                      row_fields=source.row_fields(),
@@ -94,7 +119,10 @@ class JobCompletion:
         self.faults = faults
         self.failing: set[Path] = set()  # failed/ destinations being written now
 
-    # Publish ------------------------------------------------------------------------
+    # Create and publish ---------------------------------------------------------------
+    # The intake creates a job's partial file through this (:func:`create_partial`).
+    create_partial = staticmethod(create_partial)
+
     async def publish(self, job: ActiveJob) -> None:
         """Steps 1-6 for a job whose rows are all written (or whose file is finalized)."""
         quarantined = [q.position for q in self.journal.quarantined(job.job_id)]
@@ -123,7 +151,7 @@ class JobCompletion:
             if partial.finalized:
                 partial.close()  # finalized before a crash: never compact it twice
             else:
-                meta = await self.output_meta(job)
+                meta = await self.output_meta(job.name, job.source)
                 dups = job.duplicates.duplicate_rows if job.duplicates is not None else 0
                 reuse = reuse_counts(self.journal, job.job_id, dups, job.pieces)
                 log.info("finalize_started", job=job.job_id, quarantined=len(quarantined))
@@ -155,12 +183,12 @@ class JobCompletion:
             self.faults.crash_at("linked")
             return dest
 
-    async def output_meta(self, job: ActiveJob) -> OutputMeta:
+    async def output_meta(self, name: str, source: SequenceSource) -> OutputMeta:
         """What produced the output: the configuration and the loaded model's facts."""
         info, m = await self.model(), self.cfg.model
         return OutputMeta(model=m.checkpoint, layer=info.layer, layers=info.layers, dtype=m.dtype,
                           truncation=m.truncation, attention_backend=info.attention_backend,
-                          source_name=job.name, source_sha256=job.source.sha256,
+                          source_name=name, source_sha256=source.sha256,
                           long_sequences=m.long_sequences,
                           window_stride=configured_stride(m) or 0)
 

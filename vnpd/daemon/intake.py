@@ -222,16 +222,27 @@ class Intake:
         if partial is None:
             if resume:  # rows the journal calls done are not on disk: compute them again
                 self.journal.reset_job(job_id)
-            # Allocated in full here, so a disk too full for the output is found now.
-            partial = await with_disk_retry(
-                lambda: asyncio.to_thread(
-                    PartialOutput.create, partial_path, source.num_rows, dim,
-                    self.cfg.model.output_dtype, num_layers=num_layers,
-                    residue_counts=residue_counts(
-                        np.asarray(source.lengths), self.cfg.model.truncation,
-                        self.cfg.model.long_sequences) if per_residue else None,
-                    window_slots=slots, window_plan=window_plan(pieces)),
-                "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id, file=name)
+            # Allocated in full here, so a disk too full for the output is found now; and
+            # prefilled with ids, lengths and attributes, so that finalize copies nothing.
+            meta = await self.completion.output_meta(name, source)
+            layout: dict[str, Any] = {
+                "num_layers": num_layers, "window_slots": slots,
+                "window_plan": window_plan(pieces),
+                "residue_counts": residue_counts(
+                    np.asarray(source.lengths), self.cfg.model.truncation,
+                    self.cfg.model.long_sequences) if per_residue else None}
+            try:
+                partial = await with_disk_retry(
+                    lambda: asyncio.to_thread(self.completion.create_partial, partial_path,
+                                              source, meta, dim, self.cfg.model.output_dtype,
+                                              **layout),
+                    "partial_create_retry", self.cfg.jobs.publish_retry_max_s, job=job_id,
+                    file=name)
+            except FastaError as exc:  # its writer went on after the claim: fail the job
+                log.error("job_input_changed", job=job_id, file=name, error=str(exc))
+                await self.completion.fail_job(job_id, name, source.path, exc.to_dict(),
+                                               str(exc))
+                return
         job = ActiveJob(job_id, name, source, partial,
                         self.journal.job(job_id).next_position, total_tokens,
                         duplicates=duplicates, pieces=pieces)

@@ -2,35 +2,45 @@
 
 ``vnpd.output.verify`` checks a finished file and ``vnpd.output.outbox`` publishes it atomically.
 
-Example::
+Example (the daemon's way: prefilled at create, finalized in place)::
 
     out = PartialOutput.create(state / "job7.h5", num_sequences=3, dim=1280,
-                               output_dtype="float32")
-    out.write_ids_lengths(0, ["a", "b", "c"], np.array([10, 20, 5]))
+                               output_dtype="float32", ids=["a", "b", "c"],
+                               lengths=np.array([10, 20, 5]), meta=meta)
     out.write_rows(np.array([2, 0, 1]), rows)        # any order
     out.flush()                                      # durable: the journal may record it
-    out.finalize(meta, quarantined=[1])              # the file now holds "a" and "c"
+    out.finalize(meta, attributes={"cache_hits": 0}) # marks it complete, copies nothing
     verify_output(out.path)
     publish_atomically(out.path, unique_destination(outbox, output_name_for("sample.fasta")))
+
+Without ``meta`` at create (``vnpd embed``, earlier versions' files), ids and lengths come
+from ``write_ids_lengths`` or ``finalize(ids=..., lengths=...)``; ``finalize(meta,
+quarantined=[1])`` drops rows by writing the file anew.
 
 Why the layout is what it is:
 - Datasets are contiguous and allocated in full at ``create``. Rows arrive scattered
   (batches are packed by length), and a row written into a row-chunk costs a chunk
   read-modify-write: measured ~7k rows/s with 1 MiB chunks against ~60k rows/s
-  contiguous. Full allocation reports a full disk at job start, and after it a write
-  touches raw data only, never layout metadata, so a flushed file stays readable
-  whenever the process dies.
+  contiguous. Full allocation reports a full disk at job start, and after it a row
+  write touches raw data only, never layout metadata, so a flushed file stays readable
+  whenever the process dies. ``write_rows`` (and ``write_residues``) therefore write
+  with pwrite(2) at the rows' offsets in the file, past HDF5 (an HDF5 point selection
+  cost ~20 us a row, the parent's hottest line); files are opened without HDF5's sieve
+  buffer (``layout.open_h5``), so HDF5 never holds a stale copy of raw data.
 - Unwritten rows read as NaN (embeddings), -1 (lengths) and "" (ids; FASTA ids are
   never empty); ``verify_output`` relies on these fill values to find rows that were
   never written.
-- ``ids`` are variable-length strings, kept in HDF5's global heap: writing them changes
-  file metadata, which a process killed between two flushes can leave dangling (an id
-  pointing into a heap collection that never reached the disk), and which a full disk
-  can leave half-written. So the daemon's partial file receives embedding rows only,
-  and ``finalize`` gets the ids and lengths (read from the input) and writes the
-  output as a new file that replaces the partial one only once it is complete. A file
-  with attributes (``finalized``) is therefore complete, and a daemon restarted after
-  it must not finalize, or compact, it a second time.
+- ``ids`` (variable-length strings, in HDF5's global heap: file metadata) are never
+  written while rows are: the daemon's file is *prefilled* at create with everything
+  but the embeddings and a marker ``schema_version`` = 0, which finalize sets to 1 in
+  place. Why a SIGKILL anywhere in that leaves a file a restart handles:
+  :mod:`vnpd.output.prefill`.
+- Window mode's scratch (``window_slots``) is a sidecar file (``vnpd.output.scratch``),
+  not a dataset of the partial file, so that finalize need not drop it by copying.
+- Quarantined rows, ``meta`` that differs from the attributes written at create, or an
+  earlier version's file with the scratch inside make ``finalize`` stream the kept rows
+  into a new file beside this one, fsynced and renamed over it: the one case that
+  copies the rows.
 - Format bounds are ("v108", "v108"): "latest" sets a superblock flag that makes a file
   left by a killed process unopenable without ``h5clear``, which would defeat resuming.
   v108 still has dense attribute storage, so a long ``quarantined_ids`` list fits.
@@ -40,19 +50,24 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NoReturn, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 import structlog
 
 from vnpd.output import residues as residue_io
-from vnpd.output.layout import (_LIBVER, SCHEMA_VERSION, OutputMeta, as_write_error, early_alloc,
-                                field_data, field_dtype, new_file, write_attrs)
+from vnpd.output.compact import compact, discard, prefilled_contents
+from vnpd.output.layout import (SCHEMA_VERSION, OutputMeta, field_data, field_dtype,
+                                new_file, open_h5, pwrite_runs, raw_offset, row_fields_of,
+                                same_meta, write_attrs)
 from vnpd.output.outbox import fsync_dir, fsync_file
-from vnpd.output.schema import WINDOW_SLOTS
-from vnpd.output.verify import IncompleteOutputError, _block_rows, _check_datasets
+from vnpd.output.prefill import mark_finalized, prefill
+from vnpd.output.schema import EMBEDDINGS, RESIDUES, WINDOW_SLOTS
+from vnpd.output.scratch import WindowScratch, scratch_path
+from vnpd.output.verify import IncompleteOutputError, _check_datasets
 
 __all__ = ["SCHEMA_VERSION", "OutputMeta", "PartialOutput"]  # the first two live in layout
 
@@ -63,28 +78,37 @@ _attempts = itertools.count()  # names the temp file of each rebuild
 class PartialOutput:
     """A partial HDF5 file being filled, in the state dir (never in the outbox).
 
-    Datasets: ``embeddings`` (N, D) of ``output_dtype``, ``ids`` (N,) UTF-8 strings,
-    ``lengths`` (N,) int32. Rows may be written in any order at their input positions.
-    After ``flush`` returns, everything written so far survives a crash of this process
-    or of the machine, and ``open_existing`` can continue the file.
+    Datasets: ``embeddings`` (N, D) or (N, n_layers, D) of ``output_dtype``, ``ids`` (N,)
+    UTF-8 strings, ``lengths`` (N,) int32, and the per-residue ones if asked for. Rows may
+    be written in any order at their input positions. After ``flush`` returns,
+    everything written so far survives a crash of this process or of the machine, and
+    ``open_existing`` can continue the file.
     """
 
     def __init__(self, path: Path, file: h5py.File) -> None:
         self.path = path
         self._f: h5py.File | None = file
-        emb = file["embeddings"]
+        emb = file[EMBEDDINGS]
         self.num_sequences: int = int(emb.shape[0])
         self.row_shape: tuple[int, ...] = tuple(int(d) for d in emb.shape[1:])
         self.dim: int = self.row_shape[-1]
         self.num_layers: int = 1 if emb.ndim == 2 else self.row_shape[0]
         self.output_dtype: str = str(emb.dtype)
         self._residue_offsets = residue_io.read_offsets(file)
+        # Where rows and residue rows live in the file, for raw writes (None: via HDF5).
+        self._rows_at = raw_offset(emb)
+        self._residues_at = raw_offset(file[RESIDUES]) if RESIDUES in file else None
+        self._fd: int | None = None
+        self._scratch: WindowScratch | None = None
 
     @classmethod
     def create(cls, path: Path, num_sequences: int, dim: int, output_dtype: str, *,
                num_layers: int = 1, residue_counts: np.ndarray | None = None,
                window_slots: tuple[int, ...] | None = None,
-               window_plan: tuple[int, ...] = ()) -> PartialOutput:
+               window_plan: tuple[int, ...] = (), ids: Iterable[str] | None = None,
+               lengths: np.ndarray | None = None, meta: OutputMeta | None = None,
+               row_fields: Mapping[str, np.ndarray] | None = None,
+               attributes: Mapping[str, Any] | None = None) -> PartialOutput:
         """Create (truncating any existing file) a partial file with every row unwritten.
 
         Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
@@ -94,34 +118,53 @@ class PartialOutput:
         ``num_layers`` > 1 makes ``embeddings`` (N, n_layers, D); ``residue_counts`` (N,)
         adds the per-residue datasets (``vnpd.output.residues``), allocated here.
         ``window_slots`` (the shape of the daemon's window scratch, float32, slots first)
-        adds that dataset, allocated here too and never copied into the output;
-        ``window_plan`` is kept with it (what numbers its slots, for a restart to check).
+        creates the sidecar that holds it (``vnpd.output.scratch``), allocated here too
+        and never part of the output; ``window_plan`` is kept with it (what numbers its
+        slots, for a restart to check).
+
+        With ``meta`` (the daemon), the file is *prefilled*: ``ids`` (an iterable of N
+        strings, read in blocks), ``lengths``, ``row_fields`` and every root attribute
+        (``attributes`` added) are written and made durable now, then the marker
+        ``schema_version`` = 0; ``finalize`` later only marks it in place (see the module
+        doc). Raises ValueError if the ids or fields do not match N.
         """
-        file = None
+        out = None
+        side = scratch_path(path)
         try:
-            file = new_file(path, num_sequences, dim, output_dtype, fill=True,
-                            num_layers=num_layers)
+            out = cls(path, new_file(path, num_sequences, dim, output_dtype, fill=True,
+                                     num_layers=num_layers))
+            f = out._file()
             if residue_counts is not None:
-                residue_io.create_residue_datasets(
-                    file, residue_counts, tuple(file["embeddings"].shape[1:]), output_dtype)
+                residue_io.create_residue_datasets(f, residue_counts, out.row_shape,
+                                                   output_dtype)
+                out._residue_offsets = residue_io.read_offsets(f)
+                out._residues_at = raw_offset(f[RESIDUES])
+            WindowScratch.remove(side)  # an earlier try's
             if window_slots is not None:
-                slots = file.create_dataset(WINDOW_SLOTS, window_slots, np.float32,
-                                            dcpl=early_alloc(), fill_time="never")
-                slots.attrs["plan"] = np.asarray(window_plan, dtype=np.int64)
-            file.flush()
+                out._scratch = WindowScratch.create(side, window_slots, window_plan)
+            if meta is not None:
+                prefill(f, ids, lengths, meta, row_fields, attributes, out.write_ids_lengths,
+                        out.flush)
+                fsync_dir(path.parent)
+            else:
+                f.flush()  # the layout on disk; the caller's flush makes rows durable
+            return out
         except BaseException as exc:
-            _discard(file, path, exc)
-        return cls(path, file)
+            if out is not None and out._scratch is not None:
+                out._scratch.close()
+            side.unlink(missing_ok=True)
+            discard(out._f if out is not None else None, path, exc)
 
     @classmethod
     def open_existing(cls, path: Path) -> PartialOutput:
-        """Reopen a partial file for writing (after a daemon restart).
+        """Reopen a partial file for writing (after a daemon restart), with its window
+        scratch if it has one (a finalized file's is removed: it is of no more use).
 
         Raises IncompleteOutputError if the file cannot be opened or lacks the datasets
         or their shapes disagree; the caller should then start the job's file anew.
         """
         try:
-            file = h5py.File(path, "r+", libver=_LIBVER)
+            file = open_h5(path, "r+")
         except OSError as exc:
             raise IncompleteOutputError(f"{path}: cannot reopen partial output: {exc}") from exc
         try:
@@ -129,16 +172,26 @@ class PartialOutput:
         except BaseException:
             file.close()
             raise
-        return cls(path, file)
+        out = cls(path, file)
+        if out.finalized:
+            WindowScratch.remove(scratch_path(path))  # a crash came before its removal
+        else:
+            out._scratch = WindowScratch.of(file, path)
+        return out
 
     @property
     def closed(self) -> bool:
         return self._f is None
 
     @property
-    def finalized(self) -> bool:
-        """True once ``finalize`` has written the attributes (on an open file)."""
+    def prefilled(self) -> bool:
+        """True if ids, lengths, fields and attributes are in the file (see ``create``)."""
         return "schema_version" in self._file().attrs
+
+    @property
+    def finalized(self) -> bool:
+        """True once ``finalize`` has marked the file complete (on an open file)."""
+        return int(self._file().attrs.get("schema_version", 0)) >= 1
 
     def _file(self) -> h5py.File:
         if self._f is None:
@@ -193,14 +246,37 @@ class PartialOutput:
             rows = embeddings[order].astype(self.output_dtype)
         if not np.isfinite(rows).all():
             raise ValueError(f"non-finite embedding values (as {self.output_dtype})")
-        dset = self._file()["embeddings"]
         breaks = np.flatnonzero(steps != 1) + 1
-        if len(breaks) < 8:
-            # Few contiguous runs: plain slices are the fastest write.
-            for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(pos)]):
+        runs = list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()))
+        if self._rows_at is None:  # not a contiguous, allocated dataset: through HDF5
+            dset = self._file()[EMBEDDINGS]
+            for lo, hi in runs:
                 dset[pos[lo]:pos[hi - 1] + 1] = rows[lo:hi]
-        else:
-            dset[pos] = rows  # one HDF5 write; measured ~10x faster than a loop of rows
+            return
+        # Raw writes at the rows' file offsets: the layout is fixed since create, and an
+        # HDF5 point selection costs ~20 us a row (the parent's hottest line at 30k rows/s).
+        row_bytes = rows[0].nbytes
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        pwrite_runs(self._raw_fd(), [(data[lo * row_bytes:hi * row_bytes],
+                                      self._rows_at + int(pos[lo]) * row_bytes)
+                                     for lo, hi in runs])
+
+    def _raw_fd(self) -> int:
+        if self._fd is None:
+            self._file()  # raises if closed
+            self._fd = os.open(self.path, os.O_WRONLY)
+        return self._fd
+
+    def _write_residue_run(self, start: int, data: np.ndarray) -> None:
+        """Residue rows ``start ..`` of the file: raw, as ``write_rows`` writes rows."""
+        if self._residues_at is None:
+            self._file()[RESIDUES][start:start + data.shape[0]] = data
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.ascontiguousarray(data, dtype=self.output_dtype)
+        row_bytes = data[0].nbytes
+        pwrite_runs(self._raw_fd(), [(memoryview(data).cast("B"),
+                                      self._residues_at + start * row_bytes)])
 
     def write_residues(self, positions: np.ndarray, rows: np.ndarray,
                        counts: np.ndarray) -> None:
@@ -209,7 +285,8 @@ class PartialOutput:
         has no per-residue datasets or a count disagrees with its offsets."""
         if self._residue_offsets is None:
             raise ValueError(f"{self.path}: no per-residue datasets")
-        residue_io.write_residues(self._file(), self._residue_offsets, positions, rows, counts)
+        residue_io.write_residues(self._file(), self._residue_offsets, positions, rows, counts,
+                                  write=self._write_residue_run)
 
     @property
     def has_residues(self) -> bool:
@@ -218,55 +295,68 @@ class PartialOutput:
     @property
     def window_slots_shape(self) -> tuple[int, ...] | None:
         """The shape of the window scratch, or None if the file has none."""
-        f = self._file()
-        return tuple(int(d) for d in f[WINDOW_SLOTS].shape) if WINDOW_SLOTS in f else None
+        self._file()
+        return self._scratch.shape if self._scratch is not None else None
 
     @property
     def window_plan(self) -> tuple[int, ...]:
         """The ``window_plan`` given at ``create`` (() without window scratch)."""
-        f = self._file()
-        return tuple(int(v) for v in f[WINDOW_SLOTS].attrs["plan"]) if WINDOW_SLOTS in f else ()
+        self._file()
+        return self._scratch.plan if self._scratch is not None else ()
 
     def write_window_slots(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Write ``values[i]`` (float32) into scratch slot ``slots[i]`` (unique, any order);
         writing a slot again replaces it."""
-        order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
-        dset = self._file()[WINDOW_SLOTS]
-        for i in order.tolist():
-            dset[int(slots[i])] = values[i]
+        self._file()
+        if self._scratch is None:
+            raise ValueError(f"{self.path}: no window scratch")
+        self._scratch.write(slots, values)
 
     def read_window_slots(self, start: int, stop: int) -> np.ndarray:
-        return self._file()[WINDOW_SLOTS][start:stop]
+        self._file()
+        if self._scratch is None:
+            raise ValueError(f"{self.path}: no window scratch")
+        return self._scratch.read(start, stop)
 
     def flush(self) -> None:
-        """Make every row written so far durable (HDF5 flush, then fsync)."""
+        """Make every row (and window slot) written so far durable (HDF5 flush, then
+        fsync)."""
         self._file().flush()
-        fsync_file(self.path)
+        if self._fd is not None:
+            os.fsync(self._fd)
+        else:
+            fsync_file(self.path)
+        if self._scratch is not None:
+            self._scratch.flush()
 
     def finalize(self, meta: OutputMeta, *, quarantined: Sequence[int] = (),
                  ids: Iterable[str] | None = None, lengths: np.ndarray | None = None,
                  row_fields: Mapping[str, np.ndarray] | None = None,
                  attributes: Mapping[str, Any] | None = None) -> None:
         """Make this a complete output: attributes written, ``quarantined`` rows dropped
-        (their ids go to ``quarantined_ids``); fsync and close.
+        (their ids go to ``quarantined_ids``), marked finalized; fsync and close, and
+        remove the window scratch.
 
-        ``ids`` and ``lengths`` (all N, in row order) are for a file whose ids and
-        lengths were not written with ``write_ids_lengths``: the daemon passes them at
-        the end, read from its input (see the module doc).
+        A *prefilled* file (``create`` with ``meta``) already holds its ids, lengths, row
+        fields and attributes: pass no ids, lengths or fields; ``attributes`` are the
+        end-of-job ones (ints stored as int64), rewritten in place where create wrote a
+        placeholder of the same type. With nothing to drop and ``meta`` as at create,
+        finalize copies nothing (see the module doc).
 
-        ``row_fields`` are more per-row datasets (name -> (N,) array, in row order;
-        strings as an object or str array become UTF-8 strings), with the quarantined
-        rows dropped as from ``ids``; ``attributes`` are more root attributes (ints are
-        stored as int64, anything else as given). Both come from the input kind
-        (:meth:`vnpd.inputs.source.SequenceSource.row_fields`, ``.attributes``).
+        Otherwise ``ids`` and ``lengths`` (all N, in row order) are for a file whose ids
+        and lengths were not written with ``write_ids_lengths``, ``row_fields`` are more
+        per-row datasets (name -> (N,) array, in row order; strings become UTF-8
+        strings), and ``attributes`` more root attributes, both from the input kind
+        (``SequenceSource.row_fields``, ``.attributes``).
 
-        With nothing to drop and no ``ids``, the attributes are written in place.
-        Otherwise the kept rows are streamed, in order, into a new file beside this one
-        (bounded memory), which is fsynced and renamed over it. This file is then never
-        changed in place: after a failure (a full disk raises OSError) it is as it was,
+        Dropping rows, new ids, different ``meta`` or scratch inside the file (an earlier
+        version's) streams the kept rows, in order, into a new file beside this one
+        (bounded memory), which is fsynced and renamed over it; this file is then never
+        changed otherwise: after a failure (a full disk raises OSError) it is as it was,
         and a reopened file can be finalized again. Does not check that every row was
         written: call ``verify_output``. Raises ValueError on a bad position, ids that
-        do not match the rows in number, or ``meta.layer`` < 0.
+        do not match the rows in number, data passed for a prefilled file, or
+        ``meta.layer`` < 0.
         """
         f = self._file()
         if meta.layer < 0:
@@ -274,93 +364,55 @@ class PartialOutput:
         drop = np.unique(np.asarray(quarantined, dtype=np.int64))
         if drop.size and (drop[0] < 0 or drop[-1] >= self.num_sequences):
             raise ValueError(f"quarantined positions outside 0..{self.num_sequences - 1}")
-        fields = {name: np.asarray(values) for name, values in (row_fields or {}).items()}
-        for name, values in fields.items():
-            if name in f or values.shape[:1] != (self.num_sequences,):
-                raise ValueError(f"row field {name!r} of shape {values.shape} for "
-                                 f"{self.num_sequences} rows (or a name already taken)")
         extra = dict(attributes or {})
-        if not drop.size and ids is None and WINDOW_SLOTS not in f:
-            for name, values in fields.items():
-                f.create_dataset(name, data=field_data(values), dtype=field_dtype(values))
-            write_attrs(f, meta, self.num_sequences, [], extra)
-            self.close()
+        copy = bool(drop.size) or WINDOW_SLOTS in f
+        if self.prefilled:
+            if ids is not None or lengths is not None or row_fields:
+                raise ValueError(f"{self.path}: prefilled at create; pass no ids or fields")
+            if copy or not same_meta(f, meta):
+                fields, kept = prefilled_contents(f)
+                self._rebuild(meta, drop, None, None, fields, {**kept, **extra})
+            else:
+                self.flush()  # every row durable before anything says the file is complete
+                mark_finalized(f, extra, self.flush)
+                self.close()
         else:
-            self._rebuild(meta, drop, ids, lengths, fields, extra)
+            fields = row_fields_of(self.num_sequences, row_fields)
+            if copy or ids is not None:
+                self._rebuild(meta, drop, ids, lengths, fields, extra)
+            else:
+                for name, values in fields.items():
+                    f.create_dataset(name, data=field_data(values), dtype=field_dtype(values))
+                write_attrs(f, meta, self.num_sequences, [], extra)
+                self.close()
+        WindowScratch.remove(scratch_path(self.path))  # finalized: of no more use
         log.info("output_finalized", path=str(self.path), source=meta.source_name,
                  num_sequences=self.num_sequences, quarantined=int(drop.size))
 
     def _rebuild(self, meta: OutputMeta, drop: np.ndarray, ids: Iterable[str] | None,
                  lengths: np.ndarray | None, fields: dict[str, np.ndarray],
                  extra: dict[str, Any]) -> None:
-        src, n = self._file(), self.num_sequences
-        kept = n - drop.size
         # A fresh name per attempt: a file whose write failed may stay open in HDF5.
         tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}-{next(_attempts)}")
-        dst = None
-        try:
-            # Every kept row is written below, so the fill pass would be wasted I/O.
-            dst = new_file(tmp, kept, self.dim, self.output_dtype, fill=False,
-                            num_layers=self.num_layers)
-            for name, values in fields.items():
-                dst.create_dataset(name, (kept, *values.shape[1:]), field_dtype(values))
-            keep = np.ones(n, dtype=bool)
-            keep[drop] = False
-            id_source = iter(ids) if ids is not None else None
-            dropped_ids: list[str] = []
-            step = _block_rows(int(np.prod(self.row_shape)), np.dtype(self.output_dtype).itemsize)
-            cursor = 0
-            for lo in range(0, n, step):
-                hi = min(lo + step, n)
-                mask = keep[lo:hi]
-                count = int(mask.sum())
-                block_ids = np.array(list(itertools.islice(id_source, hi - lo)) if id_source
-                                     else src["ids"].asstr()[lo:hi], dtype=object)
-                if block_ids.shape != (hi - lo,):
-                    raise ValueError(f"{lo + len(block_ids)} ids for {n} rows")
-                block_lengths = src["lengths"][lo:hi] if lengths is None else lengths[lo:hi]
-                dst["embeddings"][cursor:cursor + count] = src["embeddings"][lo:hi][mask]
-                dst["ids"][cursor:cursor + count] = block_ids[mask].tolist()
-                dst["lengths"][cursor:cursor + count] = np.asarray(block_lengths)[mask]
-                dropped_ids += [str(i) for i in block_ids[~mask]]
-                for name, values in fields.items():
-                    if count:
-                        dst[name][cursor:cursor + count] = field_data(values[lo:hi][mask])
-                cursor += count
-            if id_source is not None and next(id_source, None) is not None:
-                raise ValueError(f"more ids than the {n} rows")
-            residue_io.copy_residues(src, dst, keep)
-            write_attrs(dst, meta, kept, dropped_ids, extra)
-            dst.close()
-            fsync_file(tmp)
-        except BaseException as exc:
-            _discard(dst, tmp, exc)
+        compact(self._file(), tmp, meta, drop, ids, lengths, fields, extra)
         self.close()
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
-        self.num_sequences = kept
+        self.num_sequences -= int(drop.size)
 
     def close(self) -> None:
         """Flush, close and fsync the file; calling it again does nothing."""
         if self._f is None:
             return
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
         self._f.flush()
         self._f.close()
         self._f = None
-        fsync_file(self.path)
-
-
-def _discard(file: h5py.File | None, path: Path, exc: BaseException) -> NoReturn:
-    """A file being written failed with ``exc``: close it if it will close, remove it, and
-    raise ``exc`` (a write failure as the OSError the daemon retries, ``as_write_error``).
-    HDF5 may keep a file it failed to close open: the next try gets a new inode."""
-    if file is not None:
-        try:
-            file.close()
-        except Exception:  # noqa: BLE001 - a file whose flush failed (full disk) does not close
-            pass
-    path.unlink(missing_ok=True)
-    error = as_write_error(exc, path) if isinstance(exc, Exception) else None
-    if error is None or error is exc:
-        raise exc
-    raise error from exc
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        else:
+            fsync_file(self.path)

@@ -1,6 +1,7 @@
-"""The output file's layout: the datasets a new file gets, its root attributes, and how a
-failed HDF5 write is reported; the parts of :mod:`vnpd.output.hdf5` that say what is in
-the file rather than how a job fills it.
+"""The output file's layout: how it is opened and created, its root attributes, raw
+writes of rows at their offsets, and how a failed HDF5 write is reported; the parts of
+:mod:`vnpd.output.hdf5` that say what is in the file rather than how a job fills it (see
+its module doc for why the layout is what it is).
 
 Example::
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,11 +24,19 @@ import numpy as np
 
 from vnpd import __version__
 from vnpd.compute.choices import OUTPUT_DTYPES
-from vnpd.output.schema import embedding_shape, layer_attributes
+from vnpd.output.schema import (EMBEDDINGS, IDS, LENGTHS, RESIDUE_OFFSETS, RESIDUES,
+                                WINDOW_SLOTS, embedding_shape, layer_attributes)
 
 SCHEMA_VERSION = 1
-_LIBVER = ("v108", "v108")
+_LIBVER_IDS = (h5py.h5f.LIBVER_V18, h5py.h5f.LIBVER_V18)  # ("v108", "v108"): see hdf5.py
 _STR = h5py.string_dtype("utf-8")
+# Datasets of our own: never a row field (the rest of a prefilled file's datasets are).
+_TAKEN = frozenset({EMBEDDINGS, IDS, LENGTHS, RESIDUES, RESIDUE_OFFSETS, WINDOW_SLOTS})
+# The root attributes ``write_attrs`` writes itself (the rest are a kind's or a job's).
+BASE_ATTRS = frozenset({"model", "dtype", "pooling", "attention_backend", "source_name",
+                        "source_sha256", "layer", "layers", "long_sequences", "window_stride",
+                        "truncation", "vnpd_version", "num_sequences", "created_utc",
+                        "quarantined_ids", "schema_version"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,35 @@ def early_alloc() -> h5py.h5p.PropDCID:
     return dcpl
 
 
+def open_h5(path: Path, mode: str) -> h5py.File:
+    """Open ("r+") or create ("w") with the format bounds and no sieve buffer: rows are
+    written past HDF5 (``pwrite_runs``), so HDF5 must keep no raw data of its own."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(*_LIBVER_IDS)
+    fapl.set_sieve_buf_size(0)
+    name = os.fsencode(path)
+    if mode == "w":
+        return h5py.File(h5py.h5f.create(name, h5py.h5f.ACC_TRUNC, fapl=fapl))
+    return h5py.File(h5py.h5f.open(name, h5py.h5f.ACC_RDWR, fapl=fapl))
+
+
+def raw_offset(dset: h5py.Dataset) -> int | None:
+    """Where a dataset's values start in its file, if they may be written there with
+    pwrite(2): contiguous, allocated, unfiltered. None otherwise (write through HDF5)."""
+    if dset.chunks is not None or dset.compression is not None:
+        return None
+    offset = dset.id.get_offset()
+    return None if offset is None else int(offset)
+
+
+def pwrite_runs(fd: int, writes: Iterable[tuple[memoryview, int]]) -> None:
+    """Write each (bytes, file offset) with pwrite(2), whole."""
+    for data, offset in writes:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+
+
 def as_write_error(exc: Exception, path: Path) -> OSError | None:
     """``exc`` as the OSError that callers retry, if it is a failed write, else None.
 
@@ -78,7 +116,7 @@ def new_file(path: Path, n: int, dim: int, output_dtype: str, *, fill: bool,
     if num_layers < 1:
         raise ValueError(f"need num_layers >= 1, got {num_layers}")
     fill_time = "ifset" if fill else "never"
-    f = h5py.File(path, "w", libver=_LIBVER)
+    f = open_h5(path, "w")
     try:
         f.create_dataset("embeddings", embedding_shape(n, dim, num_layers), output_dtype,
                          fillvalue=np.nan,
@@ -102,25 +140,66 @@ def field_data(values: np.ndarray) -> Any:
     return values.tolist() if values.dtype.kind in "OUS" else values
 
 
-def write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
-                 quarantined_ids: list[str], extra: Mapping[str, Any] | None = None) -> None:
-    attrs = f.attrs
-    for key, value in (extra or {}).items():
-        is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        attrs[key] = np.int64(value) if is_int else value
-    for key in ("model", "dtype", "pooling", "attention_backend", "source_name",
-                "source_sha256"):
-        attrs[key] = str(getattr(meta, key))
-    for key, value in layer_attributes(meta.layers or (meta.layer,)).items():
-        attrs[key] = value
+def row_fields_of(n: int, row_fields: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """``row_fields`` as arrays; raises ValueError unless each has ``n`` rows and a name
+    no dataset of the file has."""
+    fields = {name: np.asarray(values) for name, values in (row_fields or {}).items()}
+    for name, values in fields.items():
+        if name in _TAKEN or values.shape[:1] != (n,):
+            raise ValueError(f"row field {name!r} of shape {values.shape} for {n} rows "
+                             "(or a name already taken)")
+    return fields
+
+
+def attr_value(value: Any) -> Any:
+    """How an attribute value is stored: ints as int64, anything else as given."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return np.int64(value) if is_int else value
+
+
+def meta_attributes(meta: OutputMeta) -> dict[str, Any]:
+    """The root attributes that ``meta`` says (as stored)."""
+    attrs: dict[str, Any] = {key: str(getattr(meta, key)) for key in (
+        "model", "dtype", "pooling", "attention_backend", "source_name", "source_sha256")}
+    attrs.update(layer_attributes(meta.layers or (meta.layer,)))
     attrs["long_sequences"] = meta.long_sequences
     if meta.long_sequences == "window":
         attrs["window_stride"] = np.int64(meta.window_stride)
     attrs["truncation"] = np.int64(meta.truncation)
+    return attrs
+
+
+def same_meta(f: h5py.File, meta: OutputMeta) -> bool:
+    """Whether the attributes written at create describe ``meta``."""
+    return all(key in f.attrs and same_value(f.attrs[key], value)
+               for key, value in meta_attributes(meta).items())
+
+
+def same_value(stored: Any, value: Any) -> bool:
+    if isinstance(stored, bytes):
+        stored = stored.decode()
+    try:
+        return bool(np.array_equal(np.asarray(stored), np.asarray(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def write_attrs(f: h5py.File, meta: OutputMeta, num_sequences: int,
+                 quarantined_ids: list[str], extra: Mapping[str, Any] | None = None,
+                 marker: int | None = SCHEMA_VERSION) -> None:
+    """Every root attribute: ``extra`` (a kind's, a job's), ``meta``'s, the counts; and
+    ``schema_version`` = ``marker`` unless None (a prefilled file sets it later)."""
+    attrs = f.attrs
+    for key, value in (extra or {}).items():
+        attrs[key] = attr_value(value)
+    for key, value in meta_attributes(meta).items():
+        attrs[key] = value
     attrs["vnpd_version"] = __version__
     attrs["num_sequences"] = np.int64(num_sequences)
     attrs["created_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     # Created explicitly so that an empty list still has a string type.
     attrs.create("quarantined_ids", data=np.array(quarantined_ids, dtype=object),
                  shape=(len(quarantined_ids),), dtype=_STR)
-    attrs["schema_version"] = np.int64(SCHEMA_VERSION)
+    if marker is not None:
+        attrs["schema_version"] = np.int64(marker)
+

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -53,12 +54,15 @@ def read_offsets(f: h5py.File) -> np.ndarray | None:
 
 
 def write_residues(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
-                   rows: np.ndarray, counts: np.ndarray) -> None:
+                   rows: np.ndarray, counts: np.ndarray,
+                   write: Callable[[int, np.ndarray], None] | None = None) -> None:
     """Write the residue rows of the sequences at ``positions``.
 
     ``rows`` holds them sequence after sequence, ``counts[i]`` rows for ``positions[i]``.
-    Sequences with adjacent positions are written as one slice. Raises ValueError when a
-    count disagrees with the file's offsets or the rows do not add up.
+    Sequences with adjacent positions are written as one slice, with ``write(first
+    residue row, rows)`` if given (``PartialOutput`` writes them raw), else through HDF5.
+    Raises ValueError when a count disagrees with the file's offsets or the rows do not
+    add up.
     """
     positions = np.asarray(positions, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
@@ -86,7 +90,11 @@ def write_residues(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
             data = rows[starts[run[0]]:starts[run[-1] + 1]]
         else:
             data = np.concatenate([rows[starts[i]:starts[i + 1]] for i in run])
-        if data.shape[0]:
+        if not data.shape[0]:
+            continue
+        if write is not None:
+            write(int(offsets[pos[lo]]), data)
+        else:
             dset[offsets[pos[lo]]:offsets[pos[hi - 1] + 1]] = data
 
 

@@ -56,7 +56,8 @@ def verify_output(path: Path) -> None:
 
     Complete means: the file opens; embeddings/ids/lengths exist with N rows each and the
     documented types (``embeddings`` 3-D exactly when ``layers`` lists several); the
-    per-residue datasets, if any, are consistent (``vnpd.output.residues``); every root attribute is present and ``num_sequences`` == N; no
+    per-residue datasets, if any, are consistent (``vnpd.output.residues``); every root
+    attribute is present, ``schema_version`` >= 1 (finalized) and ``num_sequences`` == N; no
     embedding is NaN, no length is negative and no id is empty (the fill values of
     unwritten rows), and every id reads. Reads in blocks, so memory stays bounded.
     """
@@ -69,6 +70,9 @@ def verify_output(path: Path) -> None:
         missing = [key for key in REQUIRED_ATTRS if key not in f.attrs]
         if missing:
             raise IncompleteOutputError(f"{path}: attributes missing: {missing}")
+        if int(f.attrs["schema_version"]) < 1:  # prefilled at create, not yet finalized
+            raise IncompleteOutputError(f"{path}: not finalized (schema_version "
+                                        f"{f.attrs['schema_version']})")
         if int(f.attrs["num_sequences"]) != n:
             raise IncompleteOutputError(
                 f"{path}: num_sequences={f.attrs['num_sequences']} but {n} rows")
