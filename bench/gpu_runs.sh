@@ -26,13 +26,14 @@ ratios)
         --contigs 200 --files 4 --workdir "$W" --json "$OUT/nt-genes.json"
     ;;
 outputs)
-    step residues python3 bench/outputs.py --case residues --workload 3b-uniprot --sequences 4000 \
+    step parent-8 python3 bench/parent.py --workers 8 --sequences 300000 --dim 2560 \
+        --json "$OUT/parent-8.json"
+    step residues python3 bench/outputs.py --case residues --workload 3b-uniprot --sequences 3000 \
         --workdir "$W" --json "$OUT/residues.json"
-    step window python3 bench/outputs.py --case window --workload 3b-uniprot --sequences 2000 \
+    step window python3 bench/outputs.py --case window --workload 3b-uniprot --sequences 1500 \
         --workdir "$W" --json "$OUT/window.json"
-    for w in 8 1 4 16 64; do
-        n=$([ "$w" = 8 ] && echo 500000 || echo 100000)
-        step "parent-$w" python3 bench/parent.py --workers "$w" --sequences "$n" --dim 2560 \
+    for w in 1 4 16 64; do
+        step "parent-$w" python3 bench/parent.py --workers "$w" --sequences 50000 --dim 2560 \
             --json "$OUT/parent-$w.json"
     done
     ;;
