@@ -783,3 +783,21 @@ def test_sigkill_during_prefill_or_finalize_leaves_a_file_the_restart_handles(
     else:
         assert at < 200_000
         out.close()
+
+
+def test_create_reserves_the_rows_without_writing_and_verify_finds_unwritten(
+        tmp_path: Path) -> None:
+    """The embeddings' space is allocated at create (posix_fallocate: a full disk shows
+    then), nothing is written there, and a row never written reads as zeros, which
+    verify refuses."""
+    n, dim = 2000, 256
+    path = tmp_path / "a.h5"
+    out = PartialOutput.create(path, n, dim, "float32")
+    blocks = os.stat(path).st_blocks * 512
+    assert blocks >= n * dim * 4  # reserved on disk, not a sparse hole
+    out.write_ids_lengths(0, [f"s{i}" for i in range(n)], np.full(n, 5))
+    written = np.delete(np.arange(n), 1234)
+    out.write_rows(written, tagged_rows(written, dim))
+    out.finalize(META)
+    with pytest.raises(IncompleteOutputError, match="unwritten.*row 1234"):
+        verify_output(path)

@@ -41,7 +41,7 @@ def test_layers_and_residues_written_in_any_order_then_compacted(tmp_path: Path)
     # Scattered batches, positions out of order, one adjacent run.
     for batch in ([4, 0], [2, 3, 1], [5]):
         pos = np.array(batch)
-        out.write_rows(pos, np.ones((len(pos), 2, dim)) * pos[:, None, None])
+        out.write_rows(pos, np.ones((len(pos), 2, dim)) * (pos[:, None, None] + 1))
         out.write_residues(pos, residue_rows(batch, counts, (2, dim)), counts[pos])
     out.flush()
     out.close()
@@ -77,7 +77,7 @@ def test_verify_finds_inconsistent_residue_datasets(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     out = PartialOutput.create(path, 2, 4, "float32", residue_counts=np.array([2, 3]))
     out.write_ids_lengths(0, ["a", "b"], np.array([2, 3]))
-    out.write_rows(np.arange(2), np.zeros((2, 4)))
+    out.write_rows(np.arange(2), np.ones((2, 4)))
     out.finalize(META)
     verify_output(path)
     with h5py.File(path, "r+") as f:

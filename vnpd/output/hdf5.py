@@ -27,9 +27,10 @@ Why the layout is what it is:
   with pwrite(2) at the rows' offsets in the file, past HDF5 (an HDF5 point selection
   cost ~20 us a row, the parent's hottest line); files are opened without HDF5's sieve
   buffer (``layout.open_h5``), so HDF5 never holds a stale copy of raw data.
-- Unwritten rows read as NaN (embeddings), -1 (lengths) and "" (ids; FASTA ids are
-  never empty); ``verify_output`` relies on these fill values to find rows that were
-  never written.
+- Unwritten rows read as zeros (embeddings: their space is reserved with
+  posix_fallocate, not written, and no embedding is exactly zero everywhere), -1
+  (lengths) and "" (ids; FASTA ids are never empty); ``verify_output`` relies on these
+  to find rows that were never written.
 - ``ids`` (variable-length strings, in HDF5's global heap: file metadata) are never
   written while rows are: the daemon's file is *prefilled* at create with everything
   but the embeddings and a marker ``schema_version`` = 0, which finalize sets to 1 in
@@ -111,7 +112,7 @@ class PartialOutput:
                attributes: Mapping[str, Any] | None = None) -> PartialOutput:
         """Create (truncating any existing file) a partial file with every row unwritten.
 
-        Writes the fill values for all N*D cells, so this costs O(N*D) disk writes and
+        Reserves the space of all N*D cells (posix_fallocate, nothing written) and
         raises OSError (ENOSPC) right here if the output cannot fit; the file is then
         removed, so that ``create`` can be called again (h5py reports a failed write as
         ValueError or RuntimeError too: those become the OSError they carry).

@@ -1,8 +1,8 @@
 """Read and check output HDF5 files: the datasets and attributes a complete output has.
 
 ``verify_output`` is the check before a file is published. It finds rows that were never
-written by the fill values ``vnpd.output.hdf5`` gives them (NaN embeddings, -1 lengths, ""
-ids; see that module for the layout), and reads in blocks, so memory stays bounded.
+written by how ``vnpd.output.hdf5`` leaves them (all-zero embeddings, -1 lengths, "" ids;
+see that module for the layout), and reads in blocks, so memory stays bounded.
 
 Example::
 
@@ -58,8 +58,8 @@ def verify_output(path: Path) -> None:
     documented types (``embeddings`` 3-D exactly when ``layers`` lists several); the
     per-residue datasets, if any, are consistent (``vnpd.output.residues``); every root
     attribute is present, ``schema_version`` >= 1 (finalized) and ``num_sequences`` == N; no
-    embedding is NaN, no length is negative and no id is empty (the fill values of
-    unwritten rows), and every id reads. Reads in blocks, so memory stays bounded.
+    embedding is NaN, no embedding row is all zeros, no length is negative and no id is
+    empty (how unwritten rows read), and every id reads. Reads in blocks, so memory stays bounded.
     """
     try:
         f = h5py.File(path, "r")
@@ -85,8 +85,13 @@ def verify_output(path: Path) -> None:
             raise IncompleteOutputError(problem)
         step = _block_rows(int(np.prod(emb.shape[1:])), emb.dtype.itemsize)
         for lo in range(0, n, step):
-            if np.isnan(emb[lo:lo + step]).any():
-                raise IncompleteOutputError(f"{path}: NaN (unwritten?) rows from row {lo}")
+            block = emb[lo:lo + step]
+            if np.isnan(block).any():
+                raise IncompleteOutputError(f"{path}: NaN rows from row {lo}")
+            unwritten = ~block.reshape(block.shape[0], -1).any(axis=1)
+            if unwritten.any():  # an embedding is never exactly zero everywhere
+                raise IncompleteOutputError(
+                    f"{path}: unwritten (all-zero) row {lo + int(np.argmax(unwritten))}")
             if (f["lengths"][lo:lo + step] < 0).any():
                 raise IncompleteOutputError(f"{path}: unwritten lengths from row {lo}")
             try:
