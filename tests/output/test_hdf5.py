@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import vnpd
-from vnpd.output import verify
+from vnpd.output import schema
 from vnpd.output.outbox import (
     fsync_dir,
     link_without_replacing,
@@ -137,7 +137,7 @@ def test_write_rows_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def test_quarantine_compaction_keeps_alignment(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(verify, "_BLOCK_BYTES", 16 * 4 * 7)  # 7-row blocks: many blocks
+    monkeypatch.setattr(schema, "BLOCK_BYTES", 16 * 4 * 7)  # 7-row blocks: many blocks
     n, dim = 50, 16
     path = tmp_path / "q.h5"
     dropped = [0, 13, 14, 27, 49]

@@ -26,9 +26,8 @@ from vnpd.output.layout import (BASE_ATTRS, OutputMeta, as_write_error, field_da
                                 field_dtype, new_file, write_attrs)
 from vnpd.output.outbox import fsync_file
 from vnpd.output.schema import (EMBEDDINGS, IDS, LENGTHS, RESIDUE_OFFSETS, RESIDUES,
-                                WINDOW_SLOTS)
+                                WINDOW_SLOTS, rows_per_block)
 
-_BLOCK_BYTES = 32 << 20  # bounded memory: rows copied per block
 _NOT_FIELDS = (EMBEDDINGS, IDS, LENGTHS, RESIDUES, RESIDUE_OFFSETS, WINDOW_SLOTS)
 
 
@@ -62,7 +61,7 @@ def compact(src: h5py.File, tmp: Path, meta: OutputMeta, drop: np.ndarray,
         id_source = iter(ids) if ids is not None else None
         dropped_ids: list[str] = []
         row_bytes = int(np.prod(row_shape)) * np.dtype(output_dtype).itemsize
-        step = max(1, _BLOCK_BYTES // max(1, row_bytes))
+        step = rows_per_block(row_bytes)
         cursor = 0
         for lo in range(0, n, step):
             hi = min(lo + step, n)

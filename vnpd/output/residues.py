@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vnpd.output.schema import RESIDUE_OFFSETS, RESIDUES
+from vnpd.output.schema import RESIDUE_OFFSETS, RESIDUES, rows_per_block
 
 _BLOCK_BYTES = 64 << 20  # bounded memory when copying residues (compaction)
 
@@ -108,8 +108,8 @@ def copy_residues(src: h5py.File, dst: h5py.File, keep: np.ndarray) -> None:
     counts = np.diff(offsets)[keep]
     new_offsets = create_residue_datasets(dst, counts, residues.shape[1:], str(residues.dtype))
     out = dst[RESIDUES]
-    row_bytes = max(1, int(np.prod(residues.shape[1:])) * residues.dtype.itemsize)
-    block = max(1, _BLOCK_BYTES // row_bytes)
+    row_bytes = int(np.prod(residues.shape[1:])) * residues.dtype.itemsize
+    block = rows_per_block(row_bytes, _BLOCK_BYTES)
     kept_rows = np.flatnonzero(keep)
     # Runs of kept rows are contiguous in both files; copy each run in blocks.
     breaks = np.flatnonzero(np.diff(kept_rows) != 1) + 1

@@ -56,3 +56,13 @@ def residue_counts(lengths: np.ndarray, truncation: int, long_sequences: str) ->
     residue in window mode."""
     lengths = np.asarray(lengths, dtype=np.int64)
     return lengths.copy() if long_sequences == "window" else np.minimum(lengths, truncation)
+
+
+BLOCK_BYTES = 32 << 20
+"""Bytes of rows read or copied at a time when streaming a file (verify, compaction)."""
+
+
+def rows_per_block(row_bytes: int, block_bytes: int | None = None) -> int:
+    """How many rows of ``row_bytes`` one block of ``block_bytes`` (default
+    ``BLOCK_BYTES``) holds, at least 1."""
+    return max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, row_bytes))

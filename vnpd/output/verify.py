@@ -20,19 +20,15 @@ import numpy as np
 
 from vnpd.compute.choices import OUTPUT_DTYPES
 from vnpd.output.residues import check_residues
+from vnpd.output.schema import rows_per_block
 
 REQUIRED_ATTRS = ("model", "layers", "dtype", "pooling", "truncation", "attention_backend",
                   "vnpd_version", "source_name", "source_sha256", "num_sequences",
                   "created_utc", "quarantined_ids", "schema_version")
-_BLOCK_BYTES = 32 << 20  # bounded memory when streaming rows (verify, compaction)
 
 
 class IncompleteOutputError(ValueError):
     """An HDF5 file is unreadable, inconsistent or not completely written."""
-
-
-def _block_rows(dim: int, itemsize: int) -> int:
-    return max(1, _BLOCK_BYTES // max(1, dim * itemsize))
 
 
 def _check_datasets(f: h5py.File, path: Path) -> int:
@@ -83,7 +79,7 @@ def verify_output(path: Path) -> None:
         problem = check_residues(f, path, n, None)
         if problem:
             raise IncompleteOutputError(problem)
-        step = _block_rows(int(np.prod(emb.shape[1:])), emb.dtype.itemsize)
+        step = rows_per_block(int(np.prod(emb.shape[1:])) * emb.dtype.itemsize)
         for lo in range(0, n, step):
             block = emb[lo:lo + step]
             if np.isnan(block).any():
