@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,6 +81,21 @@ def check_outputs(dirs: DaemonDirs, model: Path, files: dict[str, list[str]],
     return out
 
 
+def shared_row_fault(tmp_path: Path, model: Path, action: str, seed: int, **config: Any
+                     ) -> tuple[DaemonDirs, dict[str, list[str]], Path, Daemon, list[str]]:
+    """Two files sharing 40 sequences, dropped together, and a daemon whose workers meet
+    the fault ``action`` on either file's copy of the first shared one. Returns the dirs,
+    the files, the config, the daemon and the faulty record ids."""
+    dirs = DaemonDirs(tmp_path)
+    shared = random_sequences([40 + (17 * i) % 70 for i in range(40)], seed=seed)
+    files = shared_files(shared, 10, ["a.fasta", "b.fasta"], seed=seed + 1)
+    faulty = [f"{Path(n).stem}_{rows.index(shared[0])}" for n, rows in files.items()]
+    path = write_config(dirs, model, max_tokens=1024, extra=NO_CACHE, **config)
+    drop_all(dirs, files)
+    env = {"VNPD_TEST_FAULT": ",".join(f"{action}:{r}" for r in faulty)}
+    return dirs, files, path, Daemon(path, dirs, env=env), faulty
+
+
 def test_files_dropped_together_compute_each_distinct_sequence_once(
         tmp_path: Path, slow_model: Path) -> None:
     dirs = DaemonDirs(tmp_path)
@@ -108,14 +124,8 @@ def test_files_dropped_together_compute_each_distinct_sequence_once(
 
 def test_sigkill_while_a_borrower_waits_loses_nothing(tmp_path: Path,
                                                       slow_model: Path) -> None:
-    dirs = DaemonDirs(tmp_path)
-    shared = random_sequences([40 + (17 * i) % 70 for i in range(40)], seed=51)
-    files = shared_files(shared, 10, ["a.fasta", "b.fasta"], seed=52)
     # The lender of one shared row (either file may lend it) hangs on it: its borrower waits.
-    hung = [f"{Path(n).stem}_{rows.index(shared[0])}" for n, rows in files.items()]
-    config = write_config(dirs, slow_model, max_tokens=1024, extra=NO_CACHE)
-    drop_all(dirs, files)
-    daemon = Daemon(config, dirs, env={"VNPD_TEST_FAULT": ",".join(f"hang:{r}" for r in hung)})
+    dirs, files, config, daemon, _ = shared_row_fault(tmp_path, slow_model, "hang", seed=51)
     try:
         daemon.wait_for(lambda: daemon.events("rows_borrowing")
                         and daemon.events("test_fault_hang"), 120, "a borrower waiting")
@@ -135,14 +145,8 @@ def test_sigkill_while_a_borrower_waits_loses_nothing(tmp_path: Path,
 
 def test_a_lenders_poison_row_is_the_borrowers_to_compute(tmp_path: Path,
                                                           slow_model: Path) -> None:
-    dirs = DaemonDirs(tmp_path)
-    shared = random_sequences([40 + (17 * i) % 70 for i in range(40)], seed=61)
-    files = shared_files(shared, 10, ["a.fasta", "b.fasta"], seed=62)
-    bad = [f"{Path(n).stem}_{rows.index(shared[0])}" for n, rows in files.items()]
-    config = write_config(dirs, slow_model, max_tokens=1024, extra=NO_CACHE,
-                          jobs={"on_poison": "quarantine"})
-    drop_all(dirs, files)
-    daemon = Daemon(config, dirs, env={"VNPD_TEST_FAULT": ",".join(f"crash:{r}" for r in bad)})
+    dirs, files, _, daemon, bad = shared_row_fault(tmp_path, slow_model, "crash", seed=61,
+                                                   jobs={"on_poison": "quarantine"})
     try:
         daemon.wait_outputs([Path(n).stem + ".h5" for n in files], timeout=400)
         attrs = check_outputs(dirs, slow_model, files, quarantined=set(bad))
