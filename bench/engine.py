@@ -153,7 +153,8 @@ def profile(go) -> None:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    """Cosine of each row (the last axis) of ``a`` with the same row of ``b``."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def matmul_peak() -> float:

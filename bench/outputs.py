@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.daemon import daemon_run, write_checkpoint  # noqa: E402
-from bench.engine import (DEVICE, WORKLOADS, device_name, free_device_memory,  # noqa: E402
-                          make_sequences, sync, workload_lengths)
+from bench.engine import (DEVICE, WORKLOADS, cosine, device_name,  # noqa: E402
+                          free_device_memory, make_sequences, sync, workload_lengths)
 from vnpd.compute.engine import Engine  # noqa: E402
 from vnpd.compute.packing import build_batch, pack_batches, tokens_for  # noqa: E402
 
@@ -85,7 +85,7 @@ def case_layers(ckpt: Path, args: argparse.Namespace, seqs: list[str], lengths: 
     ref_engine = Engine.load(str(ckpt), device=DEVICE, dtype="float32",
                              layers=sets["four"])
     want = ref_engine.submit(batch, residues="float32").residues()
-    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    cos = cosine(got, want)
     out["residue_min_cosine_bf16_vs_fp32"] = float(cos.min())
     return out
 
@@ -162,7 +162,7 @@ def case_window(ckpt: Path, args: argparse.Namespace, root: Path) -> dict:
         with h5py.File(path, "r") as f:
             rows[dtype] = f["residues"][:].astype(np.float64)
     got, want = rows["bfloat16"], rows["float32"]
-    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    cos = cosine(got, want)
     out["window_residue_min_cosine_bf16_vs_fp32"] = float(cos.min())
     out["window_fidelity_residues"] = int(cos.size)
     del engine
