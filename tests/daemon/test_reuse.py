@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,22 @@ def expected_rows(model: Path, sequences: list[str]) -> np.ndarray:
     means = fair_esm_means(reference, alphabet, distinct, reference.num_layers)
     row = {s: means[i] for i, s in enumerate(distinct)}
     return np.stack([row[s] for s in sequences])
+
+
+@dataclass(frozen=True)
+class Page:
+    offset: int
+    size: int
+
+
+def live_page_near_middle(db: Path, table: str) -> Page:
+    """The page of ``table``'s b-tree nearest the middle of the file (SQLite's dbstat)."""
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        size = int(con.execute("PRAGMA page_size").fetchone()[0])
+        pages = [int(r[0]) for r in con.execute("SELECT pageno FROM dbstat WHERE name=?", (table,))]
+    assert pages, f"{table} has no pages in {db}"
+    middle = db.stat().st_size // size // 2
+    return Page(offset=(min(pages, key=lambda n: abs(n - middle)) - 1) * size, size=size)
 
 
 def shuffled_repeats(distinct: list[str], copies: int, seed: int) -> list[str]:
@@ -145,11 +164,13 @@ def test_the_store_stays_under_its_bound_and_a_corrupt_one_is_rebuilt(tmp_path: 
     on_disk = sum(p.stat().st_size for p in store.glob(DB_NAME + "*") if not p.name.endswith("shm"))
     assert on_disk <= max_bytes, f"{on_disk} bytes on disk for a bound of {max_bytes}"
 
-    # Garbage in the middle of the store: detected and rebuilt, nothing wrong served.
+    # Garbage over a live page in the middle of the store: detected and rebuilt, nothing
+    # wrong served. (Garbage on a free page is no damage at all: SQLite never reads it.)
     db = store / DB_NAME
+    page = live_page_near_middle(db, "entries")
     with open(db, "r+b") as f:
-        f.seek(db.stat().st_size // 2)
-        f.write(os.urandom(8192))
+        f.seek(page.offset)
+        f.write(b"\xff" + os.urandom(page.size - 1))  # 0xff: no valid b-tree page type
     daemon = Daemon(config, dirs)
     try:
         daemon.wait_ready()
