@@ -124,6 +124,7 @@ class JobsConfig:
     on_poison: str = "quarantine"  # "quarantine" | "fail"
     max_active_jobs: int = 8
     publish_retry_max_s: float = 300.0
+    index_processes: int = 4  # new files indexed side by side in this many processes; 0 = a thread
 
 
 @dataclass
@@ -221,4 +222,4 @@ POSITIVE = (
     "jobs.publish_retry_max_s", "cache.max_gb")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
                 "inbox.settle_s", "model.window_stride", "ray.placement_timeout_s",
-                "nucleotide.gene_workers")
+                "nucleotide.gene_workers", "jobs.index_processes")

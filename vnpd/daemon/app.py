@@ -1,7 +1,7 @@
 """`vnpd run`: the daemon's event loop, which ties inbox, jobs, workers and outbox together.
 
 One asyncio loop owns every file and all state. Its tasks: intake (watch + scan the
-inbox, claim settled files, index them in threads: ``vnpd.daemon.intake``), supervision (health
+inbox, claim settled files, index them in index processes: ``vnpd.daemon.intake``), supervision (health
 checks and dispatch), publishing (finalize, verify, atomic rename into the outbox:
 ``vnpd.daemon.completion``), status (``state/status.json``, sd_notify STATUS, metrics) and the
 systemd watchdog.
@@ -214,6 +214,7 @@ class Daemon:
         await self.scheduler.commit(wait=True)
         for task in list(self.tasks - self.publishing):
             task.cancel()
+        self.intake.indexer.close()  # a file half indexed is indexed again at the next start
         if self.publishing:
             # A publish left unfinished here (a full outbox, say) resumes after the restart:
             # every step of it is journaled or idempotent.

@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 
 from vnpd.compute.windows import PieceIndex
+from vnpd.daemon.indexing import IndexProcessDied, Indexer
 from vnpd.daemon.inbox import ClaimError, SettleTracker, claim_file, scan_inbox
 from vnpd.daemon.jobs import ActiveJob
 from vnpd.daemon.journal import Journal
@@ -38,7 +39,7 @@ from vnpd.daemon.retry import with_disk_retry
 from vnpd.daemon.scheduler import Scheduler
 from vnpd.daemon.window_rows import configured_stride, slot_shape, window_plan
 from vnpd.faults import FaultPlan
-from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates
+from vnpd.inputs.duplicates import DuplicatePlan
 from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.source import SequenceSource, SourceSettings
 from vnpd.output.hdf5 import PartialOutput
@@ -81,12 +82,14 @@ class Intake:
         self.settings = source_settings(cfg)
         self.source_type = source_type
         self.settle = SettleTracker(cfg.inbox.settle_s)
+        self.indexer = Indexer(cfg.jobs.index_processes, cfg.logging.format, cfg.logging.level)
         self.indexing: set[int] = set()
         self.unrecorded_claims = False  # a claim the journal could not record (disk full)
 
     # Claim and index ----------------------------------------------------------------
     async def run(self) -> None:
         """Resume unfinished jobs, then claim settled files until ``stopping`` is set."""
+        self.indexer.start(self.source_type)
         await self._resume_jobs()
         while not self.stopping.is_set():
             self.wake.clear()
@@ -146,7 +149,8 @@ class Intake:
     async def _index_job(self, job_id: int, name: str, claimed: Path) -> None:
         directory = self.jobs_dir / str(job_id) / "index"
         try:
-            source, duplicates = await asyncio.to_thread(self._build_source, claimed, directory)
+            source, duplicates = await self.indexer.build(
+                self.source_type, claimed, directory, self.settings, self._key_truncation())
         except FastaError as exc:
             self.indexing.discard(job_id)
             await self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
@@ -155,6 +159,10 @@ class Intake:
             self.indexing.discard(job_id)
             await self.completion.fail_job(job_id, name, claimed,
                                            {"reason": f"cannot read file: {exc}"}, str(exc))
+            return
+        except IndexProcessDied as exc:
+            self.indexing.discard(job_id)
+            await self.completion.fail_job(job_id, name, claimed, {"reason": str(exc)}, str(exc))
             return
         self.indexing.discard(job_id)
         total_tokens = int(self._pieces(source).row_tokens(0, source.num_rows).sum())
@@ -173,14 +181,11 @@ class Intake:
         await self._activate(job_id, name, source, total_tokens, resume=copy,
                              duplicates=duplicates)
 
-    def _build_source(self, path: Path, directory: Path
-                      ) -> tuple[SequenceSource, DuplicatePlan]:
-        """Validate and index an input, and find its repeated rows (in a thread)."""
-        source = self.source_type.build(path, directory, self.settings)
-        # In window mode a row is all its residues: keys cover them all.
+    def _key_truncation(self) -> int | None:
+        """How many residues of a row its repeat key covers: in window mode a row is all
+        its residues, else the truncation."""
         m = self.cfg.model
-        windows = m.long_sequences == "window"
-        return source, plan_duplicates(source, None if windows else m.truncation)
+        return None if m.long_sequences == "window" else m.truncation
 
     def _pieces(self, source: SequenceSource) -> PieceIndex:
         """What a job's batches hold: its rows, or in window mode their windows."""

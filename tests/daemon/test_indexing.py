@@ -1,0 +1,219 @@
+"""vnpd/daemon/indexing.py: new files indexed in real spawned processes.
+
+What a process builds equals what a thread builds; bad input fails with the same error,
+record and line; a process that dies is replaced and the file indexed again; a second
+death fails the file; ``close`` stops a process in the middle of a file; and an index
+process exits by itself when the daemon is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import random_sequences
+from tests.inputs.test_nucleotide_source import contigs, write_dna
+from vnpd.daemon.indexing import IndexProcessDied, Indexer
+from vnpd.inputs.fasta import FastaError
+from vnpd.inputs.kinds import SOURCE_KINDS
+from vnpd.inputs.protein import ProteinSource
+from vnpd.inputs.source import SequenceSource, SourceSettings
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def protein_file(path: Path, count: int = 3000) -> Path:
+    distinct = random_sequences([5 + i % 1200 for i in range(count)], seed=9)
+    rows = distinct + distinct[: count // 3]  # a third repeated
+    path.write_text("".join(f">r{i} x\n{s}\n" for i, s in enumerate(rows)))
+    return path
+
+
+def build(indexer: Indexer, source_type: type[SequenceSource], path: Path, directory: Path,
+          settings: SourceSettings, truncation: int | None = 1022) -> tuple:
+    async def go() -> tuple:
+        try:
+            return await indexer.build(source_type, path, directory, settings, truncation)
+        finally:
+            indexer.close()
+    return asyncio.run(go())
+
+
+def as_arrays(source: SequenceSource, plan: object) -> dict[str, np.ndarray]:
+    out = {"lengths": np.asarray(source.lengths),
+           "ids": np.array([r.id for r in source.rows()]),
+           "residues": np.array([r.sequence for r in source.rows()])}
+    out.update({k: np.asarray(v) for k, v in source.row_fields().items()})
+    out.update({f"plan.{k}": np.asarray(getattr(plan, k))
+                for k in ("keys", "leaders", "follower_offsets", "followers")})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["protein", "six_frame", "genes"])
+def test_a_process_builds_what_a_thread_builds(tmp_path: Path, kind: str) -> None:
+    if kind == "protein":
+        path, settings = protein_file(tmp_path / "in.fasta"), SourceSettings()
+    else:
+        path = write_dna(tmp_path / "in.fna", contigs())
+        settings = SourceSettings(kind="nucleotide", proteins=kind, chunk_length=300)
+    source_type = SOURCE_KINDS[settings.kind]
+    in_thread = build(Indexer(0), source_type, path, tmp_path / "t", settings)
+    in_process = build(Indexer(2), source_type, path, tmp_path / "p", settings)
+    assert in_process[0].num_rows == in_thread[0].num_rows > 0
+    assert in_process[1].duplicate_rows == in_thread[1].duplicate_rows
+    if kind == "protein":
+        assert in_process[1].duplicate_rows == 1000
+    want, got = as_arrays(*in_thread), as_arrays(*in_process)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert in_process[0].sha256 == in_thread[0].sha256
+    assert in_process[0].attributes() == in_thread[0].attributes()
+
+
+def test_bad_input_fails_with_its_record_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.fasta"
+    path.write_text(">a\nMKV\n>b\nMK1V\n")
+    with pytest.raises(FastaError) as info:
+        build(Indexer(1), ProteinSource, path, tmp_path / "p", SourceSettings())
+    assert info.value.record_id == "b" and info.value.line == 4
+    with pytest.raises(FileNotFoundError):
+        build(Indexer(1), ProteinSource, tmp_path / "missing.fasta", tmp_path / "m",
+              SourceSettings())
+
+
+class DiesOnce(ProteinSource):
+    """Kills its own process while building, the first ``deaths`` times (counted in
+    files beside the input, since each try runs in a fresh process)."""
+
+    deaths = 1
+
+    @classmethod
+    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> ProteinSource:
+        tries = sorted(path.parent.glob("try-*"))
+        (path.parent / f"try-{len(tries)}").write_text(str(os.getpid()))
+        if len(tries) < cls.deaths:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().build(path, directory, settings)
+
+
+class DiesTwice(DiesOnce):
+    deaths = 2
+
+
+def test_a_dead_process_is_replaced_and_the_file_indexed_again(tmp_path: Path) -> None:
+    path = protein_file(tmp_path / "in.fasta", 500)
+    source, _ = build(Indexer(1), DiesOnce, path, tmp_path / "p", SourceSettings())
+    assert source.num_rows == 500 + 500 // 3
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("try-*"))]
+    assert len(pids) == 2 and pids[0] != pids[1] != os.getpid()
+
+
+def test_a_second_death_fails_the_file(tmp_path: Path) -> None:
+    path = protein_file(tmp_path / "in.fasta", 100)
+    with pytest.raises(IndexProcessDied):
+        build(Indexer(1), DiesTwice, path, tmp_path / "p", SourceSettings())
+    assert len(list(tmp_path.glob("try-*"))) == 2
+
+
+class Slow(ProteinSource):
+    @classmethod
+    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> ProteinSource:
+        (path.parent / "pid").write_text(str(os.getpid()))
+        time.sleep(120)
+        return super().build(path, directory, settings)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def wait_for(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_close_stops_a_process_in_the_middle_of_a_file(tmp_path: Path) -> None:
+    path = protein_file(tmp_path / "in.fasta", 10)
+    indexer = Indexer(1)
+
+    async def go() -> None:
+        task = asyncio.ensure_future(indexer.build(Slow, path, tmp_path / "p", SourceSettings(),
+                                                   1022))
+        assert await asyncio.to_thread(wait_for, (tmp_path / "pid").exists, 60)
+        started = time.monotonic()
+        indexer.close()
+        assert time.monotonic() - started < 10
+        pid = int((tmp_path / "pid").read_text())
+        assert not alive(pid)
+        with pytest.raises(Exception):
+            await task
+    asyncio.run(go())
+
+
+ORPHAN_SCRIPT = """
+import asyncio, os, sys, time
+from pathlib import Path
+from tests.daemon.test_indexing import Slow
+from vnpd.daemon.indexing import Indexer
+from vnpd.inputs.source import SourceSettings
+path = Path(sys.argv[1])
+async def go():
+    await Indexer(1).build(Slow, path, path.parent / "p", SourceSettings(), 1022)
+asyncio.run(go())
+"""
+
+
+def test_an_index_process_exits_when_the_daemon_is_sigkilled(tmp_path: Path) -> None:
+    path = protein_file(tmp_path / "in.fasta", 10)
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(path)], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert wait_for((tmp_path / "pid").exists, 60)
+        child = int((tmp_path / "pid").read_text())
+        assert alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert wait_for(lambda: not alive(child), 10), "the index process outlived the daemon"
+
+
+class NeverDies(DiesOnce):
+    deaths = 0
+
+
+def test_one_warm_process_indexes_files_one_after_another(tmp_path: Path) -> None:
+    indexer = Indexer(3)
+    paths = [protein_file(tmp_path / f"f{k}" / "in.fasta", 50 + k) for k in range(3)
+             if (tmp_path / f"f{k}").mkdir() is None]
+
+    async def go() -> list[int]:
+        warm = indexer.start(NeverDies)
+        assert warm is not None and warm.result(60) == "protein"
+        try:
+            rows = [(await indexer.build(NeverDies, p, p.parent / "idx", SourceSettings(),
+                                         1022))[0].num_rows for p in paths]
+        finally:
+            indexer.close()
+        return rows
+    assert asyncio.run(go()) == [50 + k + (50 + k) // 3 for k in range(3)]
+    pids = {int(p.read_text()) for p in tmp_path.glob("f*/try-*")}
+    assert len(pids) == 1 and os.getpid() not in pids
