@@ -157,6 +157,11 @@ def phases(log_path: Path) -> dict[str, float]:
             out["finalize_s"] += e["output_finalized"] - e["finalize_started"]
         if "output_finalized" in e and "job_published" in e:
             out["verify_publish_s"] += e["job_published"] - e["output_finalized"]
+    claimed = [e["job_claimed"] for e in events.values() if "job_claimed" in e]
+    started = [e["job_started"] for e in events.values() if "job_started" in e]
+    if claimed and started:  # the head: how long after the first claim jobs started
+        out["first_job_started_s"] = min(started) - min(claimed)
+        out["last_job_started_s"] = max(started) - min(claimed)
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -262,7 +267,8 @@ format = "json"
 level = "info"
 [cache]
 enabled = {"true" if args.cache == "on" else "false"}
-""")
+""" + ("" if args.index_processes is None else
+       f"[jobs]\nindex_processes = {args.index_processes}\n"))
     env = dict(os.environ, VNPD_TEST_SIMULATE_DIM=str(args.dim))
     cmd = [sys.executable, "-m", "vnpd", "run", "--config", str(config)]
     prof_out = root / ("profile.txt" if args.profile == "py-spy" else "profile.pstats")
@@ -307,7 +313,7 @@ enabled = {"true" if args.cache == "on" else "false"}
     checks = check_outputs(root / "outbox", per_file, lengths, starts, residues, args.dim)
     result: dict[str, object] = {
         "workers": args.workers, "sequences": args.sequences, "dim": args.dim,
-        "files": args.files, "max_tokens": args.max_tokens, "tokens": total_tokens,
+        "files": args.files, "cache": args.cache, "index_processes": args.index_processes, "max_tokens": args.max_tokens, "tokens": total_tokens,
         "seconds": round(elapsed, 3), "seq_per_s": round(args.sequences / elapsed, 1),
         "tok_s": round(total_tokens / elapsed, 1), **checks,
         "peak_rss_mb": round(peak or 0, 1), "exit_code": code,
@@ -333,6 +339,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", choices=("on", "off"), default="on",
                     help="the daemon's embedding cache (on by default, as in production)")
+    ap.add_argument("--index-processes", type=int, default=None,
+                    help="[jobs] index_processes (default: the daemon's default)")
     ap.add_argument("--profile", choices=("none", "py-spy", "cprofile"), default="none")
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--workdir", default=None)
