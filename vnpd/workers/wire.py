@@ -3,9 +3,9 @@
 A message is pickled with protocol 5 and out-of-band buffers: the bytes of every
 contiguous numpy array (per-residue rows, mean rows, token batches) travel raw, as their
 own ``send_bytes`` of a memoryview, instead of being copied into the pickle. The receiver
-reads each buffer with ``recv_bytes_into`` into a fresh ``bytearray`` (one per buffer,
-never reused: the parent still holds the arrays of earlier messages), so the unpickled
-arrays are writable and own their memory.
+reads each buffer from the descriptor straight into fresh memory (one uint8 array per
+buffer, never reused: the parent still holds the arrays of earlier messages), so the
+unpickled arrays are writable and own their memory.
 
 A frame is one header message, then one message per non-empty buffer::
 
@@ -27,13 +27,14 @@ Example::
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import struct
-from multiprocessing import BufferTooShort
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 import structlog
 
 log = structlog.get_logger()
@@ -84,19 +85,44 @@ def _parse_header(header: bytes) -> tuple[list[int], memoryview]:
     return sizes, memoryview(header)[end:]
 
 
-def _recv_buffer(conn: Connection, size: int, index: int, count: int) -> bytearray:
-    buffer = bytearray(size)
+def _recv_buffer(conn: Connection, size: int, index: int, count: int) -> np.ndarray:
+    """Read one buffer straight from the descriptor into fresh memory. ``recv_bytes_into``
+    would read it into a BytesIO chunk by chunk and copy it twice more (measured: ~0.8
+    GB/s against ~3.5 GB/s here), so this reads send_bytes's length prefix ("!i", or -1
+    then "!Q" past 2 GiB) itself; Connection buffers nothing, so the two mix."""
+    buffer = np.empty(size, dtype=np.uint8)  # not bytearray: that zero-fills first
     if not size:
         return buffer
+    where = f"buffer {index + 1} of {count}"
     try:
-        got = conn.recv_bytes_into(buffer)
-    except (EOFError, OSError) as exc:
-        raise FrameError(f"frame cut off before buffer {index + 1} of {count}: {exc!r}") from exc
-    except BufferTooShort as exc:
-        raise FrameError(f"buffer {index + 1} of {count} longer than its {size} bytes") from exc
-    if got != size:
-        raise FrameError(f"buffer {index + 1} of {count}: {got} bytes, announced {size}")
+        got = _recv_length(conn.fileno(), where)
+        if got != size:
+            raise FrameError(f"{where} holds {got} bytes, announced {size}")
+        _read_exactly(conn.fileno(), memoryview(buffer), where)
+    except OSError as exc:
+        raise FrameError(f"frame cut off in {where}: {exc!r}") from exc
     return buffer
+
+
+def _recv_length(fd: int, where: str) -> int:
+    prefix = bytearray(4)
+    _read_exactly(fd, memoryview(prefix), where)
+    (size,) = struct.unpack("!i", prefix)
+    if size == -1:
+        prefix = bytearray(8)
+        _read_exactly(fd, memoryview(prefix), where)
+        (size,) = struct.unpack("!Q", prefix)
+    return size
+
+
+def _read_exactly(fd: int, view: memoryview, where: str) -> None:
+    done = 0
+    while done < view.nbytes:
+        got = os.readv(fd, [view[done:]])
+        if got == 0:
+            raise FrameError(f"frame cut off in {where}: end of file after {done} of "
+                             f"{view.nbytes} bytes")
+        done += got
 
 
 def widen(conn: Connection, size: int = SOCKET_BUFFER_BYTES) -> None:
