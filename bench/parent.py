@@ -14,9 +14,14 @@ and reports sequences/s, tokens/s, lost, duplicated, wrong rows, the daemon's pe
 (VmHWM), per-phase times from the log, and with ``--profile`` where the parent's time
 goes (py-spy, all threads; or cProfile, the event-loop thread only).
 
+``--residues float16`` (or float32) turns on ``[output] per_residue`` with that output
+dtype: the simulated workers then send every residue's rows too (not checked; the mean
+rows are, cast to that dtype), so the pipes carry what a per-residue job's do.
+
 Usage:
     python bench/parent.py --workers 4 --sequences 100000 --dim 1280 --json OUT.json
     python bench/parent.py --workers 8 --sequences 1000000 --dim 2560 --profile py-spy
+    python bench/parent.py --workers 2 --sequences 20000 --dim 1280 --residues float16 --cache off
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ def check_outputs(outbox: Path, per_file: list[np.ndarray], lengths: np.ndarray,
             for lo in range(0, len(got), step):
                 rows = emb[lo:lo + step]
                 want = expected_rows(got[lo:lo + step], lengths, starts, residues, dim)
-                wrong += int(np.sum(np.any(rows != want, axis=1)))
+                wrong += int(np.sum(np.any(rows != want.astype(rows.dtype), axis=1)))
     lost = int(np.sum(seen == 0))
     duplicated += int(np.sum(np.maximum(seen - 1, 0)))
     return {"lost": lost, "duplicated": duplicated, "wrong_rows": wrong}
@@ -253,7 +258,7 @@ failed = "{root / 'failed'}"
 [model]
 checkpoint = "{model}"
 dtype = "float32"
-output_dtype = "float32"
+output_dtype = "{'float32' if args.residues == 'none' else args.residues}"
 max_tokens_per_batch = {args.max_tokens}
 [workers]
 devices = {json.dumps(['cpu'] * args.workers)}
@@ -267,6 +272,8 @@ format = "json"
 level = "info"
 [cache]
 enabled = {"true" if args.cache == "on" else "false"}
+[output]
+per_residue = {"false" if args.residues == "none" else "true"}
 """ + ("" if args.index_processes is None else
        f"[jobs]\nindex_processes = {args.index_processes}\n"))
     env = dict(os.environ, VNPD_TEST_SIMULATE_DIM=str(args.dim))
@@ -313,7 +320,8 @@ enabled = {"true" if args.cache == "on" else "false"}
     checks = check_outputs(root / "outbox", per_file, lengths, starts, residues, args.dim)
     result: dict[str, object] = {
         "workers": args.workers, "sequences": args.sequences, "dim": args.dim,
-        "files": args.files, "cache": args.cache, "index_processes": args.index_processes, "max_tokens": args.max_tokens, "tokens": total_tokens,
+        "files": args.files, "max_tokens": args.max_tokens, "tokens": total_tokens,
+        "residues": args.residues, "cache": args.cache, "index_processes": args.index_processes,
         "seconds": round(elapsed, 3), "seq_per_s": round(args.sequences / elapsed, 1),
         "tok_s": round(total_tokens / elapsed, 1), **checks,
         "peak_rss_mb": round(peak or 0, 1), "exit_code": code,
@@ -341,6 +349,8 @@ def main() -> None:
                     help="the daemon's embedding cache (on by default, as in production)")
     ap.add_argument("--index-processes", type=int, default=None,
                     help="[jobs] index_processes (default: the daemon's default)")
+    ap.add_argument("--residues", choices=("none", "float16", "float32"), default="none",
+                    help="per-residue rows in this dtype (also the mean rows' output dtype)")
     ap.add_argument("--profile", choices=("none", "py-spy", "cprofile"), default="none")
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--workdir", default=None)

@@ -10,12 +10,16 @@ heartbeats, credit), only its engine is this.
 Row of a sequence with tokens t (BOS and EOS included), n = len(t), s = sum(t):
 ``[s, n, sum((i+1)*t[i]) mod 65521, (s + 0) mod 251, (s + 1) mod 251, ...]``; every value
 is an integer below 2**24, exact in float32 (check with ``output_dtype = "float32"``).
+Per-residue rows, when asked for, are ``[token, position in the sequence (1-based), 0,
+...]`` in the dtype asked for, BOS/EOS excluded, as the engine's: enough to move the
+bytes a real worker moves, not meant to be checked.
 
 Example::
 
     engine = SimulatedEngine(dim=1280, max_tokens=131072)
     rows = engine.submit(batch).result()         # (n, 1280) float32
     rows == simulated_rows(batch.tokens, batch.cu_seqlens, 1280)
+    engine.submit(batch, residues="float16").residues()  # (R, 1280) float16
 """
 
 from __future__ import annotations
@@ -53,18 +57,35 @@ def simulated_rows(tokens: np.ndarray, cu_seqlens: np.ndarray, dim: int) -> np.n
     return rows
 
 
+def simulated_residues(tokens: np.ndarray, cu_seqlens: np.ndarray, dim: int,
+                       dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (R, dim) residue rows of the packed sequences and each one's residue count."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    lengths = np.diff(cu) - 2
+    body = np.ones(tokens.shape[0], dtype=bool)
+    body[cu[:-1]] = False
+    body[cu[1:] - 1] = False
+    rows = np.zeros((int(lengths.sum()), dim), dtype=dtype)
+    rows[:, 0] = np.asarray(tokens)[body]
+    if dim > 1:
+        rows[:, 1] = np.arange(rows.shape[0]) - np.repeat(np.cumsum(lengths) - lengths,
+                                                           lengths) + 1
+    return rows, lengths
+
+
 @dataclass
 class SimulatedResult:
     """Rows computed at submit time; the engine's ``PendingResult`` interface."""
 
     rows: np.ndarray
-    lengths: np.ndarray | None = None  # the engine's interface; no per-residue rows here
+    lengths: np.ndarray | None = None  # residues per sequence, with residue_rows
+    residue_rows: np.ndarray | None = None
 
     def result(self) -> np.ndarray:
         return self.rows
 
-    def residues(self) -> None:
-        return None
+    def residues(self) -> np.ndarray | None:
+        return self.residue_rows
 
 
 class SimulatedEngine:
@@ -82,9 +103,12 @@ class SimulatedEngine:
         self.started = time.monotonic()
 
     def submit(self, batch: TokenBatch, residues: str | None = None) -> SimulatedResult:
-        if residues is not None:
-            raise ValueError("simulated workers write no per-residue rows")
-        return SimulatedResult(simulated_rows(batch.tokens, batch.cu_seqlens, self.embed_dim))
+        rows = simulated_rows(batch.tokens, batch.cu_seqlens, self.embed_dim)
+        if residues is None:
+            return SimulatedResult(rows)
+        residue_rows, lengths = simulated_residues(batch.tokens, batch.cu_seqlens,
+                                                   self.embed_dim, residues)
+        return SimulatedResult(rows, lengths, residue_rows)
 
     def warmup(self) -> None:
         pass

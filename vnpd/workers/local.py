@@ -36,6 +36,7 @@ from vnpd.workers.process import worker_main
 from vnpd.workers.restarts import Supervision
 from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg,
                                    ResultMsg, StopMsg, WorkerSpec)
+from vnpd.workers.wire import recv_message, send_message, widen
 
 log = structlog.get_logger()
 
@@ -152,6 +153,7 @@ class LocalPool(WorkerPool):
                                     name=f"vnpd-worker-{handle.spec.worker_id}", daemon=True)
         process.start()
         child_conn.close()
+        widen(parent_conn)
         handle.process, handle.conn, handle.pid = process, parent_conn, process.pid
         handle.state, handle.started_at = "starting", time.monotonic()
         handle.last_heartbeat = time.monotonic()
@@ -170,10 +172,10 @@ class LocalPool(WorkerPool):
         assert self.loop is not None
         while True:
             try:
-                msg = conn.recv()
+                msg = recv_message(conn)
             except (EOFError, OSError):
                 return  # reap_workers notices the exit
-            except Exception as exc:  # a message that does not unpickle: drop the worker
+            except Exception as exc:  # a bad frame (FrameError) or message: drop the worker
                 log.error("worker_bad_message", pid=pid, error=str(exc))
                 return
             self.loop.call_soon_threadsafe(self._on_message, handle, pid, msg)
@@ -185,7 +187,7 @@ class LocalPool(WorkerPool):
             if msg is None:
                 return
             try:
-                conn.send(msg)
+                send_message(conn, msg)
             except (OSError, EOFError, ValueError):
                 return
 

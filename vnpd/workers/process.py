@@ -27,6 +27,7 @@ import structlog
 from vnpd.faults import FaultPlan
 from vnpd.workers.protocol import (BatchMsg, ErrorMsg, HeartbeatMsg, PingMsg, ReadyMsg,
                                    ResultMsg, StopMsg, WorkerSpec)
+from vnpd.workers.wire import recv_message, send_message, widen
 
 log = structlog.get_logger()
 
@@ -37,7 +38,8 @@ STICKY_MARKERS = ("illegal memory access", "device-side assert", "unspecified la
 
 
 class _Channel:
-    """The worker's end of the pipe; sends are serialised (heartbeat thread + main loop)."""
+    """The worker's end of the pipe; sends are serialised (heartbeat thread + main loop):
+    the lock covers a whole frame, header and buffers."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -45,7 +47,7 @@ class _Channel:
 
     def send(self, msg: Any) -> None:
         with self.lock:
-            self.conn.send(msg)
+            send_message(self.conn, msg)
 
 
 class _State:
@@ -80,6 +82,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of the spawned process. Exits 0 after StopMsg or when the parent goes."""
     prepare_worker_process(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    widen(conn)
     channel = _Channel(conn)
     state = _State()
     started = time.monotonic()
@@ -182,7 +185,7 @@ def _serve(conn: Connection, channel: _Channel, state: _State, engine: Any,
         if stopping:
             return
         try:
-            msg = conn.recv()
+            msg = recv_message(conn)
         except (EOFError, OSError):
             log.warning("parent_gone")
             return

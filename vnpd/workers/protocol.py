@@ -3,7 +3,13 @@
 Parent -> worker: :class:`WorkerSpec` (at spawn), :class:`BatchMsg`, :class:`PingMsg`,
 :class:`StopMsg`. Worker -> parent: :class:`ReadyMsg`, :class:`ResultMsg`,
 :class:`HeartbeatMsg`, :class:`ErrorMsg`. Both sides import this module and nothing else
-crosses the pipe. Arrays travel as numpy (pickled by ``multiprocessing.Connection``).
+crosses the pipe. Arrays travel as numpy: :mod:`vnpd.workers.wire` frames each message
+(pickle protocol 5, the arrays' bytes sent raw, out of band). Ray actors pass the same
+messages through Ray's own transport.
+
+Example::
+
+    send_message(conn, ResultMsg(batch_id, rows, started, time.time()))  # vnpd.workers.wire
 """
 
 from __future__ import annotations
