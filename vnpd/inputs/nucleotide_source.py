@@ -5,8 +5,9 @@
 checked (:func:`vnpd.inputs.nucleotide.check_nucleotide`) and turned into proteins, six
 frames of VirNucPro's chunks or pyrodigal-gv's genes, as ``[nucleotide] proteins`` says.
 The proteins go to a derived protein FASTA, ``proteins.fasta``, in the job's directory, and
-their per-row facts to fixed-width arrays beside it. ``proteins.fasta`` is then indexed
-like any protein file, so rows are served exactly as :class:`ProteinSource` serves them.
+their per-row facts to fixed-width arrays beside it. ``proteins.fasta`` is indexed as it is
+written (:class:`vnpd.inputs.index.IndexingWriter`), with the index ``index_fasta`` would
+give, so rows are served exactly as :class:`ProteinSource` serves them.
 
 Files in ``directory``: ``proteins.fasta`` and its index (``offsets.npy``, ``lengths.npy``,
 ``index.json``), ``records.txt`` (every DNA record id, one a line, in input order),
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, sha256_file
+from vnpd.inputs.index import FileIndex, IndexingWriter, iter_indexed, sha256_file
 from vnpd.inputs.gene_calls import call_genes, resolve_workers
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
                                     make_gene_finder, six_frame_proteins)
@@ -86,7 +87,7 @@ class NucleotideSource(IndexedSource):
         checker = DuplicateIdChecker()
         columns = {name: array(code) for name, code in _ARRAYS.items()}
         with_proteins = 0
-        with open(directory / "proteins.fasta", "w", encoding="utf-8") as out, \
+        with IndexingWriter(directory / "proteins.fasta") as out, \
                 open(directory / "records.txt", "w", encoding="utf-8") as ids:
 
             def checked() -> Iterator[FastaRecord]:
@@ -100,7 +101,7 @@ class NucleotideSource(IndexedSource):
                 for record, proteins in made:
                     rows = 0
                     for protein in proteins:
-                        out.write(f">{protein.id}\n{protein.sequence}\n")
+                        out.add(protein.id, protein.sequence)
                         _append(columns, record.index, protein)
                         rows += 1
                     with_proteins += rows > 0
@@ -118,7 +119,7 @@ class NucleotideSource(IndexedSource):
                 "records_without_proteins": records - with_proteins}
         arrays = {name: np.frombuffer(col, dtype=_DTYPES[col.typecode]).copy()
                   for name, col in columns.items()}
-        return cls(path, directory, _index_proteins(directory / "proteins.fasta"), arrays, meta)
+        return cls(path, directory, out.close(), arrays, meta)
 
     @classmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "NucleotideSource":
@@ -214,12 +215,3 @@ def _append(columns: dict[str, array], record_index: int, protein: Protein) -> N
     columns["nt_start"].append(protein.nt_start)
     columns["nt_end"].append(protein.nt_end)
 
-
-def _index_proteins(path: Path) -> FileIndex:
-    """Index the derived protein file; one with no proteins gets an empty index."""
-    if path.stat().st_size == 0:
-        st = os.stat(path)
-        empty = np.empty(0, dtype=np.int64)
-        return FileIndex(0, empty, empty.copy(), sha256_file(path), st.st_size, st.st_mtime_ns,
-                         st.st_ino)
-    return index_fasta(path, kind="translated")
