@@ -232,12 +232,17 @@ def six_frame_proteins(record_id: str, sequence: str, chunk_length: int) -> Iter
     ``Protein("c_chunk_1F1", "MA", "c", 1, 0, 6)``.
     """
     for k, (start, end) in enumerate(chunk_spans(len(sequence), chunk_length), start=1):
-        yield from _chunk_proteins(f"{record_id}_chunk_{k}", sequence[start:end].upper(),
-                                   record_id, start)
+        yield from chunk_proteins(record_id, k, sequence[start:end].upper(), start)
 
 
-def _chunk_proteins(chunk_id: str, chunk: str, source_id: str, start: int) -> Iterator[Protein]:
-    """The stop-free, non-empty frames of one upper-cased chunk that starts at ``start``."""
+def chunk_proteins(record_id: str, number: int, chunk: str, start: int) -> Iterator[Protein]:
+    """Yield the proteins of chunk ``number`` (from 1) of a record: the stop-free, non-empty
+    frames of ``chunk``, its upper-cased text, which starts at record position ``start``.
+    ``six_frame_proteins`` is this for each chunk of ``chunk_spans``.
+
+    Example: ``next(chunk_proteins("c", 1, "ATGGCC", 0)).id`` is ``"c_chunk_1F1"``.
+    """
+    chunk_id, source_id = f"{record_id}_chunk_{number}", record_id
     # Reverse frame f reads, backwards, the same codons as the forward frame at offset
     # (len - f) % 3, so all six frames are found on the three forward codon grids.
     # Most frames of most chunks have a stop: find those first, in one scan that ends as
