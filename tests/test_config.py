@@ -191,6 +191,8 @@ def test_enum_errors():
                                       "ray.placement_timeout_s): must be 0 or more"),
     ({"nucleotide.gene_workers": -1}, "nucleotide.gene_workers (from override "
                                       "nucleotide.gene_workers): must be 0 or more, got -1"),
+    ({"nucleotide.six_frame_workers": -2}, "nucleotide.six_frame_workers (from override "
+                                           "nucleotide.six_frame_workers): must be 0 or more, got -2"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:
