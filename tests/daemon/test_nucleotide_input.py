@@ -41,8 +41,9 @@ def test_dna_is_published_with_source_fields_and_bad_dna_fails(
     records = {f"c{i}": random_dna(rng, rng.randint(100, 1300)) for i in range(6)}
     records["phage"] = phage_like(rng, 6)[0]
     records["all_n"] = "N" * 400
-    if workers > 1:  # rows in later batches (gene_calls.BATCH_BASES, six_frame_pool.BATCH_BASES)
-        records |= {"n_run": "N" * (60_000 if proteins == "genes" else 400_000),
+    if workers > 1:  # rows in later batches (gene_calls.BATCH_BASES; six_frame_pool's
+        # processes start for a file of POOL_MIN_BYTES)
+        records |= {"n_run": "N" * (60_000 if proteins == "genes" else 2_100_000),
                     "after": phage_like(rng, 6)[0]}
     text = dna_text(records)
     bad = ">ok\nACGTACGTAC\n>broken contig\nACGTAC\nACGTJACG\n"

@@ -1,4 +1,4 @@
-"""vnpd/inputs/six_frame_pool.py: six_frame on real spawned processes gives the rows of one
+"""vnpd/inputs/six_frame_pool.py: six_frame on real processes gives the rows of one
 thread byte for byte, in input order; those rows are checked against the literal VirNucPro
 reference of tests/inputs/test_nucleotide.py."""
 
@@ -25,6 +25,7 @@ from vnpd.inputs.six_frame_pool import cut_pieces, translate_in_processes
 from vnpd.inputs.source import SourceSettings
 
 SMALL_BATCH = 5_000  # bases: the records below make tens of batches, pieces of long ones
+SMALL_POOL_MIN = 20_000  # bytes: the files below get processes, but a file of a few records
 
 
 def varied_records(seed: int = 11) -> dict[str, str]:
@@ -63,6 +64,7 @@ class CountedPool(ProcessPoolExecutor):
 @pytest.fixture
 def pools(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[CountedPool]]:
     monkeypatch.setattr(six_frame_pool, "BATCH_BASES", SMALL_BATCH)
+    monkeypatch.setattr(six_frame_pool, "POOL_MIN_BYTES", SMALL_POOL_MIN)
     monkeypatch.setattr(six_frame_pool, "ProcessPoolExecutor", CountedPool)
     CountedPool.made = []
     yield CountedPool.made
@@ -76,7 +78,8 @@ def as_records(records: dict[str, str]) -> list[FastaRecord]:
 def test_processes_give_the_rows_of_one_thread_and_of_virnucpro(
         pools: list[CountedPool], chunk_length: int) -> None:
     records = varied_records()
-    blocks = list(translate_in_processes(as_records(records), chunk_length, workers=2))
+    blocks = list(translate_in_processes(as_records(records), chunk_length, workers=2,
+                                         file_bytes=SMALL_POOL_MIN))
     assert len(pools) == 1 and pools[0].shut and len(blocks) > 10
     text = b"".join(b.text for b in blocks).decode()
     want = [(i, p) for i, (rid, seq) in enumerate(records.items())
@@ -136,8 +139,10 @@ def test_build_on_two_processes_writes_the_files_of_one_thread(
     assert list(two.rows()) == list(one.rows())
 
 
-def test_a_file_of_one_batch_starts_no_processes(tmp_path: Path, pools: list[CountedPool]) -> None:
-    src = write_dna(tmp_path / "in.fna", {"a": random_dna(random.Random(2), 1200), "b": "GC" * 900})
+def test_a_small_file_starts_no_processes(tmp_path: Path, pools: list[CountedPool]) -> None:
+    records = {f"r{i}": random_dna(random.Random(i), 1200) for i in range(15)}  # 3 batches
+    src = write_dna(tmp_path / "in.fna", records)
+    assert SMALL_BATCH * 2 < src.stat().st_size < SMALL_POOL_MIN
     one, two = build(src, tmp_path / "w1", 1), build(src, tmp_path / "w2", 3)
     assert pools == [] and two.num_rows == one.num_rows > 0
     assert two.proteins_path.read_bytes() == one.proteins_path.read_bytes()

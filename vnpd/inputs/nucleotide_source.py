@@ -103,7 +103,7 @@ class NucleotideSource(IndexedSource):
             if pool_workers > 1:
                 # closing shuts the processes down when an error leaves the loop
                 with closing(translate_in_processes(checked(), settings.chunk_length,
-                                                    pool_workers)) as blocks:
+                                                    pool_workers, before.st_size)) as blocks:
                     for block in blocks:
                         out.add_block(block.text, block.line_bytes, block.lengths)
                         _append_block(columns, block)

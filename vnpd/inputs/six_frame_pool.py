@@ -1,7 +1,8 @@
 """six_frame translation of a whole file on several processes, with the rows in input order.
 
 six_frame is pure Python (one GIL), so threads would not help; it runs in a
-``ProcessPoolExecutor`` of the ``spawn`` context (the daemon has threads: never fork).
+``ProcessPoolExecutor`` of the ``forkserver`` context (the daemon has threads: it never
+forks itself; the server, started once, forks the processes with this module loaded).
 The caller's thread reads and checks the records, as it does with one worker, and cuts
 each record into pieces of whole chunks (``chunk_spans``: a piece is a run of consecutive
 chunks, the text from its first chunk's start to its last chunk's end, and the record
@@ -13,13 +14,14 @@ are copied. Pieces go to the processes in batches of about ``BATCH_BASES`` bases
 the proteins already written as FASTA text with their per-row numbers, so the caller does
 no Python work per protein: it writes the blocks, in input order, as they come.
 
-A file of one batch or less is translated in the calling thread: no processes are started
-for it. The rows are those of :func:`vnpd.inputs.nucleotide.six_frame_proteins` run on
+While every process has two batches (as while they start), the calling thread translates
+the next batches itself. A file under ``POOL_MIN_BYTES`` (2 MB) is translated in the calling
+thread alone: no processes are started for it. The rows are those of :func:`vnpd.inputs.nucleotide.six_frame_proteins` run on
 every record, whatever ``workers`` is.
 
 Example::
 
-    for block in translate_in_processes(checked_records, chunk_length=300, workers=8):
+    for block in translate_in_processes(checked_records, 300, workers=8, file_bytes=size):
         writer.add_block(block.text, block.line_bytes, block.lengths)   # IndexingWriter
         block.source_index, block.strand, block.nt_start, block.nt_end   # one a row
 """
@@ -44,6 +46,14 @@ hundred kB each way), and small enough that a file of a few Mbp keeps every proc
 
 BATCH_PIECES = 2_000
 """Pieces (records, for short ones) per batch at most, whatever their length."""
+
+POOL_MIN_BYTES = 2_000_000
+"""A smaller file is translated in the calling thread: about 0.3 s of work, no more than
+starting the processes takes (each imports numpy and Biopython's codon tables)."""
+
+AHEAD_BATCHES = 16
+"""Batches the calling thread translates itself, at most, while the processes hold the
+oldest one (~1 MB of proteins text): it covers the processes' start."""
 
 
 @dataclass(frozen=True)
@@ -105,15 +115,18 @@ def translate_pieces(pieces: list[Piece]) -> TranslatedBlock:
     return TranslatedBlock(data, np.array(line_bytes, dtype=np.int64), **arrays)
 
 
-def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int,
-                           workers: int) -> Iterator[TranslatedBlock]:
+def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, workers: int,
+                           file_bytes: int) -> Iterator[TranslatedBlock]:
     """Yield the six_frame proteins of ``records`` as blocks, in the order of ``records``.
 
-    ``workers`` (≥ 2) processes translate batches of ``BATCH_BASES`` bases; ``records`` is
-    read in the calling thread. An
-    error of ``records`` (the reader's, the checks') is raised at once: the batches in
-    flight are cancelled or waited for, and the pool shut down, as when the generator is
-    closed early. A process that dies raises ``BrokenProcessPool``.
+    ``workers`` (≥ 2) processes translate batches of ``BATCH_BASES`` bases, and so does the
+    calling thread, which reads ``records``, whenever every process has two batches (as
+    while they start, ~0.3 s): it runs at most ``AHEAD_BATCHES`` batches ahead of the
+    oldest one not back. A file of fewer than ``POOL_MIN_BYTES`` (``file_bytes``, its
+    size) is translated in the calling thread alone. An error of ``records`` (the
+    reader's, the checks') is raised at once: the batches in flight are cancelled or
+    waited for, and the pool shut down, as when the generator is closed early. A process
+    that dies raises ``BrokenProcessPool``.
 
     Raises ValueError if ``workers < 2`` or ``chunk_length < 1``.
     """
@@ -121,28 +134,48 @@ def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int,
         raise ValueError(f"workers must be at least 2 for a pool, not {workers}")
     if chunk_length < 1:
         raise ValueError(f"chunk_length must be at least 1, not {chunk_length}")
-    pending: deque[Future[TranslatedBlock]] = deque()
-    pool: ProcessPoolExecutor | None = None
-    held: list[Piece] | None = None  # the first batch, until a second shows the pool is worth it
+    batches = _batches(records, chunk_length, BATCH_BASES)
+    if file_bytes < POOL_MIN_BYTES:
+        yield from map(translate_pieces, batches)
+        return
+    pending: deque[tuple[Future[TranslatedBlock], bool]] = deque()  # (block, from the pool)
+    in_pool = 0
+    pool = ProcessPoolExecutor(workers, mp_context=_forkserver())
     try:
-        for batch in _batches(records, chunk_length, BATCH_BASES):
-            if pool is None:
-                if held is None:
-                    held = batch
-                    continue
-                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                pending.append(pool.submit(translate_pieces, held))
-                held = None
-            while pending and (len(pending) >= 2 * workers or pending[0].done()):
-                yield pending.popleft().result()
-            pending.append(pool.submit(translate_pieces, batch))
-        if held is not None:
-            yield translate_pieces(held)
+        for batch in batches:
+            while pending and pending[0][0].done():
+                block, pooled = pending.popleft()
+                in_pool -= pooled
+                yield block.result()
+            if in_pool >= 2 * workers and len(pending) < 2 * workers + AHEAD_BATCHES:
+                pending.append((_resolved(translate_pieces(batch)), False))  # this thread helps
+                continue
+            if in_pool >= 2 * workers:  # the oldest is the pool's: wait for it
+                block, pooled = pending.popleft()
+                in_pool -= pooled
+                yield block.result()
+            pending.append((pool.submit(translate_pieces, batch), True))
+            in_pool += 1
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _forkserver() -> multiprocessing.context.ForkServerContext:
+    """The ``forkserver`` context, its server loading this module: the server is started
+    once per process (by the first pool), single-threaded, so its forks are safe where a
+    fork of the daemon, which has threads, is not; and they start in milliseconds with
+    numpy and the codon tables loaded, where each ``spawn`` child imports them (~0.3 s)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])  # no effect once it runs
+    return context  # type: ignore[return-value]
+
+
+def _resolved(block: TranslatedBlock) -> Future[TranslatedBlock]:
+    done: Future[TranslatedBlock] = Future()
+    done.set_result(block)
+    return done
 
 
 def _batches(records: Iterable[FastaRecord], chunk_length: int,
