@@ -29,6 +29,8 @@ Example::
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -120,9 +122,9 @@ def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, wo
     """Yield the six_frame proteins of ``records`` as blocks, in the order of ``records``.
 
     ``workers`` (≥ 2) processes translate batches of ``BATCH_BASES`` bases, and so does the
-    calling thread, which reads ``records``, whenever every process has two batches (as
-    while they start, ~0.3 s): it runs at most ``AHEAD_BATCHES`` batches ahead of the
-    oldest one not back. A file of fewer than ``POOL_MIN_BYTES`` (``file_bytes``, its
+    calling thread, which reads ``records``, until the first process is up (the forkserver
+    starts once per process, ~0.3 s) and whenever every process has two batches: it runs
+    at most ``AHEAD_BATCHES`` batches ahead of the oldest one not back. A file of fewer than ``POOL_MIN_BYTES`` (``file_bytes``, its
     size) is translated in the calling thread alone. An error of ``records`` (the
     reader's, the checks') is raised at once: the batches in flight are cancelled or
     waited for, and the pool shut down, as when the generator is closed early. A process
@@ -141,13 +143,15 @@ def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, wo
     pending: deque[tuple[Future[TranslatedBlock], bool]] = deque()  # (block, from the pool)
     in_pool = 0
     pool = ProcessPoolExecutor(workers, mp_context=_forkserver())
+    started = _start_in_background(pool)
     try:
         for batch in batches:
             while pending and pending[0][0].done():
                 block, pooled = pending.popleft()
                 in_pool -= pooled
                 yield block.result()
-            if in_pool >= 2 * workers and len(pending) < 2 * workers + AHEAD_BATCHES:
+            if not started.is_set() or \
+                    (in_pool >= 2 * workers and len(pending) < 2 * workers + AHEAD_BATCHES):
                 pending.append((_resolved(translate_pieces(batch)), False))  # this thread helps
                 continue
             if in_pool >= 2 * workers:  # the oldest is the pool's: wait for it
@@ -160,6 +164,41 @@ def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, wo
             yield pending.popleft()[0].result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def start_forkserver() -> None:
+    """Start the forkserver the pools fork from, if it is not running (~0.3 s, once per
+    process; the first pool otherwise starts it). Benchmarks call it before the clock.
+
+    Example: ``start_forkserver()`` then ``translate_in_processes(...)``.
+    """
+    _forkserver()
+    multiprocessing.forkserver.ensure_running()
+    with ProcessPoolExecutor(1, mp_context=_forkserver()) as pool:
+        pool.submit(_started).result()  # the server answers once it has loaded this module
+
+
+def _start_in_background(pool: ProcessPoolExecutor) -> threading.Event:
+    """Start ``pool``'s first process from a thread, and set the event returned when it
+    runs: the first process of a daemon starts the forkserver (~0.3 s, as a spawned child
+    imports this module), a submit waits for it, and this thread has batches to translate
+    meanwhile. Errors are left to the submits that follow."""
+    started = threading.Event()
+
+    def start() -> None:
+        try:
+            pool.submit(_started).result()
+        except Exception:  # noqa: BLE001 -- a broken or shut-down pool fails the real submits
+            pass
+        finally:
+            started.set()
+
+    threading.Thread(target=start, name="vnpd-six-frame-start", daemon=True).start()
+    return started
+
+
+def _started() -> None:
+    """Run in a pool process: nothing, to show it is up."""
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
