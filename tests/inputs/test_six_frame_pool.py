@@ -9,6 +9,7 @@ import random
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def varied_records(seed: int = 11) -> dict[str, str]:
 class CountedPool(ProcessPoolExecutor):
     """The real pool, counted: which pools were made and shut down."""
 
-    made: list["CountedPool"] = []
+    made: ClassVar[list[CountedPool]] = []
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -14,10 +14,11 @@ are copied. Pieces go to the processes in batches of about ``BATCH_BASES`` bases
 the proteins already written as FASTA text with their per-row numbers, so the caller does
 no Python work per protein: it writes the blocks, in input order, as they come.
 
-While every process has two batches (as while they start), the calling thread translates
-the next batches itself. A file under ``POOL_MIN_BYTES`` (2 MB) is translated in the calling
-thread alone: no processes are started for it. The rows are those of :func:`vnpd.inputs.nucleotide.six_frame_proteins` run on
-every record, whatever ``workers`` is.
+Until the first process is up, and while every process has two batches, the calling
+thread translates the next batches itself. A file under ``POOL_MIN_BYTES`` (2 MB) is
+translated in the calling thread alone: no processes are started for it. The rows are
+those of :func:`vnpd.inputs.nucleotide.six_frame_proteins` run on every record, whatever
+``workers`` is.
 
 Example::
 
@@ -29,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.forkserver
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -37,21 +37,25 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 from vnpd.inputs.fasta import FastaRecord
 from vnpd.inputs.nucleotide import chunk_proteins, chunk_spans
 
+log = structlog.get_logger()
+
 BATCH_BASES = 300_000
 """Bases per batch sent to a process (pieces of long records are cut to this size): about
-0.1 s of translation on one core, far above the pool's cost per batch (pickling a few
-hundred kB each way), and small enough that a file of a few Mbp keeps every process busy."""
+25 ms of translation on one core (docs/BENCHMARKS.md), far above the pool's cost per batch
+(pickling 300 kB out and ~80 kB of proteins back), and small enough that a file of a few
+Mbp keeps every process busy."""
 
 BATCH_PIECES = 2_000
 """Pieces (records, for short ones) per batch at most, whatever their length."""
 
 POOL_MIN_BYTES = 2_000_000
-"""A smaller file is translated in the calling thread: about 0.3 s of work, no more than
-starting the processes takes (each imports numpy and Biopython's codon tables)."""
+"""A smaller file is translated in the calling thread: about 0.25 s of work on one core,
+as long as the forkserver's first start, and too little to share out."""
 
 AHEAD_BATCHES = 16
 """Batches the calling thread translates itself, at most, while the processes hold the
@@ -124,8 +128,9 @@ def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, wo
     ``workers`` (≥ 2) processes translate batches of ``BATCH_BASES`` bases, and so does the
     calling thread, which reads ``records``, until the first process is up (the forkserver
     starts once per process, ~0.3 s) and whenever every process has two batches: it runs
-    at most ``AHEAD_BATCHES`` batches ahead of the oldest one not back. A file of fewer than ``POOL_MIN_BYTES`` (``file_bytes``, its
-    size) is translated in the calling thread alone. An error of ``records`` (the
+    at most ``AHEAD_BATCHES`` batches ahead of the oldest one not back. A file of fewer
+    than ``POOL_MIN_BYTES`` (``file_bytes``, its size) is translated in the calling thread
+    alone. An error of ``records`` (the
     reader's, the checks') is raised at once: the batches in flight are cancelled or
     waited for, and the pool shut down, as when the generator is closed early. A process
     that dies raises ``BrokenProcessPool``.
@@ -172,8 +177,6 @@ def start_forkserver() -> None:
 
     Example: ``start_forkserver()`` then ``translate_in_processes(...)``.
     """
-    _forkserver()
-    multiprocessing.forkserver.ensure_running()
     with ProcessPoolExecutor(1, mp_context=_forkserver()) as pool:
         pool.submit(_started).result()  # the server answers once it has loaded this module
 
@@ -188,8 +191,8 @@ def _start_in_background(pool: ProcessPoolExecutor) -> threading.Event:
     def start() -> None:
         try:
             pool.submit(_started).result()
-        except Exception:  # noqa: BLE001 -- a broken or shut-down pool fails the real submits
-            pass
+        except Exception as exc:  # noqa: BLE001 -- the real submits raise it, in order
+            log.debug("six_frame_pool_start_failed", error=repr(exc))
         finally:
             started.set()
 
