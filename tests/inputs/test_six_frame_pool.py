@@ -20,9 +20,9 @@ from tests.inputs.test_nucleotide_source import write_dna
 from vnpd.inputs import six_frame_pool
 from vnpd.inputs.fasta import FastaError, FastaRecord
 from vnpd.inputs.index import index_fasta
-from vnpd.inputs.nucleotide import chunk_spans, six_frame_proteins
+from vnpd.inputs.nucleotide import piece_batches, six_frame_proteins, translate_pieces
 from vnpd.inputs.nucleotide_source import NucleotideSource
-from vnpd.inputs.six_frame_pool import cut_pieces, translate_in_processes
+from vnpd.inputs.six_frame_pool import translate_in_processes
 from vnpd.inputs.source import SourceSettings
 
 SMALL_BATCH = 5_000  # bases: the records below make tens of batches, pieces of long ones
@@ -79,7 +79,8 @@ def as_records(records: dict[str, str]) -> list[FastaRecord]:
 def test_processes_give_the_rows_of_one_thread_and_of_virnucpro(
         pools: list[CountedPool], chunk_length: int) -> None:
     records = varied_records()
-    blocks = list(translate_in_processes(as_records(records), chunk_length, workers=2,
+    batches = piece_batches(as_records(records), chunk_length, SMALL_BATCH)
+    blocks = list(translate_in_processes(batches, translate_pieces, workers=2,
                                          file_bytes=SMALL_POOL_MIN))
     assert len(pools) == 1 and pools[0].shut and len(blocks) > 10
     text = b"".join(b.text for b in blocks).decode()
@@ -99,21 +100,6 @@ def test_processes_give_the_rows_of_one_thread_and_of_virnucpro(
     with_rows = {p.source_id for _, p in want}
     assert {"n_runs", "lower", "all_frames", "long1", "after_long", "long2"} <= with_rows
     assert "no_stop_free" not in with_rows
-
-
-def test_pieces_are_runs_of_whole_chunks_and_never_a_whole_long_record() -> None:
-    sequence = random_dna(random.Random(4), 20_011)
-    record = FastaRecord(3, "c", sequence, 1, 0)
-    for chunk_length, max_bases in [(300, 1_000), (300, 299), (157, 5_000), (500, 20_011)]:
-        pieces = list(cut_pieces(record, chunk_length, max_bases))
-        assert [s for p in pieces for s in p.spans] == list(chunk_spans(len(sequence), chunk_length))
-        assert [p.first_chunk for p in pieces] == \
-            [1 + sum(len(q.spans) for q in pieces[:i]) for i in range(len(pieces))]
-        for p in pieces:
-            assert p.text == sequence[p.spans[0][0]:p.spans[-1][1]] and p.start == p.spans[0][0]
-            assert len(p.text) <= max_bases or len(p.spans) == 1
-            assert (p.record_index, p.record_id) == (3, "c")
-        assert (len(pieces) == 1) == (max_bases >= len(sequence))
 
 
 def build(src: Path, directory: Path, workers: int, chunk_length: int = 300) -> NucleotideSource:

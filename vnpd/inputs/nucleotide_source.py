@@ -40,9 +40,10 @@ import numpy as np
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
 from vnpd.inputs.index import FileIndex, IndexingWriter, iter_indexed, sha256_file
 from vnpd.inputs.gene_calls import call_genes, resolve_workers
-from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
-                                    make_gene_finder, six_frame_proteins)
-from vnpd.inputs.six_frame_pool import TranslatedBlock, translate_in_processes
+from vnpd.inputs import six_frame_pool
+from vnpd.inputs.nucleotide import (NucleotideError, Protein, TranslatedBlock, check_nucleotide,
+                                    gene_proteins, make_gene_finder, piece_batches,
+                                    six_frame_proteins, translate_pieces)
 from vnpd.inputs.source import IndexedSource, SourceSettings
 
 if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
@@ -102,8 +103,10 @@ class NucleotideSource(IndexedSource):
 
             if pool_workers > 1:
                 # closing shuts the processes down when an error leaves the loop
-                with closing(translate_in_processes(checked(), settings.chunk_length,
-                                                    pool_workers, before.st_size)) as blocks:
+                batches = piece_batches(checked(), settings.chunk_length,
+                                        six_frame_pool.BATCH_BASES)
+                with closing(six_frame_pool.translate_in_processes(
+                        batches, translate_pieces, pool_workers, before.st_size)) as blocks:
                     for block in blocks:
                         out.add_block(block.text, block.line_bytes, block.lengths)
                         _append_block(columns, block)

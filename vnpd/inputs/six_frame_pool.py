@@ -4,15 +4,17 @@ six_frame is pure Python (one GIL), so threads would not help; it runs in a
 ``ProcessPoolExecutor`` of the ``forkserver`` context (the daemon has threads: it never
 forks itself; the server, started once, forks the processes with this module loaded).
 The caller's thread reads and checks the records, as it does with one worker, and cuts
-each record into pieces of whole chunks (``chunk_spans``: a piece is a run of consecutive
+each record into pieces of whole chunks (:func:`vnpd.inputs.nucleotide.piece_batches`
+over ``chunk_spans``: a piece is a run of consecutive
 chunks, the text from its first chunk's start to its last chunk's end, and the record
 position of that start), at most ``BATCH_BASES`` bases each, so no process gets a whole
 long record: a 100 Mbp contig is held once, by the caller, and only its pieces in flight
 are copied. Pieces go to the processes in batches of about ``BATCH_BASES`` bases, at most
 ``2 * workers`` batches in flight. A process translates a batch with six_frame's own code
-(:func:`vnpd.inputs.nucleotide.chunk_proteins`) and sends back a :class:`TranslatedBlock`,
-the proteins already written as FASTA text with their per-row numbers, so the caller does
-no Python work per protein: it writes the blocks, in input order, as they come.
+(:func:`vnpd.inputs.nucleotide.translate_pieces`, over ``chunk_proteins``), passed in as
+gene_calls is passed its gene caller, and sends back a ``TranslatedBlock``, the proteins
+already written as FASTA text with their per-row numbers, so the caller does no Python
+work per protein: it writes the blocks, in input order, as they come.
 
 Until the first process is up, and while every process has two batches, the calling
 thread translates the next batches itself. A file under ``POOL_MIN_BYTES`` (2 MB) is
@@ -22,7 +24,8 @@ those of :func:`vnpd.inputs.nucleotide.six_frame_proteins` run on every record, 
 
 Example::
 
-    for block in translate_in_processes(checked_records, 300, workers=8, file_bytes=size):
+    batches = piece_batches(checked_records, 300, BATCH_BASES)    # vnpd.inputs.nucleotide
+    for block in translate_in_processes(batches, translate_pieces, workers=8, file_bytes=size):
         writer.add_block(block.text, block.line_bytes, block.lengths)   # IndexingWriter
         block.source_index, block.strand, block.nt_start, block.nt_end   # one a row
 """
@@ -32,15 +35,18 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import structlog
 
-from vnpd.inputs.fasta import FastaRecord
-from vnpd.inputs.nucleotide import chunk_proteins, chunk_spans
+if TYPE_CHECKING:  # annotations only: the translation is passed in, as gene_calls' genes_of
+    from vnpd.inputs.nucleotide import Piece, TranslatedBlock
+
+Translate = Callable[["list[Piece]"], "TranslatedBlock"]
+"""Translates one batch of pieces (:func:`vnpd.inputs.nucleotide.translate_pieces`); a
+module-level function, so that a process can unpickle it."""
 
 log = structlog.get_logger()
 
@@ -49,9 +55,6 @@ BATCH_BASES = 300_000
 25 ms of translation on one core (docs/BENCHMARKS.md), far above the pool's cost per batch
 (pickling 300 kB out and ~80 kB of proteins back), and small enough that a file of a few
 Mbp keeps every process busy."""
-
-BATCH_PIECES = 2_000
-"""Pieces (records, for short ones) per batch at most, whatever their length."""
 
 POOL_MIN_BYTES = 2_000_000
 """A smaller file is translated in the calling thread: about 0.25 s of work on one core,
@@ -62,92 +65,31 @@ AHEAD_BATCHES = 16
 oldest one (~1 MB of proteins text): it covers the processes' start."""
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Consecutive chunks of one record: ``text`` is the record from ``start`` to the end of
-    its last chunk, ``spans`` the chunks' (start, end) on the record, the first of them
-    chunk ``first_chunk`` (from 1)."""
+def translate_in_processes(batches: Iterable[list[Piece]], translate: Translate,
+                           workers: int, file_bytes: int) -> Iterator[TranslatedBlock]:
+    """Yield ``translate(batch)`` for each of ``batches`` (pieces of ``BATCH_BASES`` bases,
+    :func:`vnpd.inputs.nucleotide.piece_batches`), in their order.
 
-    record_index: int
-    record_id: str
-    first_chunk: int
-    start: int
-    text: str
-    spans: list[tuple[int, int]]
-
-
-@dataclass(frozen=True)
-class TranslatedBlock:
-    """The proteins of a batch of pieces, in order: ``text`` is their FASTA text (``>id``
-    line, sequence line), and each array has one int64 (``strand``: int8) per protein:
-    ``line_bytes`` (its bytes in ``text``), ``lengths`` (residues), ``source_index`` (the
-    record's index in the file), ``strand``, ``nt_start`` and ``nt_end`` (on the record)."""
-
-    text: bytes
-    line_bytes: np.ndarray
-    lengths: np.ndarray
-    source_index: np.ndarray
-    strand: np.ndarray
-    nt_start: np.ndarray
-    nt_end: np.ndarray
-
-
-def translate_pieces(pieces: list[Piece]) -> TranslatedBlock:
-    """The six_frame proteins of ``pieces``, as one block (run in a pool process).
-
-    Example: ``translate_pieces([Piece(0, "c", 1, 0, "ATGGCC", [(0, 6)])]).text`` is
-    ``b">c_chunk_1F1\\nMA\\n..."``.
-    """
-    lines: list[str] = []
-    columns: dict[str, list[int]] = {name: [] for name in
-                                     ("lengths", "source_index", "strand", "nt_start", "nt_end")}
-    for piece in pieces:
-        text = piece.text.upper()
-        for number, (start, end) in enumerate(piece.spans, start=piece.first_chunk):
-            chunk = text[start - piece.start:end - piece.start]
-            for protein in chunk_proteins(piece.record_id, number, chunk, start):
-                lines.append(f">{protein.id}\n{protein.sequence}\n")
-                columns["lengths"].append(len(protein.sequence))
-                columns["source_index"].append(piece.record_index)
-                columns["strand"].append(protein.strand)
-                columns["nt_start"].append(protein.nt_start)
-                columns["nt_end"].append(protein.nt_end)
-    data = "".join(lines).encode()
-    line_bytes = [len(line) for line in lines]
-    if sum(line_bytes) != len(data):  # ids with non-ASCII letters: bytes, not characters
-        line_bytes = [len(line.encode()) for line in lines]
-    arrays = {name: np.array(values, dtype=np.int8 if name == "strand" else np.int64)
-              for name, values in columns.items()}
-    return TranslatedBlock(data, np.array(line_bytes, dtype=np.int64), **arrays)
-
-
-def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, workers: int,
-                           file_bytes: int) -> Iterator[TranslatedBlock]:
-    """Yield the six_frame proteins of ``records`` as blocks, in the order of ``records``.
-
-    ``workers`` (≥ 2) processes translate batches of ``BATCH_BASES`` bases, and so does the
-    calling thread, which reads ``records``, until the first process is up (the forkserver
+    ``workers`` (≥ 2) processes translate, and so does the calling thread, which reads
+    ``batches`` (and the records under them), until the first process is up (the forkserver
     starts once per process, ~0.3 s) and whenever every process has two batches: it runs
     at most ``AHEAD_BATCHES`` batches ahead of the oldest one not back. A file of fewer
     than ``POOL_MIN_BYTES`` (``file_bytes``, its size) is translated in the calling thread
-    alone. An error of ``records`` (the
+    alone. An error of ``batches`` (the
     reader's, the checks') is raised at once: the batches in flight are cancelled or
     waited for, and the pool shut down, as when the generator is closed early. A process
     that dies raises ``BrokenProcessPool``.
 
-    Raises ValueError if ``workers < 2`` or ``chunk_length < 1``.
+    Raises ValueError if ``workers < 2``.
     """
     if workers < 2:
         raise ValueError(f"workers must be at least 2 for a pool, not {workers}")
-    if chunk_length < 1:
-        raise ValueError(f"chunk_length must be at least 1, not {chunk_length}")
-    batches = _batches(records, chunk_length, BATCH_BASES)
     if file_bytes < POOL_MIN_BYTES:
-        yield from map(translate_pieces, batches)
+        yield from map(translate, batches)
         return
     pending: deque[tuple[Future[TranslatedBlock], bool]] = deque()  # (block, from the pool)
     in_pool = 0
-    pool = ProcessPoolExecutor(workers, mp_context=_forkserver())
+    pool = ProcessPoolExecutor(workers, mp_context=_forkserver(translate.__module__))
     started = _start_in_background(pool)
     try:
         for batch in batches:
@@ -157,13 +99,13 @@ def translate_in_processes(records: Iterable[FastaRecord], chunk_length: int, wo
                 yield block.result()
             if not started.is_set() or \
                     (in_pool >= 2 * workers and len(pending) < 2 * workers + AHEAD_BATCHES):
-                pending.append((_resolved(translate_pieces(batch)), False))  # this thread helps
+                pending.append((_resolved(translate(batch)), False))  # this thread helps
                 continue
             if in_pool >= 2 * workers:  # the oldest is the pool's: wait for it
                 block, pooled = pending.popleft()
                 in_pool -= pooled
                 yield block.result()
-            pending.append((pool.submit(translate_pieces, batch), True))
+            pending.append((pool.submit(translate, batch), True))
             in_pool += 1
         while pending:
             yield pending.popleft()[0].result()
@@ -177,7 +119,7 @@ def start_forkserver() -> None:
 
     Example: ``start_forkserver()`` then ``translate_in_processes(...)``.
     """
-    with ProcessPoolExecutor(1, mp_context=_forkserver()) as pool:
+    with ProcessPoolExecutor(1, mp_context=_forkserver("vnpd.inputs.nucleotide")) as pool:
         pool.submit(_started).result()  # the server answers once it has loaded this module
 
 
@@ -204,13 +146,14 @@ def _started() -> None:
     """Run in a pool process: nothing, to show it is up."""
 
 
-def _forkserver() -> multiprocessing.context.ForkServerContext:
-    """The ``forkserver`` context, its server loading this module: the server is started
+def _forkserver(translation: str) -> multiprocessing.context.ForkServerContext:
+    """The ``forkserver`` context, its server loading this module and ``translation`` (a
+    module name): the server is started
     once per process (by the first pool), single-threaded, so its forks are safe where a
     fork of the daemon, which has threads, is not; and they start in milliseconds with
     numpy and the codon tables loaded, where each ``spawn`` child imports them (~0.3 s)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])  # no effect once it runs
+    context.set_forkserver_preload(["__main__", __name__, translation])  # none once it runs
     return context  # type: ignore[return-value]
 
 
@@ -220,39 +163,3 @@ def _resolved(block: TranslatedBlock) -> Future[TranslatedBlock]:
     return done
 
 
-def _batches(records: Iterable[FastaRecord], chunk_length: int,
-             batch_bases: int) -> Iterator[list[Piece]]:
-    """Consecutive pieces of ``records``, about ``batch_bases`` bases and at most
-    ``BATCH_PIECES`` pieces a batch."""
-    batch: list[Piece] = []
-    bases = 0
-    for record in records:
-        for piece in cut_pieces(record, chunk_length, batch_bases):
-            batch.append(piece)
-            bases += len(piece.text)
-            if bases >= batch_bases or len(batch) >= BATCH_PIECES:
-                yield batch
-                batch, bases = [], 0
-    if batch:
-        yield batch
-
-
-def cut_pieces(record: FastaRecord, chunk_length: int, max_bases: int) -> Iterator[Piece]:
-    """``record`` as consecutive pieces of whole chunks (``chunk_spans``), each at most
-    ``max_bases`` bases, or one chunk if a chunk is longer; one piece's text at a time.
-
-    Example: ``[p.spans for p in cut_pieces(record_of_700_bp, 300, 450)]`` is
-    ``[[(0, 300)], [(233, 533)], [(466, 700)]]``.
-    """
-    spans: list[tuple[int, int]] = []
-    first = 1
-    sequence = record.sequence
-    for number, (start, end) in enumerate(chunk_spans(len(sequence), chunk_length), start=1):
-        if spans and end - spans[0][0] > max_bases:
-            yield Piece(record.index, record.id, first, spans[0][0],
-                        sequence[spans[0][0]:spans[-1][1]], spans)
-            spans, first = [], number
-        spans.append((start, end))
-    if spans:
-        yield Piece(record.index, record.id, first, spans[0][0],
-                    sequence[spans[0][0]:spans[-1][1]], spans)
