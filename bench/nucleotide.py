@@ -18,16 +18,20 @@ taking a 3B GPU at ~1,000 ORF-length proteins/s and a 650M GPU at ~3,700/s, and 
 
     python bench/nucleotide.py --case build --workers 1,2 --rounds 5 --contigs 60 --json OUT.json
 The daemon's whole indexing step, ``NucleotideSource.build`` (read, check, make proteins,
-write proteins.fasta, index it), on a file of coding contigs: genes with each
-``gene_workers`` value of ``--workers``, and six_frame, interleaved round by round so that
+write and index proteins.fasta), on a file of coding contigs: for each value of
+``--workers``, genes with that ``gene_workers`` and six_frame with that
+``six_frame_workers`` (``--proteins`` picks one mode), interleaved round by round so that
 the load of a shared machine falls on every variant alike. Prints each run, then per
-variant the median genes/s, contigs/s and kbp/s, and the ratio of each worker count's
-median to the first's (and the median of the per-round ratios).
+variant the median rows/s, contigs/s and kbp/s, and the ratio of each worker count's
+median to the first's (and the median of the per-round ratios). ``cpu_seconds`` counts the
+worker processes too (they are waited for before the clock stops). A vnpd from before
+``six_frame_workers`` (put this script beside it) runs six_frame with ``--workers 1`` only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -121,21 +125,26 @@ def build_case(args: argparse.Namespace, lengths: tuple[int, int]) -> dict[str, 
     contigs = [coding_contig(rng, rng.randint(*lengths), rng.uniform(0.4, 0.6))
                for _ in range(args.contigs)]
     bp = sum(len(c) for c in contigs)
-    variants = [(f"genes_w{w}", SourceSettings("nucleotide", "genes", gene_workers=w))
-                for w in workers]
-    variants.append(("six_frame", SourceSettings("nucleotide", "six_frame", args.chunk_length)))
+    modes = ["genes", "six_frame"] if args.proteins == "both" else [args.proteins]
+    variants = [(f"{mode}_w{w}", _settings(mode, args.chunk_length, w))
+                for mode in modes for w in workers]
     work = Path(tempfile.mkdtemp(prefix="vnpd-bench-nt-"))
     runs: list[dict[str, object]] = []
     try:
         src = work / "contigs.fna"
         src.write_text("".join(f">contig{i}\n{c}\n" for i, c in enumerate(contigs)))
-        make_gene_finder()  # import pyrodigal-gv before the clock starts
+        if "genes" in modes:
+            make_gene_finder()  # import pyrodigal-gv before the clock starts
+        if "six_frame" in modes and max(workers) > 1:
+            # as a daemon has it after its first large file (0.3 s, once)
+            from vnpd.inputs.six_frame_pool import start_forkserver
+            start_forkserver()
         for round_ in range(args.rounds):
             for name, settings in variants:
                 out = work / name
-                started, cpu = time.perf_counter(), time.process_time()
+                started, cpu = time.perf_counter(), _cpu_seconds()
                 source = NucleotideSource.build(src, out, settings)
-                seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+                seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
                 shutil.rmtree(out)
                 # cores_used: CPU seconds of all threads per wall second; below the worker
                 # count when other processes hold the cores.
@@ -153,15 +162,16 @@ def build_case(args: argparse.Namespace, lengths: tuple[int, int]) -> dict[str, 
         mine = [r for r in runs if r["variant"] == name]
         summary[name] = {k: statistics.median(float(r[k]) for r in mine)  # type: ignore[arg-type]
                          for k in ("rows_per_s", "contigs_per_s", "kbp_per_s", "cores_used")}
-    base = f"genes_w{workers[0]}"
-    for w in workers[1:]:
-        name = f"genes_w{w}"
-        per_round = [float(a["seconds"]) / float(b["seconds"])  # type: ignore[arg-type]
-                     for a, b in zip([r for r in runs if r["variant"] == base],
-                                     [r for r in runs if r["variant"] == name])]
-        summary[name] |= {f"ratio_to_w{workers[0]}": summary[name]["rows_per_s"]
-                          / summary[base]["rows_per_s"],
-                          "ratio_per_round_median": statistics.median(per_round)}
+    for mode in modes:
+        base = f"{mode}_w{workers[0]}"
+        for w in workers[1:]:
+            name = f"{mode}_w{w}"
+            per_round = [float(a["seconds"]) / float(b["seconds"])  # type: ignore[arg-type]
+                         for a, b in zip([r for r in runs if r["variant"] == base],
+                                         [r for r in runs if r["variant"] == name])]
+            summary[name] |= {f"ratio_to_w{workers[0]}": summary[name]["rows_per_s"]
+                              / summary[base]["rows_per_s"],
+                              "ratio_per_round_median": statistics.median(per_round)}
     print(json.dumps({"summary": _rounded(summary)}), flush=True)
     return {"case": "build", "cpu": platform.processor() or platform.machine(),
             "usable_cores": usable_cores(), "python": platform.python_version(),
@@ -169,15 +179,36 @@ def build_case(args: argparse.Namespace, lengths: tuple[int, int]) -> dict[str, 
             "chunk_length": args.chunk_length, "runs": runs, "summary": summary}
 
 
+def _settings(mode: str, chunk_length: int, workers: int) -> SourceSettings:
+    """The build's settings, ``workers`` of either kind; a vnpd without six_frame_workers
+    (before it existed) can only run six_frame in one thread."""
+    if mode == "genes":
+        return SourceSettings("nucleotide", "genes", gene_workers=workers)
+    if "six_frame_workers" in {f.name for f in dataclasses.fields(SourceSettings)}:
+        return SourceSettings("nucleotide", "six_frame", chunk_length, six_frame_workers=workers)
+    if workers != 1:
+        sys.exit("this vnpd has no six_frame_workers: run six_frame with --workers 1")
+    return SourceSettings("nucleotide", "six_frame", chunk_length)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=["steps", "build"], default="steps",
                     help="steps: each translation step alone, one core; build: the indexing "
-                         "step with 1 vs N gene_workers")
+                         "step with 1 vs N workers")
     ap.add_argument("--contigs", type=int, default=40)
     ap.add_argument("--length", default="5000-50000", help="bp, 'L' or 'MIN-MAX'")
     ap.add_argument("--chunk-length", type=int, default=300)
-    ap.add_argument("--workers", default="1,2", help="build: gene_workers values, first = base")
+    ap.add_argument("--workers", default="1,2",
+                    help="build: gene_workers / six_frame_workers values, first = base")
+    ap.add_argument("--proteins", choices=["both", "genes", "six_frame"], default="both",
+                    help="build: the modes measured")
     ap.add_argument("--rounds", type=int, default=5, help="build: interleaved rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")

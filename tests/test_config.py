@@ -193,6 +193,8 @@ def test_enum_errors():
                                       "nucleotide.gene_workers): must be 0 or more, got -1"),
     ({"jobs.index_processes": -2}, "jobs.index_processes (from override "
                                    "jobs.index_processes): must be 0 or more, got -2"),
+    ({"nucleotide.six_frame_workers": -2}, "nucleotide.six_frame_workers (from override "
+                                           "nucleotide.six_frame_workers): must be 0 or more, got -2"),
 ])
 def test_range_errors(overrides: dict[str, object], fragment: str):
     with pytest.raises(ConfigError) as excinfo:

@@ -69,12 +69,13 @@ def test_embed_nucleotide_matches_fair_esm_on_the_proteins(tmp_path: Path, wide_
     src = tmp_path / "in.fna"
     src.write_text("".join(f">{k} x\n{v}\n" for k, v in records.items()))
     out = tmp_path / "out" / "in.h5"
-    threads = ["--gene-workers", "3"] if proteins == "genes" else []
+    threads = ["--gene-workers" if proteins == "genes" else "--six-frame-workers", "3"]
     result = run_embed(str(src), "-o", str(out), "--model", str(wide_model), "--kind",
                        "nucleotide", "--proteins", proteins, "--chunk-length", "500", *threads)
     assert result.returncode == 0, result.stderr
     source = NucleotideSource.build(src, tmp_path / "ref",  # serial: the reference
-                                    SourceSettings("nucleotide", proteins, 500, gene_workers=1))
+                                    SourceSettings("nucleotide", proteins, 500, gene_workers=1,
+                                                   six_frame_workers=1))
     rows = list(source.rows())
     emb, ids, lengths, attrs = read_output(out)
     assert ids == [r.id for r in rows] and len(ids) > 5

@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleotide: six_frame (VirNucPro's chunks) or genes (pyrodigal-gv)")
     p.add_argument("--chunk-length", type=_chunk_length, default=300,
                    help="nucleotide six_frame: bp per chunk (VirNucPro: 300 or 500)")
-    p.add_argument("--gene-workers", type=_gene_workers, default=0,
+    p.add_argument("--gene-workers", type=_worker_count, default=0,
                    help="nucleotide genes: threads calling genes (default 0 = one per core)")
+    p.add_argument("--six-frame-workers", type=_worker_count, default=0,
+                   help="nucleotide six_frame: processes translating (default 0 = one per core)")
 
     p = sub.add_parser("validate-config", help="check a configuration file")
     p.add_argument("config", type=Path)
@@ -119,7 +121,7 @@ def _chunk_length(text: str) -> int:
     return value
 
 
-def _gene_workers(text: str) -> int:
+def _worker_count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (one per core) or more, got {value}")
@@ -161,7 +163,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return EX_CONFIG
     try:
         settings = SourceSettings(kind=args.kind, proteins=args.proteins,
-                                  chunk_length=args.chunk_length, gene_workers=args.gene_workers)
+                                  chunk_length=args.chunk_length, gene_workers=args.gene_workers,
+                                  six_frame_workers=args.six_frame_workers)
         embed_file(args.input, args.output, engine, output_dtype=args.output_dtype,
                    settings=settings, options=options)
     except FastaError as exc:

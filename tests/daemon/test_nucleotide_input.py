@@ -25,27 +25,29 @@ from vnpd.output.verify import read_output, verify_output
 pytestmark = pytest.mark.timeout(600)
 
 NUCLEOTIDE = ('\n[input]\nkind = "nucleotide"\n\n[nucleotide]\nproteins = "{}"\nchunk_length = {}\n'
-              'gene_workers = {}\n')
+              'gene_workers = {}\nsix_frame_workers = {}\n')
 
 
 def dna_text(records: dict[str, str]) -> str:
     return "".join(f">{rid} contig\n{seq[:80]}\n{seq[80:]}\n" for rid, seq in records.items())
 
 
-@pytest.mark.parametrize("proteins, chunk, gene_workers", [
-    ("six_frame", 300, 0), ("genes", 300, 1), ("genes", 300, 3)])
+@pytest.mark.parametrize("proteins, chunk, workers", [
+    ("six_frame", 300, 1), ("six_frame", 300, 2), ("genes", 300, 1), ("genes", 300, 3)])
 def test_dna_is_published_with_source_fields_and_bad_dna_fails(
-        tmp_path: Path, tiny_model: Path, proteins: str, chunk: int, gene_workers: int) -> None:
+        tmp_path: Path, tiny_model: Path, proteins: str, chunk: int, workers: int) -> None:
     dirs = DaemonDirs(tmp_path)
     rng = random.Random(17)
     records = {f"c{i}": random_dna(rng, rng.randint(100, 1300)) for i in range(6)}
     records["phage"] = phage_like(rng, 6)[0]
     records["all_n"] = "N" * 400
-    if gene_workers > 1:  # genes in later batches of gene calls (gene_calls.BATCH_BASES)
-        records |= {"n_run": "N" * 60_000, "after": phage_like(rng, 6)[0]}
+    if workers > 1:  # rows in later batches (gene_calls.BATCH_BASES; six_frame_pool's
+        # processes start for a file of POOL_MIN_BYTES)
+        records |= {"n_run": "N" * (60_000 if proteins == "genes" else 2_100_000),
+                    "after": phage_like(rng, 6)[0]}
     text = dna_text(records)
     bad = ">ok\nACGTACGTAC\n>broken contig\nACGTAC\nACGTJACG\n"
-    daemon = Daemon(write_config(dirs, tiny_model, extra=NUCLEOTIDE.format(proteins, chunk, gene_workers)),
+    daemon = Daemon(write_config(dirs, tiny_model, extra=NUCLEOTIDE.format(proteins, chunk, workers, workers)),
                     dirs)
     try:
         daemon.wait_ready()
@@ -65,7 +67,8 @@ def test_dna_is_published_with_source_fields_and_bad_dna_fails(
     verify_output(out)
     src = tmp_path / "copy.fna"
     src.write_text(text)
-    settings = SourceSettings("nucleotide", proteins, chunk, gene_workers=1)  # serial reference
+    settings = SourceSettings("nucleotide", proteins, chunk, gene_workers=1,  # serial reference
+                              six_frame_workers=1)
     source = NucleotideSource.build(src, tmp_path / "ref", settings)
     rows = list(source.rows())
     emb, ids, lengths, attrs = read_output(out)

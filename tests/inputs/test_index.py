@@ -132,3 +132,51 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def assert_same_index(got: FileIndex, want: FileIndex) -> None:
+    """Every field of two indexes equal, the arrays by value and dtype."""
+    assert (got.num_records, got.sha256, got.size, got.mtime_ns, got.inode) == \
+        (want.num_records, want.sha256, want.size, want.mtime_ns, want.inode)
+    for name in ("offsets", "lengths"):
+        assert getattr(got, name).dtype == getattr(want, name).dtype == np.int64
+        assert getattr(got, name).tolist() == getattr(want, name).tolist()
+
+
+@pytest.mark.parametrize("sizes, block_from", [([5, 1500, 1, 300] * 10, 40),  # add only
+                                               ([3, 70, 900, 2, 12, 400] * 50, 7),  # mixed
+                                               ([1], 0), ([8000] * 300, 120)])  # > FLUSH_BYTES
+def test_indexing_writer_gives_the_index_of_index_fasta(tmp_path: Path, sizes: list[int],
+                                                        block_from: int) -> None:
+    seqs = random_sequences(sizes, seed=len(sizes))
+    ids = [f"contig{i}_chunk_{i % 7 + 1}R{i % 3 + 1}" for i in range(len(seqs))]
+    path = tmp_path / "proteins.fasta"
+    with index_module.IndexingWriter(path) as out:
+        for rid, seq in zip(ids[:block_from], seqs[:block_from]):
+            out.add(rid, seq)
+        rest = [f">{rid}\n{seq}\n".encode() for rid, seq in zip(ids[block_from:], seqs[block_from:])]
+        for lo in range(0, len(rest), 37):  # several blocks
+            part = rest[lo:lo + 37]
+            out.add_block(b"".join(part), np.array([len(t) for t in part]),
+                          np.array([len(s) for s in seqs[block_from + lo:block_from + lo + 37]]))
+    assert out.index is not None
+    assert_same_index(out.index, index_fasta(path, kind="translated"))
+
+
+def test_indexing_writer_with_no_records_gives_an_empty_index(tmp_path: Path) -> None:
+    path = tmp_path / "proteins.fasta"
+    with index_module.IndexingWriter(path) as out:
+        pass
+    st = path.stat()
+    empty = np.empty(0, dtype=np.int64)
+    assert_same_index(out.close(), FileIndex(0, empty, empty, hashlib.sha256(b"").hexdigest(),
+                                             0, st.st_mtime_ns, st.st_ino))
+    assert list(iter_indexed(path, out.close())) == []
+
+
+def test_indexing_writer_refuses_a_block_that_disagrees_and_keeps_no_index(tmp_path: Path) -> None:
+    path = tmp_path / "proteins.fasta"
+    with pytest.raises(ValueError, match="does not hold 1 records"):
+        with index_module.IndexingWriter(path) as out:
+            out.add_block(b">a\nMK\n", np.array([5]), np.array([2]))
+    assert out.index is None

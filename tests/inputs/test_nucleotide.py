@@ -19,9 +19,9 @@ from Bio.Seq import Seq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnpd.inputs.fasta import FastaError, iter_fasta
+from vnpd.inputs.fasta import FastaError, FastaRecord, iter_fasta
 from vnpd.inputs.nucleotide import (
-    FORWARD_CODONS, NucleotideError, Protein, check_nucleotide, chunk_spans, gene_proteins,
+    FORWARD_CODONS, NucleotideError, Protein, check_nucleotide, chunk_spans, cut_pieces, gene_proteins,
     looks_like_nucleotide, looks_like_protein, make_gene_finder, six_frame_proteins)
 
 # --- the reference: VirNucPro's rules, written out plainly ------------------------------
@@ -217,6 +217,21 @@ def test_long_contig_is_streamed_not_materialised() -> None:
         tracemalloc.stop()
     assert first[-1].id == "big_chunk_10R3"
     assert peak < 1_000_000  # a list of every chunk or protein would take tens of MB
+
+
+def test_pieces_are_runs_of_whole_chunks_and_never_a_whole_long_record() -> None:
+    sequence = random_dna(random.Random(4), 20_011)
+    record = FastaRecord(3, "c", sequence, 1, 0)
+    for chunk_length, max_bases in [(300, 1_000), (300, 299), (157, 5_000), (500, 20_011)]:
+        pieces = list(cut_pieces(record, chunk_length, max_bases))
+        assert [s for p in pieces for s in p.spans] == list(chunk_spans(len(sequence), chunk_length))
+        assert [p.first_chunk for p in pieces] == \
+            [1 + sum(len(q.spans) for q in pieces[:i]) for i in range(len(pieces))]
+        for p in pieces:
+            assert p.text == sequence[p.spans[0][0]:p.spans[-1][1]] and p.start == p.spans[0][0]
+            assert len(p.text) <= max_bases or len(p.spans) == 1
+            assert (p.record_index, p.record_id) == (3, "c")
+        assert (len(pieces) == 1) == (max_bases >= len(sequence))
 
 
 # --- genes ----------------------------------------------------------------------------

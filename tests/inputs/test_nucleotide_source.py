@@ -16,7 +16,8 @@ from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.inputs.nucleotide import gene_proteins, make_gene_finder, six_frame_proteins
 from vnpd.inputs.nucleotide_source import NucleotideSource
 from vnpd.inputs.source import SourceSettings
-from vnpd.inputs.index import sha256_file
+from tests.inputs.test_index import assert_same_index
+from vnpd.inputs.index import FileIndex, index_fasta, sha256_file
 
 
 def write_dna(path: Path, records: dict[str, str], width: int = 70, newline: str = "\n") -> Path:
@@ -66,6 +67,8 @@ def assert_same(source: NucleotideSource, records: dict[str, str], want: list) -
     assert attrs["records_without_proteins"] == len(records) - with_rows
     assert source.sha256 == sha256_file(source.path)
     assert list(source.rows(start=len(want) // 2)) == rows[len(want) // 2:]
+    # Indexed while written: the index a second read of proteins.fasta would give.
+    assert_same_index(source.index, index_fasta(source.proteins_path, kind="translated"))
 
 
 @pytest.mark.parametrize("settings", [SourceSettings("nucleotide", "six_frame", 300),
@@ -113,6 +116,10 @@ def test_no_proteins_gives_zero_rows_with_counts(tmp_path: Path) -> None:
     assert source.num_rows == 0 and list(source.rows()) == []
     assert source.attributes()["records"] == 2
     assert source.attributes()["records_without_proteins"] == 2
+    st = source.proteins_path.stat()  # index_fasta refuses an empty file: this is its index
+    empty = np.empty(0, dtype=np.int64)
+    assert_same_index(source.index, FileIndex(0, empty, empty, sha256_file(source.proteins_path),
+                                              0, st.st_mtime_ns, st.st_ino))
     assert {k: v.shape for k, v in source.row_fields().items()} == dict.fromkeys(
         ["source_ids", "strand", "nt_start", "nt_end"], (0,))
     source.save(tmp_path / "index")

@@ -161,6 +161,7 @@ class NucleotideConfig:
     proteins: str = "six_frame"  # "six_frame" (VirNucPro) | "genes" (pyrodigal-gv)
     chunk_length: int = 300  # six_frame: bp per chunk; VirNucPro's models use 300 or 500
     gene_workers: int = 0  # genes: threads calling genes per file; 0 = one per core (at most 32)
+    six_frame_workers: int = 0  # six_frame: processes translating per file; 0 = one per core (at most 32)
 
 
 @dataclass
@@ -222,4 +223,4 @@ POSITIVE = (
     "jobs.publish_retry_max_s", "cache.max_gb")
 NON_NEGATIVE = ("model.max_tokens_per_batch", "workers.batch_deadline_per_1k_tokens_s",
                 "inbox.settle_s", "model.window_stride", "ray.placement_timeout_s",
-                "nucleotide.gene_workers", "jobs.index_processes")
+                "nucleotide.gene_workers", "nucleotide.six_frame_workers", "jobs.index_processes")

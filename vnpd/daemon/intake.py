@@ -328,7 +328,8 @@ def source_settings(cfg: Config) -> SourceSettings:
     """The configuration's ``[input]`` and ``[nucleotide]`` settings."""
     return SourceSettings(kind=cfg.input.kind, proteins=cfg.nucleotide.proteins,
                           chunk_length=cfg.nucleotide.chunk_length,
-                          gene_workers=cfg.nucleotide.gene_workers)
+                          gene_workers=cfg.nucleotide.gene_workers,
+                          six_frame_workers=cfg.nucleotide.six_frame_workers)
 
 
 def _save_durably(source: SequenceSource, duplicates: DuplicatePlan, directory: Path) -> None:

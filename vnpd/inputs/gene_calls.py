@@ -63,15 +63,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_workers(configured: int) -> int:
-    """``[nucleotide] gene_workers`` as a thread count: 0 = one per usable core, at most
-    ``MAX_AUTO_WORKERS``; any other value is taken as it is.
+def resolve_workers(configured: int, key: str = "gene_workers") -> int:
+    """``[nucleotide] gene_workers`` (or the ``key`` named, ``six_frame_workers``) as a
+    thread or process count: 0 = one per usable core, at most ``MAX_AUTO_WORKERS``; any
+    other value is taken as it is.
 
-    Raises ValueError if ``configured`` is negative.
+    Raises ValueError, naming ``key``, if ``configured`` is negative.
     Example: ``resolve_workers(0)`` is 16 on a 16-core machine; ``resolve_workers(1)`` is 1.
     """
     if configured < 0:
-        raise ValueError(f"gene_workers must be 0 (one per core) or more, not {configured}")
+        raise ValueError(f"{key} must be 0 (one per core) or more, not {configured}")
     return configured or max(1, min(usable_cores(), MAX_AUTO_WORKERS))
 
 

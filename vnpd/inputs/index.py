@@ -10,11 +10,19 @@ after it was claimed (``cp`` into the inbox, stalled past ``settle_s``) can stil
 it, so the file's size, mtime and inode are recorded, and every re-read
 (``iter_indexed``) checks them and never reads past the last indexed record.
 
+A file that vnpd writes itself (the proteins of a nucleotide input) is indexed as it is
+written, by :class:`IndexingWriter`, with no second read: the index is the one
+``index_fasta`` would give.
+
 Example::
 
     index = index_fasta(Path("in.fasta"))
     for start, records in iter_windows(Path("in.fasta"), index, 10_000):
         ...
+
+    with IndexingWriter(Path("proteins.fasta")) as out:
+        out.add("contig7_chunk_1F1", "MKP")
+    out.index.num_records   # 1
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +100,92 @@ class FileIndex:
             raise FastaError(
                 f"the file changed after it was indexed (size {self.size} -> {st.st_size} "
                 f"bytes); {_WRITER_HINT}")
+
+
+class IndexingWriter:
+    """Writes a FASTA file, one ``>id`` line and one sequence line a record, and builds its
+    :class:`FileIndex` (offsets, lengths, SHA-256, size, mtime, inode) from the bytes as
+    they are written, so the file is never read back.
+
+    The index equals ``index_fasta(path, kind="translated")`` of the file when the records
+    are valid for that reader: ids unique, without whitespace, and sequences of upper-case
+    residues without ``*`` (the proteins of a nucleotide input are). It is not checked
+    here: the writer trusts its caller. A file with no records gets an index of none.
+    Closing (the ``with`` block's end) sets :attr:`index`; an error inside the block
+    closes the file and leaves no index.
+
+    Example: ``with IndexingWriter(p) as out: out.add("a", "MK")`` then ``out.index.lengths``
+    is ``[2]``.
+    """
+
+    FLUSH_BYTES = 1 << 20
+    """Bytes gathered before one write and one hash update: small records cost no call each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.index: FileIndex | None = None
+        self._file = open(path, "wb")
+        self._digest = hashlib.sha256()
+        self._offsets = array("q")
+        self._lengths = array("q")
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._position = 0  # bytes written or pending
+
+    def add(self, record_id: str, sequence: str) -> None:
+        """Append one record."""
+        text = f">{record_id}\n{sequence}\n".encode()
+        self._offsets.append(self._position)
+        self._lengths.append(len(sequence))
+        self._append(text)
+
+    def add_block(self, text: bytes, line_bytes: np.ndarray, lengths: np.ndarray) -> None:
+        """Append records already formatted as ``add`` formats them: ``text`` is their
+        concatenation, ``line_bytes`` the bytes of each record in it and ``lengths`` its
+        residues (both int64, one per record). Raises ValueError if they disagree."""
+        line_bytes = np.asarray(line_bytes, dtype=np.int64)
+        if int(line_bytes.sum()) != len(text) or len(line_bytes) != len(lengths):
+            raise ValueError(f"a block of {len(text)} bytes does not hold {len(lengths)} "
+                             f"records of {int(line_bytes.sum())} bytes")
+        starts = np.cumsum(line_bytes) - line_bytes + self._position
+        self._offsets.frombytes(starts.astype(np.int64).tobytes())
+        self._lengths.frombytes(np.asarray(lengths, dtype=np.int64).tobytes())
+        self._append(text)
+
+    def _append(self, text: bytes) -> None:
+        self._pending.append(text)
+        self._pending_bytes += len(text)
+        self._position += len(text)
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._file.write(data)
+        self._digest.update(data)
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> FileIndex:
+        """Write what is pending, close the file and return (and keep) its index."""
+        if self.index is None:
+            self._flush()
+            self._file.close()
+            st = os.stat(self.path)
+            offsets = np.frombuffer(self._offsets, dtype=np.int64).copy()
+            lengths = np.frombuffer(self._lengths, dtype=np.int64).copy()
+            self.index = FileIndex(len(offsets), offsets, lengths, self._digest.hexdigest(),
+                                   st.st_size, st.st_mtime_ns, st.st_ino)
+        return self.index
+
+    def __enter__(self) -> "IndexingWriter":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._file.close()
 
 
 def index_fasta(path: Path, *, kind: str = "protein") -> FileIndex:

@@ -12,6 +12,10 @@ the current chunk or gene list besides the caller's sequence:
 - ``gene_proteins``: the genes that pyrodigal-gv's ``ViralGeneFinder(meta=True)`` calls,
   each translated with its own genetic code and without the trailing stop.
 
+For a process pool (:mod:`vnpd.inputs.six_frame_pool`), ``piece_batches`` cuts records
+into ``Piece`` runs of whole chunks and ``translate_pieces`` turns a batch of them into a
+``TranslatedBlock``: the same proteins, as FASTA text and row arrays.
+
 ``check_nucleotide`` refuses text that is not DNA; ``looks_like_protein`` and
 ``looks_like_nucleotide`` are the heuristics that tell a protein file from a DNA file.
 
@@ -24,16 +28,18 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from Bio.Data import CodonTable
 
 if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
     import pyrodigal_gv
 
-from vnpd.inputs.fasta import NUCLEOTIDE_MIN_LENGTH
+from vnpd.inputs.fasta import NUCLEOTIDE_MIN_LENGTH, FastaRecord
 
 PROTEIN_MIN_FRACTION = 0.25
 """A record of at least ``NUCLEOTIDE_MIN_LENGTH`` characters is taken for a protein when at
@@ -232,12 +238,17 @@ def six_frame_proteins(record_id: str, sequence: str, chunk_length: int) -> Iter
     ``Protein("c_chunk_1F1", "MA", "c", 1, 0, 6)``.
     """
     for k, (start, end) in enumerate(chunk_spans(len(sequence), chunk_length), start=1):
-        yield from _chunk_proteins(f"{record_id}_chunk_{k}", sequence[start:end].upper(),
-                                   record_id, start)
+        yield from chunk_proteins(record_id, k, sequence[start:end].upper(), start)
 
 
-def _chunk_proteins(chunk_id: str, chunk: str, source_id: str, start: int) -> Iterator[Protein]:
-    """The stop-free, non-empty frames of one upper-cased chunk that starts at ``start``."""
+def chunk_proteins(record_id: str, number: int, chunk: str, start: int) -> Iterator[Protein]:
+    """Yield the proteins of chunk ``number`` (from 1) of a record: the stop-free, non-empty
+    frames of ``chunk``, its upper-cased text, which starts at record position ``start``.
+    ``six_frame_proteins`` is this for each chunk of ``chunk_spans``.
+
+    Example: ``next(chunk_proteins("c", 1, "ATGGCC", 0)).id`` is ``"c_chunk_1F1"``.
+    """
+    chunk_id, source_id = f"{record_id}_chunk_{number}", record_id
     # Reverse frame f reads, backwards, the same codons as the forward frame at offset
     # (len - f) % 3, so all six frames are found on the three forward codon grids.
     # Most frames of most chunks have a stop: find those first, in one scan that ends as
@@ -286,6 +297,112 @@ def _frame_protein(protein_id: str, codons: list[str], table: dict[str, str], st
     if residues:
         yield Protein(protein_id, residues, source_id, strand,
                       first_base + 3 * first, first_base + 3 * last + 3)
+
+
+# --- six_frame in pieces: the work units of vnpd.inputs.six_frame_pool -------------------
+
+BATCH_PIECES = 2_000
+"""Pieces (records, for short ones) per batch of ``piece_batches`` at most."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive chunks of one record: ``text`` is the record from ``start`` to the end of
+    its last chunk, ``spans`` the chunks' (start, end) on the record, the first of them
+    chunk ``first_chunk`` (from 1)."""
+
+    record_index: int
+    record_id: str
+    first_chunk: int
+    start: int
+    text: str
+    spans: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class TranslatedBlock:
+    """The proteins of a batch of pieces, in order: ``text`` is their FASTA text (``>id``
+    line, sequence line), and each array has one int64 (``strand``: int8) per protein:
+    ``line_bytes`` (its bytes in ``text``), ``lengths`` (residues), ``source_index`` (the
+    record's index in the file), ``strand``, ``nt_start`` and ``nt_end`` (on the record)."""
+
+    text: bytes
+    line_bytes: np.ndarray
+    lengths: np.ndarray
+    source_index: np.ndarray
+    strand: np.ndarray
+    nt_start: np.ndarray
+    nt_end: np.ndarray
+
+
+def translate_pieces(pieces: list[Piece]) -> TranslatedBlock:
+    """The six_frame proteins of ``pieces``, as one block (run in a pool process).
+
+    Example: ``translate_pieces([Piece(0, "c", 1, 0, "ATGGCC", [(0, 6)])]).text`` is
+    ``b">c_chunk_1F1\\nMA\\n..."``.
+    """
+    lines: list[str] = []
+    columns: dict[str, list[int]] = {name: [] for name in
+                                     ("lengths", "source_index", "strand", "nt_start", "nt_end")}
+    for piece in pieces:
+        text = piece.text.upper()
+        for number, (start, end) in enumerate(piece.spans, start=piece.first_chunk):
+            chunk = text[start - piece.start:end - piece.start]
+            for protein in chunk_proteins(piece.record_id, number, chunk, start):
+                lines.append(f">{protein.id}\n{protein.sequence}\n")
+                columns["lengths"].append(len(protein.sequence))
+                columns["source_index"].append(piece.record_index)
+                columns["strand"].append(protein.strand)
+                columns["nt_start"].append(protein.nt_start)
+                columns["nt_end"].append(protein.nt_end)
+    data = "".join(lines).encode()
+    line_bytes = [len(line) for line in lines]
+    if sum(line_bytes) != len(data):  # ids with non-ASCII letters: bytes, not characters
+        line_bytes = [len(line.encode()) for line in lines]
+    arrays = {name: np.array(values, dtype=np.int8 if name == "strand" else np.int64)
+              for name, values in columns.items()}
+    return TranslatedBlock(data, np.array(line_bytes, dtype=np.int64), **arrays)
+
+
+def piece_batches(records: Iterable[FastaRecord], chunk_length: int,
+                  batch_bases: int) -> Iterator[list[Piece]]:
+    """Consecutive pieces (``cut_pieces``) of ``records``, about ``batch_bases`` bases and
+    at most ``BATCH_PIECES`` pieces a batch: the work units of a six_frame process pool.
+
+    Example: ``next(piece_batches(records, 300, 300_000))`` is a list of ``Piece``.
+    """
+    batch: list[Piece] = []
+    bases = 0
+    for record in records:
+        for piece in cut_pieces(record, chunk_length, batch_bases):
+            batch.append(piece)
+            bases += len(piece.text)
+            if bases >= batch_bases or len(batch) >= BATCH_PIECES:
+                yield batch
+                batch, bases = [], 0
+    if batch:
+        yield batch
+
+
+def cut_pieces(record: FastaRecord, chunk_length: int, max_bases: int) -> Iterator[Piece]:
+    """``record`` as consecutive pieces of whole chunks (``chunk_spans``), each at most
+    ``max_bases`` bases, or one chunk if a chunk is longer; one piece's text at a time.
+
+    Example: ``[p.spans for p in cut_pieces(record_of_700_bp, 300, 450)]`` is
+    ``[[(0, 300)], [(233, 533)], [(466, 700)]]``.
+    """
+    spans: list[tuple[int, int]] = []
+    first = 1
+    sequence = record.sequence
+    for number, (start, end) in enumerate(chunk_spans(len(sequence), chunk_length), start=1):
+        if spans and end - spans[0][0] > max_bases:
+            yield Piece(record.index, record.id, first, spans[0][0],
+                        sequence[spans[0][0]:spans[-1][1]], spans)
+            spans, first = [], number
+        spans.append((start, end))
+    if spans:
+        yield Piece(record.index, record.id, first, spans[0][0],
+                    sequence[spans[0][0]:spans[-1][1]], spans)
 
 
 # --- genes: pyrodigal-gv gene calls ----------------------------------------------------

@@ -3,10 +3,13 @@
 :meth:`NucleotideSource.build` streams the DNA file once, one record in memory at a time
 (a 100 Mbp contig is held once, as its text, while it is translated). Each record is
 checked (:func:`vnpd.inputs.nucleotide.check_nucleotide`) and turned into proteins, six
-frames of VirNucPro's chunks or pyrodigal-gv's genes, as ``[nucleotide] proteins`` says.
+frames of VirNucPro's chunks or pyrodigal-gv's genes, as ``[nucleotide] proteins`` says:
+six_frame on ``six_frame_workers`` processes (:mod:`vnpd.inputs.six_frame_pool`), genes on
+``gene_workers`` threads (:mod:`vnpd.inputs.gene_calls`); with one worker, in this thread.
 The proteins go to a derived protein FASTA, ``proteins.fasta``, in the job's directory, and
-their per-row facts to fixed-width arrays beside it. ``proteins.fasta`` is then indexed
-like any protein file, so rows are served exactly as :class:`ProteinSource` serves them.
+their per-row facts to fixed-width arrays beside it. ``proteins.fasta`` is indexed as it is
+written (:class:`vnpd.inputs.index.IndexingWriter`), with the index ``index_fasta`` would
+give, so rows are served exactly as :class:`ProteinSource` serves them.
 
 Files in ``directory``: ``proteins.fasta`` and its index (``offsets.npy``, ``lengths.npy``,
 ``index.json``), ``records.txt`` (every DNA record id, one a line, in input order),
@@ -35,10 +38,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, sha256_file
+from vnpd.inputs.index import FileIndex, IndexingWriter, iter_indexed, sha256_file
 from vnpd.inputs.gene_calls import call_genes, resolve_workers
-from vnpd.inputs.nucleotide import (NucleotideError, Protein, check_nucleotide, gene_proteins,
-                                    make_gene_finder, six_frame_proteins)
+from vnpd.inputs import six_frame_pool
+from vnpd.inputs.nucleotide import (NucleotideError, Protein, TranslatedBlock, check_nucleotide,
+                                    gene_proteins, make_gene_finder, piece_batches,
+                                    six_frame_proteins, translate_pieces)
 from vnpd.inputs.source import IndexedSource, SourceSettings
 
 if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
@@ -85,8 +90,8 @@ class NucleotideSource(IndexedSource):
         before = os.stat(path)
         checker = DuplicateIdChecker()
         columns = {name: array(code) for name, code in _ARRAYS.items()}
-        with_proteins = 0
-        with open(directory / "proteins.fasta", "w", encoding="utf-8") as out, \
+        pool_workers = _six_frame_processes(settings)
+        with IndexingWriter(directory / "proteins.fasta") as out, \
                 open(directory / "records.txt", "w", encoding="utf-8") as ids:
 
             def checked() -> Iterator[FastaRecord]:
@@ -96,14 +101,21 @@ class NucleotideSource(IndexedSource):
                     ids.write(record.id + "\n")
                     yield record
 
-            with closing(make_proteins(checked())) as made:  # closing stops the gene threads
-                for record, proteins in made:
-                    rows = 0
-                    for protein in proteins:
-                        out.write(f">{protein.id}\n{protein.sequence}\n")
-                        _append(columns, record.index, protein)
-                        rows += 1
-                    with_proteins += rows > 0
+            if pool_workers > 1:
+                # closing shuts the processes down when an error leaves the loop
+                batches = piece_batches(checked(), settings.chunk_length,
+                                        six_frame_pool.BATCH_BASES)
+                with closing(six_frame_pool.translate_in_processes(
+                        batches, translate_pieces, pool_workers, before.st_size)) as blocks:
+                    for block in blocks:
+                        out.add_block(block.text, block.line_bytes, block.lengths)
+                        _append_block(columns, block)
+            else:
+                with closing(make_proteins(checked())) as made:  # closing stops the gene threads
+                    for record, proteins in made:
+                        for protein in proteins:
+                            out.add(protein.id, protein.sequence)
+                            _append(columns, record.index, protein)
         checker.finish(path, kind="nucleotide")
         sha256 = sha256_file(path)
         after = os.stat(path)
@@ -112,13 +124,16 @@ class NucleotideSource(IndexedSource):
             raise FastaError("the file changed while it was being read; write files elsewhere "
                              "and rename them into the inbox, see docs/INBOX.md")
         records = checker.count
+        arrays = {name: np.frombuffer(col, dtype=_DTYPES[col.typecode]).copy()
+                  for name, col in columns.items()}
+        # Rows come in record order, so the records with proteins are the runs of source_index.
+        rows_of = arrays["source_index"]
+        with_proteins = int(np.count_nonzero(np.diff(rows_of))) + 1 if len(rows_of) else 0
         meta = {"sha256": sha256, "proteins": settings.proteins,
                 "chunk_length": settings.chunk_length if settings.proteins == "six_frame" else 0,
                 "records": records, "records_with_proteins": with_proteins,
                 "records_without_proteins": records - with_proteins}
-        arrays = {name: np.frombuffer(col, dtype=_DTYPES[col.typecode]).copy()
-                  for name, col in columns.items()}
-        return cls(path, directory, _index_proteins(directory / "proteins.fasta"), arrays, meta)
+        return cls(path, directory, out.close(), arrays, meta)
 
     @classmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "NucleotideSource":
@@ -170,7 +185,9 @@ def _protein_maker(settings: SourceSettings) -> Callable[[Iterator[FastaRecord]]
     """The translation ``settings`` ask for, as checked records -> (record, its proteins)
     in the records' order. six_frame runs in the calling thread, one record at a time
     (its proteins stream, so a long contig's are never all in memory); genes runs on
-    ``gene_workers`` threads (:func:`vnpd.inputs.gene_calls.call_genes`)."""
+    ``gene_workers`` threads (:func:`vnpd.inputs.gene_calls.call_genes`). six_frame on
+    several processes is :func:`vnpd.inputs.six_frame_pool.translate_in_processes`, which
+    ``build`` uses instead when :func:`_six_frame_processes` is more than one."""
     if settings.proteins == "six_frame":
         if settings.chunk_length < 3:
             raise ValueError(f"chunk_length must be at least 3, not {settings.chunk_length}")
@@ -182,6 +199,14 @@ def _protein_maker(settings: SourceSettings) -> Callable[[Iterator[FastaRecord]]
         workers = resolve_workers(settings.gene_workers)
         return lambda records: call_genes(records, genes_of, workers)
     raise ValueError(f"proteins must be one of {PROTEIN_MODES}, not {settings.proteins!r}")
+
+
+def _six_frame_processes(settings: SourceSettings) -> int:
+    """Processes six_frame translates on: ``six_frame_workers`` resolved (0 = one per core);
+    1 (no pool) for genes, and when one worker is configured or one core is usable."""
+    if settings.proteins != "six_frame":
+        return 1
+    return resolve_workers(settings.six_frame_workers, key="six_frame_workers")
 
 
 def record_genes(record: FastaRecord, finder: pyrodigal_gv.ViralGeneFinder) -> list[Protein]:
@@ -215,11 +240,6 @@ def _append(columns: dict[str, array], record_index: int, protein: Protein) -> N
     columns["nt_end"].append(protein.nt_end)
 
 
-def _index_proteins(path: Path) -> FileIndex:
-    """Index the derived protein file; one with no proteins gets an empty index."""
-    if path.stat().st_size == 0:
-        st = os.stat(path)
-        empty = np.empty(0, dtype=np.int64)
-        return FileIndex(0, empty, empty.copy(), sha256_file(path), st.st_size, st.st_mtime_ns,
-                         st.st_ino)
-    return index_fasta(path, kind="translated")
+def _append_block(columns: dict[str, array], block: TranslatedBlock) -> None:
+    for name in _ARRAYS:
+        columns[name].frombytes(getattr(block, name).tobytes())

@@ -43,6 +43,7 @@ class SourceSettings:
     proteins: str = "six_frame"    # nucleotide: six_frame | genes
     chunk_length: int = 300        # nucleotide six_frame: bp per chunk
     gene_workers: int = 0          # nucleotide genes: threads calling genes; 0 = one per core
+    six_frame_workers: int = 0     # nucleotide six_frame: processes translating; 0 = one per core
 
 
 class SequenceSource(ABC):
