@@ -114,8 +114,10 @@ class FaultPlan:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif action == "hang":
                 log.warning("test_fault_hang", record=record)
-                while True:
-                    time.sleep(3600)
+                parent = os.getppid()
+                while os.getppid() == parent:  # hung, but not past its daemon's SIGKILL
+                    time.sleep(1)
+                os._exit(1)
             elif action == "oom":
                 import torch
 

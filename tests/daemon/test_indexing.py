@@ -217,3 +217,48 @@ def test_one_warm_process_indexes_files_one_after_another(tmp_path: Path) -> Non
     assert asyncio.run(go()) == [50 + k + (50 + k) // 3 for k in range(3)]
     pids = {int(p.read_text()) for p in tmp_path.glob("f*/try-*")}
     assert len(pids) == 1 and os.getpid() not in pids
+
+
+POOL_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from vnpd.daemon.indexing import Indexer
+from vnpd.inputs.nucleotide_source import NucleotideSource
+from vnpd.inputs.source import SourceSettings
+settings = SourceSettings(kind="nucleotide", proteins="six_frame", six_frame_workers=2)
+if __name__ == "__main__":
+    path = Path(sys.argv[1])
+    asyncio.run(Indexer(1).build(NucleotideSource, path, path.parent / "p", settings, 1022))
+"""
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            out += [child, *descendants(child)]
+    return out
+
+
+def test_translators_of_an_index_process_exit_when_the_daemon_is_sigkilled(
+        tmp_path: Path) -> None:
+    # Stop-free in all six frames: every chunk gives six proteins, a few seconds of work.
+    path = write_dna(tmp_path / "big.fna", {f"c{i}": "GCC" * 20_000 for i in range(250)})
+    script = tmp_path / "index_one.py"
+    script.write_text(POOL_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(path)], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    tree: list[int] = []
+    try:
+        # The index process, the forkserver, and the two translators forked by it.
+        assert wait_for(lambda: len(tree.__setitem__(slice(None), descendants(parent.pid))
+                                    or tree) >= 4, 60), f"no pool started: {tree}"
+    finally:
+        parent.kill()
+        parent.wait()
+    assert wait_for(lambda: not any(alive(p) for p in tree), 15), \
+        f"left running: {[p for p in tree if alive(p)]}"

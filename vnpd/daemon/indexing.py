@@ -27,20 +27,17 @@ import asyncio
 import multiprocessing
 import os
 import sys
-import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import structlog
 
+from vnpd.lifeline import exit_with
 from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates
 from vnpd.inputs.source import SequenceSource, SourceSettings
 
 log = structlog.get_logger()
-
-PARENT_CHECK_S = 1.0  # how often an index process checks that the daemon is still there
 
 
 class IndexProcessDied(RuntimeError):
@@ -129,15 +126,8 @@ def _warm_up(source_type: type[SequenceSource]) -> str:
 
 def _start_process(parent: int, log_format: str, log_level: str) -> None:
     """In each index process: log as the daemon does (to its stdout), and exit when the
-    daemon is gone, even if it was SIGKILLed (the pool's queues would keep an orphan
-    waiting for ever)."""
+    daemon is gone, even if it was SIGKILLed (:func:`vnpd.lifeline.exit_with`)."""
     from vnpd.log import configure_logging
 
     configure_logging(log_format, log_level, stream=sys.stdout, index_process=os.getpid())
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="vnpd-index-parent").start()
+    exit_with(parent)

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
 import structlog
+
+from vnpd.lifeline import exit_with
 
 if TYPE_CHECKING:  # annotations only: the translation is passed in, as gene_calls' genes_of
     from vnpd.inputs.nucleotide import Piece, TranslatedBlock
@@ -89,7 +92,10 @@ def translate_in_processes(batches: Iterable[list[Piece]], translate: Translate,
         return
     pending: deque[tuple[Future[TranslatedBlock], bool]] = deque()  # (block, from the pool)
     in_pool = 0
-    pool = ProcessPoolExecutor(workers, mp_context=_forkserver(translate.__module__))
+    # exit_with: the processes end with this one, a SIGKILL included (the forkserver,
+    # their parent, outlives it).
+    pool = ProcessPoolExecutor(workers, mp_context=_forkserver(translate.__module__),
+                               initializer=exit_with, initargs=(os.getpid(),))
     started = _start_in_background(pool)
     try:
         for batch in batches:
