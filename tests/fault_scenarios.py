@@ -44,6 +44,7 @@ from tests.conftest import random_sequences
 from tests.daemon_harness import Daemon, DaemonDirs, drop, fasta_text, write_config
 from vnpd.output.outbox import output_name_for
 from vnpd.output.verify import IncompleteOutputError, read_output, verify_output
+from vnpd.lifeline import alive as is_alive
 
 
 # Short timeouts and backoffs, so that a fault costs seconds, not minutes. The worker
@@ -258,17 +259,9 @@ def wait_pids_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if is_alive(p)]
         time.sleep(0.1)
     return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1][:1] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def busy_worker_pid(daemon: Daemon, exclude: set[int] = frozenset()) -> int:  # type: ignore[assignment]

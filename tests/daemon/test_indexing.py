@@ -26,6 +26,7 @@ from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.inputs.protein import ProteinSource
 from vnpd.inputs.source import SequenceSource, SourceSettings
+from vnpd.lifeline import alive
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
@@ -131,15 +132,6 @@ class Slow(ProteinSource):
         (path.parent / "pid").write_text(str(os.getpid()))
         time.sleep(120)
         return super().build(path, directory, settings)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"
 
 
 def wait_for(predicate: object, timeout: float) -> bool:
