@@ -4,6 +4,7 @@
 # packages installed (docs/BENCHMARKS.md); results and logs go under $OUT.
 #   bash bench/gpu_runs.sh ratios    # daemon / engine: 3B and 650M ORF, 3B UniProt, nucleotide
 #   bash bench/gpu_runs.sh outputs   # per-residue, window mode, the parent on this host's cores
+#   (nucleotide-outputs and parent: the same steps, regrouped to fit what one call had left)
 set -uo pipefail
 W=${W:-/tmp/vnpd-gpu-runs}   # one work dir: the benches share each architecture's checkpoint
 mkdir -p "$W" "$OUT"
@@ -37,5 +38,23 @@ outputs)
             --json "$OUT/parent-$w.json"
     done
     ;;
-*) echo "usage: bash bench/gpu_runs.sh ratios|outputs" >&2; exit 2 ;;
+nucleotide-outputs)  # what one 10-minute call holds after `ratios` without its last step
+    step nt-six-frame python3 bench/daemon.py --workload 3b-orf --kind nucleotide --contigs 400 \
+        --files 4 --workdir "$W" --json "$OUT/nt-six-frame.json"
+    step nt-genes python3 bench/daemon.py --workload 3b-orf --kind nucleotide --proteins genes \
+        --contigs 40 --files 4 --workdir "$W" --json "$OUT/nt-genes.json"
+    step residues python3 bench/outputs.py --case residues --workload 3b-uniprot --sequences 2000 \
+        --workdir "$W" --json "$OUT/residues.json"
+    step window python3 bench/outputs.py --case window --workload 3b-uniprot --sequences 1000 \
+        --workdir "$W" --json "$OUT/window.json"
+    ;;
+parent)  # the parent alone, on this host's cores: no GPU, no checkpoint
+    step parent-8 python3 bench/parent.py --workers 8 --sequences 300000 --dim 2560 \
+        --json "$OUT/parent-8.json"
+    for w in 1 4 16 64; do
+        step "parent-$w" python3 bench/parent.py --workers "$w" --sequences 50000 --dim 2560 \
+            --json "$OUT/parent-$w.json"
+    done
+    ;;
+*) echo "usage: bash bench/gpu_runs.sh ratios|outputs|nucleotide-outputs|parent" >&2; exit 2 ;;
 esac
