@@ -45,6 +45,7 @@ from vnpd.compute.windows import (LONG_SEQUENCES, Pieces, WindowSum, default_str
 from vnpd.inputs.fasta import FastaRecord
 from vnpd.inputs.kinds import SOURCE_KINDS
 from vnpd.inputs.source import SourceSettings
+from vnpd.output.background import QUEUE_BYTES
 from vnpd.output.hdf5 import OutputMeta, PartialOutput
 from vnpd.output.outbox import fsync_dir
 from vnpd.output.schema import residue_counts
@@ -123,6 +124,7 @@ def _embed_source(src: Path, out: Path, engine: Engine, work: Path, *, output_dt
               if options.per_residue else None)
     partial = PartialOutput.create(partial_path, n, engine.embed_dim, output_dtype,
                                    num_layers=len(engine.layers), residue_counts=counts)
+    partial.write_in_background(QUEUE_BYTES)  # rows are written while the device computes
     assembler = _Assembler(partial, engine.row_shape, options.per_residue)
     try:
         pending: deque[tuple[PendingResult, _Chunk]] = deque()

@@ -42,6 +42,7 @@ from vnpd.faults import FaultPlan
 from vnpd.inputs.duplicates import DuplicatePlan
 from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.source import SequenceSource, SourceSettings
+from vnpd.output.background import QUEUE_BYTES
 from vnpd.output.hdf5 import PartialOutput
 from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.schema import residue_counts, row_shape
@@ -254,6 +255,7 @@ class Intake:
         if partial.finalized:
             self._spawn_publish(job)
             return
+        partial.write_in_background(QUEUE_BYTES)  # pwrite off the event loop
         self.scheduler.add_job(job)
         self.work_added.set()
 

@@ -60,10 +60,11 @@ import numpy as np
 import structlog
 
 from vnpd.output import residues as residue_io
+from vnpd.output.background import BackgroundWriter
 from vnpd.output.compact import compact, discard, prefilled_contents
 from vnpd.output.layout import (SCHEMA_VERSION, OutputMeta, field_data, field_dtype,
                                 new_file, open_h5, pwrite_runs, raw_offset, row_fields_of,
-                                same_meta, write_attrs)
+                                row_runs, same_meta, write_attrs)
 from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.prefill import mark_finalized, prefill
 from vnpd.output.schema import EMBEDDINGS, RESIDUES, WINDOW_SLOTS
@@ -100,6 +101,8 @@ class PartialOutput:
         self._rows_at = raw_offset(emb)
         self._residues_at = raw_offset(file[RESIDUES]) if RESIDUES in file else None
         self._fd: int | None = None
+        self._writer: BackgroundWriter | None = None
+        self._writer_limit = 0  # > 0: raw writes go through a BackgroundWriter
         self._scratch: WindowScratch | None = None
 
     @classmethod
@@ -243,24 +246,40 @@ class PartialOutput:
         steps = np.diff(pos)
         if np.any(steps == 0):
             raise ValueError("duplicate positions")
-        with np.errstate(over="ignore", invalid="ignore"):
-            rows = embeddings[order].astype(self.output_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # in batch order: one copy
+            rows = np.ascontiguousarray(embeddings.astype(self.output_dtype, copy=False))
         if not np.isfinite(rows).all():
             raise ValueError(f"non-finite embedding values (as {self.output_dtype})")
         breaks = np.flatnonzero(steps != 1) + 1
-        runs = list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()))
         if self._rows_at is None:  # not a contiguous, allocated dataset: through HDF5
             dset = self._file()[EMBEDDINGS]
-            for lo, hi in runs:
-                dset[pos[lo]:pos[hi - 1] + 1] = rows[lo:hi]
+            for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
+                dset[pos[lo]:pos[hi - 1] + 1] = rows[order[lo:hi]]
             return
         # Raw writes at the rows' file offsets: the layout is fixed since create, and an
         # HDF5 point selection costs ~20 us a row (the parent's hottest line at 30k rows/s).
-        row_bytes = rows[0].nbytes
-        data = memoryview(np.ascontiguousarray(rows)).cast("B")
-        pwrite_runs(self._raw_fd(), [(data[lo * row_bytes:hi * row_bytes],
-                                      self._rows_at + int(pos[lo]) * row_bytes)
-                                     for lo, hi in runs])
+        self._pwrite(row_runs(rows, order, pos, breaks, self._rows_at), rows.nbytes)
+
+    def write_in_background(self, limit_bytes: int) -> None:
+        """From now on, raw row writes return at once and run on a thread
+        (:mod:`vnpd.output.background`); ``flush``, ``finalize`` and ``close`` wait for
+        them, and a failed one is raised by the next write or flush. The arrays given to
+        ``write_rows`` and ``write_residues`` must then not change after the call."""
+        self._writer_limit = limit_bytes
+
+    def _pwrite(self, writes: Iterable[tuple[memoryview, int]], nbytes: int) -> None:
+        """pwrite (bytes, offset) pairs: here, or on the background writer's thread."""
+        if not self._writer_limit:
+            pwrite_runs(self._raw_fd(), writes)
+            return
+        if self._writer is None:
+            self._writer = BackgroundWriter(self._raw_fd(), limit_bytes=self._writer_limit)
+        self._writer.submit(writes, nbytes)
+
+    def _drain(self) -> None:
+        """Wait for the background writes; raise the first that failed."""
+        if self._writer is not None:
+            self._writer.drain()
 
     def _raw_fd(self) -> int:
         if self._fd is None:
@@ -268,26 +287,25 @@ class PartialOutput:
             self._fd = os.open(self.path, os.O_WRONLY)
         return self._fd
 
-    def _write_residue_run(self, start: int, data: np.ndarray) -> None:
-        """Residue rows ``start ..`` of the file: raw, as ``write_rows`` writes rows."""
-        if self._residues_at is None:
-            self._file()[RESIDUES][start:start + data.shape[0]] = data
-            return
-        with np.errstate(over="ignore", invalid="ignore"):
-            data = np.ascontiguousarray(data, dtype=self.output_dtype)
-        row_bytes = data[0].nbytes
-        pwrite_runs(self._raw_fd(), [(memoryview(data).cast("B"),
-                                      self._residues_at + start * row_bytes)])
-
     def write_residues(self, positions: np.ndarray, rows: np.ndarray,
                        counts: np.ndarray) -> None:
         """Write residue rows: ``counts[i]`` rows for ``positions[i]``, one sequence after
         the other in ``rows`` (cast to the output dtype). Raises ValueError if the file
         has no per-residue datasets or a count disagrees with its offsets."""
-        if self._residue_offsets is None:
+        offsets = self._residue_offsets
+        if offsets is None:
             raise ValueError(f"{self.path}: no per-residue datasets")
-        residue_io.write_residues(self._file(), self._residue_offsets, positions, rows, counts,
-                                  write=self._write_residue_run)
+        if self._residues_at is None:  # not a contiguous, allocated dataset: through HDF5
+            residue_io.write_residues(self._file(), offsets, positions, rows, counts)
+            return
+        residue_io.check_residue_rows(self._file(), offsets, positions, rows, counts)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rows = np.ascontiguousarray(rows, dtype=self.output_dtype)
+        row_bytes = int(np.prod(rows.shape[1:])) * rows.itemsize
+        at = self._residues_at
+        self._pwrite(((memoryview(np.ascontiguousarray(data)).cast("B"), at + start * row_bytes)
+                      for start, data in residue_io.residue_runs(offsets, positions, rows,
+                                                                 counts)), rows.nbytes)
 
     @property
     def has_residues(self) -> bool:
@@ -323,6 +341,7 @@ class PartialOutput:
         """Make every row (and window slot) written so far durable (HDF5 flush, then
         fsync)."""
         self._file().flush()
+        self._drain()
         if self._fd is not None:
             os.fsync(self._fd)
         else:
@@ -360,6 +379,7 @@ class PartialOutput:
         ``meta.layer`` < 0.
         """
         f = self._file()
+        self._drain()  # the rows a rebuild reads, or a mark in place follows
         if meta.layer < 0:
             raise ValueError(f"meta.layer must be resolved to >= 0, not {meta.layer}")
         drop = np.unique(np.asarray(quarantined, dtype=np.int64))
@@ -411,9 +431,14 @@ class PartialOutput:
         self._f.flush()
         self._f.close()
         self._f = None
+        writer, self._writer = self._writer, None
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                if writer is not None:
+                    writer.drain()  # raises a failed background write
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         else:
             fsync_file(self.path)

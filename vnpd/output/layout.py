@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,6 +82,27 @@ def raw_offset(dset: h5py.Dataset) -> int | None:
         return None
     offset = dset.id.get_offset()
     return None if offset is None else int(offset)
+
+
+def row_runs(rows: np.ndarray, order: np.ndarray, pos: np.ndarray, breaks: np.ndarray,
+             at: int) -> Iterator[tuple[memoryview, int]]:
+    """(bytes, file offset) of each run of adjacent rows, for ``pwrite_runs``: ``rows`` in
+    batch order (C-contiguous), to go to rows ``pos`` (= positions[order], sorted) of a
+    dataset whose values start at offset ``at``; ``breaks`` splits ``pos`` into runs.
+    A run is a view of ``rows`` when its rows are adjacent there too (one row always),
+    else a gathered copy; made lazily, so that a writer thread does the work."""
+    row_bytes = rows[0].nbytes if len(rows) else 0
+    data = memoryview(rows).cast("B")
+    starts = np.r_[0, breaks].tolist()
+    stops = np.r_[breaks, len(pos)].tolist()
+    for lo, hi, first in zip(starts, stops, pos[starts].tolist()):
+        run = order[lo:hi]
+        a = int(run[0])
+        if hi - lo == 1 or (run[-1] - a == hi - lo - 1 and np.all(np.diff(run) == 1)):
+            chunk = data[a * row_bytes:(a + hi - lo) * row_bytes]
+        else:
+            chunk = memoryview(np.ascontiguousarray(rows[run])).cast("B")
+        yield chunk, at + first * row_bytes
 
 
 def pwrite_runs(fd: int, writes: Iterable[tuple[memoryview, int]]) -> None:

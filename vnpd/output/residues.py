@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -54,16 +54,23 @@ def read_offsets(f: h5py.File) -> np.ndarray | None:
 
 
 def write_residues(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
-                   rows: np.ndarray, counts: np.ndarray,
-                   write: Callable[[int, np.ndarray], None] | None = None) -> None:
-    """Write the residue rows of the sequences at ``positions``.
+                   rows: np.ndarray, counts: np.ndarray) -> None:
+    """Write the residue rows of the sequences at ``positions`` through HDF5.
 
     ``rows`` holds them sequence after sequence, ``counts[i]`` rows for ``positions[i]``.
-    Sequences with adjacent positions are written as one slice, with ``write(first
-    residue row, rows)`` if given (``PartialOutput`` writes them raw), else through HDF5.
-    Raises ValueError when a count disagrees with the file's offsets or the rows do not
-    add up.
+    Sequences with adjacent positions are written as one slice. Raises ValueError when a
+    count disagrees with the file's offsets or the rows do not add up
+    (:func:`check_residue_rows`).
     """
+    check_residue_rows(f, offsets, positions, rows, counts)
+    dset = f[RESIDUES]
+    for start, data in residue_runs(offsets, positions, rows, counts):
+        dset[start:start + data.shape[0]] = data
+
+
+def check_residue_rows(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
+                   rows: np.ndarray, counts: np.ndarray) -> None:
+    """Raise ValueError unless ``rows`` fit the file's residue rows of ``positions``."""
     positions = np.asarray(positions, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
     dset = f[RESIDUES]
@@ -79,23 +86,30 @@ def write_residues(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
         bad = int(np.flatnonzero(expected != counts)[0])
         raise ValueError(f"row {int(positions[bad])} has {int(counts[bad])} residue rows, "
                          f"the file expects {int(expected[bad])}")
+
+
+def residue_runs(offsets: np.ndarray, positions: np.ndarray, rows: np.ndarray,
+                 counts: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first residue row in the file, rows) of each run of adjacent positions, for rows
+    checked by :func:`check_residue_rows`: a view of ``rows`` where the run's sequences are
+    adjacent in it too, else a gathered copy. Lazy: a writer thread may do the work."""
+    positions = np.asarray(positions, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if positions.size == 0:
+        return
     starts = np.zeros(counts.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
     order = np.argsort(positions, kind="stable")
     pos = positions[order]
     breaks = np.flatnonzero(np.diff(pos) != 1) + 1
-    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(pos)]):
+    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
         run = order[lo:hi]
         if np.all(np.diff(run) == 1):  # also adjacent in the batch: no copy
             data = rows[starts[run[0]]:starts[run[-1] + 1]]
         else:
             data = np.concatenate([rows[starts[i]:starts[i + 1]] for i in run])
-        if not data.shape[0]:
-            continue
-        if write is not None:
-            write(int(offsets[pos[lo]]), data)
-        else:
-            dset[offsets[pos[lo]]:offsets[pos[hi - 1] + 1]] = data
+        if data.shape[0]:
+            yield int(offsets[pos[lo]]), data
 
 
 def copy_residues(src: h5py.File, dst: h5py.File, keep: np.ndarray) -> None:
