@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.engine import (DEVICE, WORKLOADS, device_name, free_device_memory,  # noqa: E402
                           make_sequences, run_engine, sync, workload_lengths)
+from bench.parent import phases  # noqa: E402
 from vnpd.compute.engine import Engine  # noqa: E402
 from vnpd.compute.families.esm2_checkpoint import save_esm2_checkpoint  # noqa: E402
 from vnpd.compute.tokenizer import tokens_for  # noqa: E402
@@ -154,7 +155,8 @@ enabled = {"true" if cache else "false"}
             hits += int(f.attrs.get("cache_hits", 0))
     return {"devices": devices, "backend": backend, "cache": cache, "seconds": elapsed,
             "tok_s": total_tokens / elapsed, "ready_s": ready_s, "exit_code": code,
-            "computed_sequences": computed, "cache_hits": hits, "log": str(log_path)}
+            "computed_sequences": computed, "cache_hits": hits, "log": str(log_path),
+            "phases": phases(log_path)}  # where the head and the tail went
 
 
 def output_name(name: str) -> str:
@@ -261,6 +263,7 @@ def main() -> None:
               f"{r['seconds']:.1f} s from drop to last publish, {r['tok_s']:,.0f} tok/s{ratio}, "
               f"computed {r['computed_sequences']}, cache hits {r['cache_hits']} (workers ready "
               f"after {r['ready_s']:.0f} s, exit {r['exit_code']})", flush=True)
+        print(f"  phases (s, from the first claim; sums over jobs): {r['phases']}", flush=True)
     result["daemon_runs"] = runs
     by_backend = {}
     for r in runs:

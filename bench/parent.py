@@ -167,6 +167,11 @@ def phases(log_path: Path) -> dict[str, float]:
     if claimed and started:  # the head: how long after the first claim jobs started
         out["first_job_started_s"] = min(started) - min(claimed)
         out["last_job_started_s"] = max(started) - min(claimed)
+    computed = [e["finalize_started"] for e in events.values() if "finalize_started" in e]
+    published = [e["job_published"] for e in events.values() if "job_published" in e]
+    if claimed and computed and published:  # the tail: last rows done to last publish
+        out["last_computed_s"] = max(computed) - min(claimed)
+        out["last_published_s"] = max(published) - min(claimed)
     return {k: round(v, 3) for k, v in out.items()}
 
 
