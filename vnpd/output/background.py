@@ -38,7 +38,7 @@ from vnpd.output.layout import pwrite_runs
 
 IDLE_S = 5.0  # an idle thread ends after this long; the next submit starts another
 # What the daemon and `vnpd embed` let wait per file (or one batch's worth, if more).
-QUEUE_BYTES = 64 << 20
+QUEUE_BYTES = 16 << 20
 
 Writes = Iterable[tuple[memoryview, int]]
 
