@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements of the open issues, in two sets that each fit one device call
-# (10 minutes). Run from the repository root on the GPU machine, with the missing
+# The GPU measurements of the open issues, in sets that each fit one device call (10
+# minutes, wheel install included; 2026-12-03: `ratios` took 9.5 minutes for its first
+# three steps). Run from the repository root on the GPU machine, with the missing
 # packages installed (docs/BENCHMARKS.md); results and logs go under $OUT.
-#   bash bench/gpu_runs.sh ratios    # daemon / engine: 3B and 650M ORF, 3B UniProt, nucleotide
-#   bash bench/gpu_runs.sh outputs   # per-residue, window mode, the parent on this host's cores
-#   (nucleotide-outputs and parent: the same steps, regrouped to fit what one call had left)
+#   bash bench/gpu_runs.sh ratios       # daemon / engine: 3B and 650M ORF, 3B UniProt
+#   bash bench/gpu_runs.sh nucleotide   # daemon / engine: six_frame, genes (200 contigs)
+#   bash bench/gpu_runs.sh outputs      # per-residue, window mode
+#   bash bench/gpu_runs.sh parent       # the parent alone on this host's cores (no GPU)
 set -uo pipefail
 W=${W:-/tmp/vnpd-gpu-runs}   # one work dir: the benches share each architecture's checkpoint
 mkdir -p "$W" "$OUT"
@@ -21,34 +23,20 @@ ratios)
         --cache both --workdir "$W" --json "$OUT/650m-orf.json"
     step 3b-uniprot python3 bench/daemon.py --workload 3b-uniprot --sequences 8000 --files 4 \
         --workdir "$W" --json "$OUT/3b-uniprot.json"
+    ;;
+nucleotide)
     step nt-six-frame python3 bench/daemon.py --workload 3b-orf --kind nucleotide --contigs 400 \
         --files 4 --workdir "$W" --json "$OUT/nt-six-frame.json"
     step nt-genes python3 bench/daemon.py --workload 3b-orf --kind nucleotide --proteins genes \
         --contigs 200 --files 4 --workdir "$W" --json "$OUT/nt-genes.json"
     ;;
 outputs)
-    step parent-8 python3 bench/parent.py --workers 8 --sequences 300000 --dim 2560 \
-        --json "$OUT/parent-8.json"
     step residues python3 bench/outputs.py --case residues --workload 3b-uniprot --sequences 3000 \
-        --workdir "$W" --json "$OUT/residues.json"
-    step window python3 bench/outputs.py --case window --workload 3b-uniprot --sequences 1500 \
-        --workdir "$W" --json "$OUT/window.json"
-    for w in 1 4 16 64; do
-        step "parent-$w" python3 bench/parent.py --workers "$w" --sequences 50000 --dim 2560 \
-            --json "$OUT/parent-$w.json"
-    done
-    ;;
-nucleotide-outputs)  # what one 10-minute call holds after `ratios` without its last step
-    step nt-six-frame python3 bench/daemon.py --workload 3b-orf --kind nucleotide --contigs 400 \
-        --files 4 --workdir "$W" --json "$OUT/nt-six-frame.json"
-    step nt-genes python3 bench/daemon.py --workload 3b-orf --kind nucleotide --proteins genes \
-        --contigs 40 --files 4 --workdir "$W" --json "$OUT/nt-genes.json"
-    step residues python3 bench/outputs.py --case residues --workload 3b-uniprot --sequences 2000 \
         --workdir "$W" --json "$OUT/residues.json"
     step window python3 bench/outputs.py --case window --workload 3b-uniprot --sequences 1000 \
         --workdir "$W" --json "$OUT/window.json"
     ;;
-parent)  # the parent alone, on this host's cores: no GPU, no checkpoint
+parent)  # no GPU, no checkpoint
     step parent-8 python3 bench/parent.py --workers 8 --sequences 300000 --dim 2560 \
         --json "$OUT/parent-8.json"
     for w in 1 4 16 64; do
@@ -56,5 +44,5 @@ parent)  # the parent alone, on this host's cores: no GPU, no checkpoint
             --json "$OUT/parent-$w.json"
     done
     ;;
-*) echo "usage: bash bench/gpu_runs.sh ratios|outputs|nucleotide-outputs|parent" >&2; exit 2 ;;
+*) echo "usage: bash bench/gpu_runs.sh ratios|nucleotide|outputs|parent" >&2; exit 2 ;;
 esac
