@@ -62,9 +62,9 @@ import structlog
 from vnpd.output import residues as residue_io
 from vnpd.output.background import BackgroundWriter
 from vnpd.output.compact import compact, discard, prefilled_contents
-from vnpd.output.layout import (SCHEMA_VERSION, OutputMeta, field_data, field_dtype,
-                                new_file, open_h5, pwrite_runs, raw_offset, row_fields_of,
-                                row_runs, same_meta, write_attrs)
+from vnpd.output.layout import (SCHEMA_VERSION, OutputMeta, batch_runs, field_data,
+                                field_dtype, new_file, open_h5, pwrite_runs, raw_offset,
+                                row_fields_of, same_meta, write_attrs)
 from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.prefill import mark_finalized, prefill
 from vnpd.output.schema import EMBEDDINGS, RESIDUES, WINDOW_SLOTS
@@ -250,15 +250,17 @@ class PartialOutput:
             rows = np.ascontiguousarray(embeddings.astype(self.output_dtype, copy=False))
         if not np.isfinite(rows).all():
             raise ValueError(f"non-finite embedding values (as {self.output_dtype})")
-        breaks = np.flatnonzero(steps != 1) + 1
+        runs = batch_runs(pos, order, rows)
         if self._rows_at is None:  # not a contiguous, allocated dataset: through HDF5
             dset = self._file()[EMBEDDINGS]
-            for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
-                dset[pos[lo]:pos[hi - 1] + 1] = rows[order[lo:hi]]
+            for lo, data in runs:
+                dset[pos[lo]:pos[lo] + data.shape[0]] = data
             return
         # Raw writes at the rows' file offsets: the layout is fixed since create, and an
         # HDF5 point selection costs ~20 us a row (the parent's hottest line at 30k rows/s).
-        self._pwrite(row_runs(rows, order, pos, breaks, self._rows_at), rows.nbytes)
+        row_bytes, at = rows[0].nbytes, self._rows_at
+        self._pwrite(((memoryview(data).cast("B"), at + int(pos[lo]) * row_bytes)
+                      for lo, data in runs), rows.nbytes)
 
     def write_in_background(self, limit_bytes: int) -> None:
         """From now on, raw row writes return at once and run on a thread
@@ -303,7 +305,7 @@ class PartialOutput:
             rows = np.ascontiguousarray(rows, dtype=self.output_dtype)
         row_bytes = int(np.prod(rows.shape[1:])) * rows.itemsize
         at = self._residues_at
-        self._pwrite(((memoryview(np.ascontiguousarray(data)).cast("B"), at + start * row_bytes)
+        self._pwrite(((memoryview(data).cast("B"), at + start * row_bytes)
                       for start, data in residue_io.residue_runs(offsets, positions, rows,
                                                                  counts)), rows.nbytes)
 

@@ -84,25 +84,26 @@ def raw_offset(dset: h5py.Dataset) -> int | None:
     return None if offset is None else int(offset)
 
 
-def row_runs(rows: np.ndarray, order: np.ndarray, pos: np.ndarray, breaks: np.ndarray,
-             at: int) -> Iterator[tuple[memoryview, int]]:
-    """(bytes, file offset) of each run of adjacent rows, for ``pwrite_runs``: ``rows`` in
-    batch order (C-contiguous), to go to rows ``pos`` (= positions[order], sorted) of a
-    dataset whose values start at offset ``at``; ``breaks`` splits ``pos`` into runs.
-    A run is a view of ``rows`` when its rows are adjacent there too (one row always),
-    else a gathered copy; made lazily, so that a writer thread does the work."""
-    row_bytes = rows[0].nbytes if len(rows) else 0
-    data = memoryview(rows).cast("B")
-    starts = np.r_[0, breaks].tolist()
-    stops = np.r_[breaks, len(pos)].tolist()
-    for lo, hi, first in zip(starts, stops, pos[starts].tolist()):
+def batch_runs(pos: np.ndarray, order: np.ndarray, rows: np.ndarray,
+               starts: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """The rows of each run of adjacent positions, for writing one run at a time:
+    ``(lo, data)``, where ``pos[lo]`` is the run's first position. ``pos`` is the batch's
+    positions sorted (``positions[order]``); item i of the batch owns
+    ``rows[starts[i]:starts[i + 1]]`` (row i without ``starts``). ``data`` is a view of
+    ``rows`` where the run's items are adjacent in the batch too (one item always), else a
+    gathered copy. Lazy, so that a writer thread can do the gathering."""
+    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
         run = order[lo:hi]
-        a = int(run[0])
-        if hi - lo == 1 or (run[-1] - a == hi - lo - 1 and np.all(np.diff(run) == 1)):
-            chunk = data[a * row_bytes:(a + hi - lo) * row_bytes]
+        first, last = int(run[0]), int(run[-1])
+        if hi - lo == 1 or (last - first == hi - lo - 1 and np.all(np.diff(run) == 1)):
+            data = (rows[first:last + 1] if starts is None
+                    else rows[starts[first]:starts[last + 1]])
+        elif starts is None:
+            data = rows[run]
         else:
-            chunk = memoryview(np.ascontiguousarray(rows[run])).cast("B")
-        yield chunk, at + first * row_bytes
+            data = np.concatenate([rows[starts[i]:starts[i + 1]] for i in run.tolist()])
+        yield lo, data
 
 
 def pwrite_runs(fd: int, writes: Iterable[tuple[memoryview, int]]) -> None:

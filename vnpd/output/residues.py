@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vnpd.output.layout import batch_runs
 from vnpd.output.schema import RESIDUE_OFFSETS, RESIDUES, rows_per_block
 
 _BLOCK_BYTES = 64 << 20  # bounded memory when copying residues (compaction)
@@ -69,7 +70,7 @@ def write_residues(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
 
 
 def check_residue_rows(f: h5py.File, offsets: np.ndarray, positions: np.ndarray,
-                   rows: np.ndarray, counts: np.ndarray) -> None:
+                       rows: np.ndarray, counts: np.ndarray) -> None:
     """Raise ValueError unless ``rows`` fit the file's residue rows of ``positions``."""
     positions = np.asarray(positions, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
@@ -101,13 +102,7 @@ def residue_runs(offsets: np.ndarray, positions: np.ndarray, rows: np.ndarray,
     np.cumsum(counts, out=starts[1:])
     order = np.argsort(positions, kind="stable")
     pos = positions[order]
-    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
-    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
-        run = order[lo:hi]
-        if np.all(np.diff(run) == 1):  # also adjacent in the batch: no copy
-            data = rows[starts[run[0]]:starts[run[-1] + 1]]
-        else:
-            data = np.concatenate([rows[starts[i]:starts[i + 1]] for i in run])
+    for lo, data in batch_runs(pos, order, rows, starts):
         if data.shape[0]:
             yield int(offsets[pos[lo]]), data
 
