@@ -62,12 +62,12 @@ import structlog
 from vnpd.output import residues as residue_io
 from vnpd.output.background import BackgroundWriter
 from vnpd.output.compact import compact, discard, prefilled_contents
-from vnpd.output.layout import (SCHEMA_VERSION, OutputMeta, batch_runs, field_data,
-                                field_dtype, new_file, open_h5, pwrite_runs, raw_offset,
-                                row_fields_of, same_meta, write_attrs)
+from vnpd.output.layout import (SCHEMA_VERSION, OutputMeta, field_data, field_dtype,
+                                new_file, open_h5, pwrite_runs, raw_offset, row_fields_of,
+                                same_meta, write_attrs)
 from vnpd.output.outbox import fsync_dir, fsync_file
 from vnpd.output.prefill import mark_finalized, prefill
-from vnpd.output.schema import EMBEDDINGS, RESIDUES, WINDOW_SLOTS
+from vnpd.output.schema import EMBEDDINGS, RESIDUES, WINDOW_SLOTS, batch_runs
 from vnpd.output.scratch import WindowScratch, scratch_path
 from vnpd.output.verify import IncompleteOutputError, _check_datasets
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,28 +82,6 @@ def raw_offset(dset: h5py.Dataset) -> int | None:
         return None
     offset = dset.id.get_offset()
     return None if offset is None else int(offset)
-
-
-def batch_runs(pos: np.ndarray, order: np.ndarray, rows: np.ndarray,
-               starts: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """The rows of each run of adjacent positions, for writing one run at a time:
-    ``(lo, data)``, where ``pos[lo]`` is the run's first position. ``pos`` is the batch's
-    positions sorted (``positions[order]``); item i of the batch owns
-    ``rows[starts[i]:starts[i + 1]]`` (row i without ``starts``). ``data`` is a view of
-    ``rows`` where the run's items are adjacent in the batch too (one item always), else a
-    gathered copy. Lazy, so that a writer thread can do the gathering."""
-    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
-    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
-        run = order[lo:hi]
-        first, last = int(run[0]), int(run[-1])
-        if hi - lo == 1 or (last - first == hi - lo - 1 and np.all(np.diff(run) == 1)):
-            data = (rows[first:last + 1] if starts is None
-                    else rows[starts[first]:starts[last + 1]])
-        elif starts is None:
-            data = rows[run]
-        else:
-            data = np.concatenate([rows[starts[i]:starts[i + 1]] for i in run.tolist()])
-        yield lo, data
 
 
 def pwrite_runs(fd: int, writes: Iterable[tuple[memoryview, int]]) -> None:

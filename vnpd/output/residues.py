@@ -27,8 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vnpd.output.layout import batch_runs
-from vnpd.output.schema import RESIDUE_OFFSETS, RESIDUES, rows_per_block
+from vnpd.output.schema import RESIDUE_OFFSETS, RESIDUES, batch_runs, rows_per_block
 
 _BLOCK_BYTES = 64 << 20  # bounded memory when copying residues (compaction)
 

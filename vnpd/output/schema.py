@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,3 +66,25 @@ def rows_per_block(row_bytes: int, block_bytes: int | None = None) -> int:
     """How many rows of ``row_bytes`` one block of ``block_bytes`` (default
     ``BLOCK_BYTES``) holds, at least 1."""
     return max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, row_bytes))
+
+
+def batch_runs(pos: np.ndarray, order: np.ndarray, rows: np.ndarray,
+               starts: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """The rows of each run of adjacent positions, for writing one run at a time:
+    ``(lo, data)``, where ``pos[lo]`` is the run's first position. ``pos`` is the batch's
+    positions sorted (``positions[order]``); item i of the batch owns
+    ``rows[starts[i]:starts[i + 1]]`` (row i without ``starts``). ``data`` is a view of
+    ``rows`` where the run's items are adjacent in the batch too (one item always), else a
+    gathered copy. Lazy, so that a writer thread can do the gathering."""
+    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+    for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(pos)].tolist()):
+        run = order[lo:hi]
+        first, last = int(run[0]), int(run[-1])
+        if hi - lo == 1 or (last - first == hi - lo - 1 and np.all(np.diff(run) == 1)):
+            data = (rows[first:last + 1] if starts is None
+                    else rows[starts[first]:starts[last + 1]])
+        elif starts is None:
+            data = rows[run]
+        else:
+            data = np.concatenate([rows[starts[i]:starts[i + 1]] for i in run.tolist()])
+        yield lo, data
