@@ -70,9 +70,16 @@ class RowCache:
         return {i: found[key][ROW] for i, key in enumerate(wanted) if key in found}
 
     def store(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Queue rows for the store; ``rows[i]`` belongs to ``keys[i]``."""
+        """Queue rows for the store; ``rows[i]`` belongs to ``keys[i]``.
+
+        The arrays are queued as they are, not copied (at dim 2560 the copy was a quarter
+        of the parent loop's time): they are made read-only here, so that nobody changes
+        them before the writer thread has read them."""
+        keys, rows = np.asarray(keys), np.asarray(rows)
+        keys.setflags(write=False)
+        rows.setflags(write=False)
         try:
-            self._queue.put_nowait((np.array(keys, copy=True), np.array(rows, copy=True)))
+            self._queue.put_nowait((keys, rows))
         except queue.Full:
             self.dropped += len(keys)
 
