@@ -30,7 +30,6 @@ import numpy as np
 import structlog
 
 from vnpd.cache.store import CacheStats, EmbeddingCache
-from vnpd.inputs.duplicates import DuplicatePlan
 
 log = structlog.get_logger()
 
@@ -114,29 +113,6 @@ class RowCache:
         self._thread.join()
         self.writer.close()
         self.reader.close()
-
-
-def split_window(duplicates: DuplicatePlan | None, cache: RowCache | None,
-                 start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which rows ``start..stop-1`` of a job must be computed.
-
-    Returns (local indices to compute, local indices served by the cache, their rows).
-    Followers (rows that repeat an earlier row) are in neither: they get their leader's
-    row when it is written (:func:`vnpd.daemon.rows.write_with_copies`).
-    """
-    local = np.arange(stop - start)
-    if duplicates is not None:
-        local = local[duplicates.is_leader(local + start)]
-    if cache is None or duplicates is None or not len(local):
-        return local, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    found = cache.lookup(np.asarray(duplicates.keys[local + start]))
-    if not found:
-        return local, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    hit = np.fromiter(sorted(found), dtype=np.int64, count=len(found))
-    rows = np.stack([found[int(i)] for i in hit])
-    keep = np.ones(len(local), dtype=bool)
-    keep[hit] = False
-    return local[keep], local[hit], rows
 
 
 def checkpoint_digest(directory: Path, checkpoint: str) -> str:

@@ -27,7 +27,7 @@ import asyncio
 import itertools
 import sqlite3
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -37,13 +37,15 @@ from vnpd.daemon.piece_batches import (job_pieces, pack_pieces, piece_batch, que
                                        reread_batch)
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
-from vnpd.daemon.reuse import RowCache, split_window
-from vnpd.daemon.rows import followers_rows, write_with_copies
+from vnpd.daemon.rows import followers_rows, split_window, write_with_copies
 from vnpd.daemon.sharing import RowSharing
 from vnpd.daemon.window_rows import store_windows
 from vnpd.faults import FaultPlan
 from vnpd.inputs.fasta import FastaError
 from vnpd.workers.pool import BatchDone, BatchesLost, BatchFailed, Dispatch, Outcome
+
+if TYPE_CHECKING:  # annotations only
+    from vnpd.daemon.reuse import RowCache
 
 log = structlog.get_logger()
 
