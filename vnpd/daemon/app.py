@@ -25,6 +25,7 @@ import structlog
 
 from vnpd import __version__
 from vnpd.config import EX_CONFIG, Config, ConfigError, load_config, parse_listen
+from vnpd.daemon.cache_writer import CacheWriter
 from vnpd.daemon.completion import JobCompletion
 from vnpd.daemon.inbox import InboxWatcher
 from vnpd.daemon.intake import Intake
@@ -295,16 +296,23 @@ class Daemon:
                 # repeats within a file are still computed once.
                 return
             directory = Path(c.path) if c.path else self.cfg.paths.state / "cache"
+            writer: CacheWriter | None = None
             try:
+                # The writer process starts while the checkpoint is hashed and the model loads.
+                writer = CacheWriter.spawn(directory, self.cfg.logging.format,
+                                           self.cfg.logging.level)
                 digest = await asyncio.to_thread(checkpoint_digest, directory, m.checkpoint)
                 info = await self.pool.ready()
                 self.cache = await asyncio.to_thread(
                     open_row_cache, directory, c.max_gb, digest,
                     list(info.layers or (info.layer,)), m.dtype, m.output_dtype, m.truncation,
-                    configured_stride(m))
+                    configured_stride(m), writer)
             except Exception as exc:  # a cache that cannot open costs speed, never results
                 log.error("cache_unavailable", path=str(directory), error=str(exc))
                 return
+            finally:
+                if self.cache is None and writer is not None:
+                    writer.close()  # never opened (or cancelled): it ends at once
             self.scheduler.cache = self.cache
         finally:
             self.cache_settled.set()

@@ -2,10 +2,11 @@
 again instead of recomputed (``[cache]``; the store is :mod:`vnpd.cache.store`).
 
 Lookups run on the event loop, a batch of keys per window of a job (about a microsecond a
-key). Writes run on one background thread, so a slow disk never holds a batch's rows
-back; the queue in front of it is bounded, and rows that do not fit are not cached (the
-cache is an optimisation, never a place where a result must be). Each thread has its own
-handle on the SQLite store.
+key). Writes run in a process of their own (:mod:`vnpd.daemon.cache_writer`), so that
+neither a slow disk nor SQLite's per-entry work holds a batch's rows back; the queue in
+front of it is bounded, and rows that do not fit are not cached (the cache is an
+optimisation, never a place where a result must be). The reader and the writer each have
+their own handle on the SQLite store.
 
 The namespace of every entry covers what changes a row (the checkpoint's content hash,
 layer, dtypes, truncation, window settings, per-residue output): an entry of another model
@@ -13,52 +14,47 @@ or setting is never served (:func:`vnpd.cache.key.cache_namespace`).
 
 Example::
 
-    cache = RowCache.open(state / "cache", max_bytes=50 << 30, namespace=ns)
+    writer = CacheWriter.spawn(state / "cache")    # early: the process starts meanwhile
+    cache = RowCache.open(state / "cache", max_bytes=50 << 30, namespace=ns, writer=writer)
     found = cache.lookup(keys)        # {i: row} for the keys[i] that were cached
-    cache.store(keys, rows)           # later, on the writer thread
+    cache.store(keys, rows)           # later, in the writer process
     cache.close()
 """
 
 from __future__ import annotations
 
-import queue
-import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import structlog
 
 from vnpd.cache.store import CacheStats, EmbeddingCache
+from vnpd.daemon.cache_writer import ROW, CacheWriter
 
 log = structlog.get_logger()
 
-ROW = "mean"            # the name of the pooled row in a cache entry
-QUEUE_BATCHES = 16      # batches of rows waiting for the writer thread: bounded memory
-RESERVE_FRACTION = 0.05  # the cache never writes into the last 5% of its filesystem...
-RESERVE_MAX = 1 << 30    # ...or its last GiB, whichever is less: outputs need it more
-
 
 class RowCache:
-    """A reader handle for lookups on the loop, a writer thread for stores."""
+    """A reader handle for lookups on the loop, a writer process for stores."""
 
-    def __init__(self, reader: EmbeddingCache, writer: EmbeddingCache,
-                 directory: Path | None = None) -> None:
+    def __init__(self, reader: EmbeddingCache, writer: CacheWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.directory = directory
-        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = \
-            queue.Queue(QUEUE_BATCHES)
-        self.dropped = 0
-        self._thread = threading.Thread(target=self._write_loop, daemon=True,
-                                        name="vnpd-cache-writer")
-        self._thread.start()
+        self.dropped = 0  # rows not stored: the writer's queue was full, or it is gone
 
     @classmethod
-    def open(cls, directory: Path, max_bytes: int, namespace: str) -> "RowCache":
-        """Open (or create, or rebuild if corrupt) the store in ``directory``."""
-        writer = EmbeddingCache.open(directory, max_bytes, namespace)
-        reader = EmbeddingCache.open(directory, max_bytes, namespace)
-        return cls(reader, writer, directory)
+    def open(cls, directory: Path, max_bytes: int, namespace: str,
+             writer: CacheWriter | None = None) -> "RowCache":
+        """Open (or create, or rebuild if corrupt) the store in ``directory``: first in
+        the writer (``writer``, spawned for this directory; None: spawned here), then the
+        reader's handle. Raises RuntimeError if the writer could not open it."""
+        writer = writer if writer is not None else CacheWriter.spawn(directory)
+        try:
+            writer.open(max_bytes, namespace)
+            reader = EmbeddingCache.open(directory, max_bytes, namespace)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer)
 
     def lookup(self, keys: np.ndarray) -> dict[int, np.ndarray]:
         """The cached rows of ``keys`` ((k, 32) uint8): ``{i: row}`` for each hit."""
@@ -73,35 +69,12 @@ class RowCache:
 
         The arrays are queued as they are, not copied (at dim 2560 the copy was a quarter
         of the parent loop's time): they are made read-only here, so that nobody changes
-        them before the writer thread has read them."""
+        them before they are sent."""
         keys, rows = np.asarray(keys), np.asarray(rows)
         keys.setflags(write=False)
         rows.setflags(write=False)
-        try:
-            self._queue.put_nowait((keys, rows))
-        except queue.Full:
+        if not self.writer.submit(keys, rows):
             self.dropped += len(keys)
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            keys, rows = item
-            if self._disk_low():
-                self.dropped += len(keys)
-                continue
-            try:
-                self.writer.put_many((bytes(k), {ROW: row}) for k, row in zip(keys, rows))
-            except Exception as exc:  # a full disk, say: the rows are in the output anyway
-                log.warning("cache_write_failed", rows=len(keys), error=str(exc))
-
-    def _disk_low(self) -> bool:
-        """The filesystem is nearly full: the space is left to journals and outputs."""
-        if self.directory is None:
-            return False
-        usage = shutil.disk_usage(self.directory)
-        return usage.free < min(RESERVE_MAX, RESERVE_FRACTION * usage.total)
 
     def stats(self) -> tuple[CacheStats, CacheStats]:
         """(reader stats: hits and misses; writer stats: evictions and size)."""
@@ -109,8 +82,6 @@ class RowCache:
 
     def close(self) -> None:
         """Write what is queued, then close both handles."""
-        self._queue.put(None)
-        self._thread.join()
         self.writer.close()
         self.reader.close()
 
@@ -126,10 +97,12 @@ def checkpoint_digest(directory: Path, checkpoint: str) -> str:
 
 def open_row_cache(directory: Path, max_gb: float, digest: str, layers: list[int],
                    dtype: str, output_dtype: str, truncation: int,
-                   window_stride: int | None = None) -> RowCache:
+                   window_stride: int | None = None, writer: CacheWriter | None = None
+                   ) -> RowCache:
     """The daemon's cache for the model of content hash ``digest`` and these settings;
     ``window_stride``: window mode with this stride (None: truncate). In window mode only
-    rows of one window (no longer than the truncation) are stored and served."""
+    rows of one window (no longer than the truncation) are stored and served. ``writer``:
+    as for :meth:`RowCache.open`."""
     from vnpd.cache.key import cache_namespace
 
     namespace = cache_namespace(digest, layers=layers, dtype=dtype, output_dtype=output_dtype,
@@ -138,4 +111,4 @@ def open_row_cache(directory: Path, max_gb: float, digest: str, layers: list[int
                                 window_stride=window_stride or max(1, truncation // 2),
                                 per_residue=False)
     log.info("cache_open", path=str(directory), max_gb=max_gb, model_sha256=digest[:16])
-    return RowCache.open(directory, int(max_gb * (1 << 30)), namespace)
+    return RowCache.open(directory, int(max_gb * (1 << 30)), namespace, writer)
