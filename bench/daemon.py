@@ -125,8 +125,13 @@ enabled = {"true" if cache else "false"}
         (run / "stage" / name).write_text(text)
     log_path = run / "daemon.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "vnpd", "run", "--config", str(config)],
-                                stdout=log_file, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, "-m", "vnpd", "run", "--config", str(config)]
+        if os.environ.get("VNPD_BENCH_PYSPY"):  # a folder: sample the daemon and its workers
+            cmd = ["py-spy", "record", "--format", "raw", "--rate", "50", "--threads",
+                   "--subprocesses", "-o",
+                   str(Path(os.environ["VNPD_BENCH_PYSPY"]) / f"{root.name}-{run.name}.txt"),
+                   "--"] + cmd
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         t_start = time.monotonic()
         while '"daemon_ready"' not in log_path.read_text():
             if proc.poll() is not None:
@@ -146,7 +151,9 @@ enabled = {"true" if cache else "false"}
                 raise RuntimeError("daemon exited:\n" + log_path.read_text()[-3000:])
             time.sleep(0.02)
         elapsed = time.monotonic() - t0
-        proc.send_signal(signal.SIGTERM)
+        daemon_pid = next((int(json.loads(line)["pid"]) for line in log_path.read_text()
+                           .splitlines() if '"daemon_start"' in line), proc.pid)
+        os.kill(daemon_pid, signal.SIGTERM)  # the daemon, not py-spy around it
         code = proc.wait(300)
     computed = hits = 0
     for out in (run / "outbox").glob("*.h5"):
