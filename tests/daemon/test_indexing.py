@@ -93,18 +93,20 @@ def test_bad_input_fails_with_its_record_and_line(tmp_path: Path) -> None:
 
 
 class DiesOnce(ProteinSource):
-    """Kills its own process while building, the first ``deaths`` times (counted in
-    files beside the input, since each try runs in a fresh process)."""
+    """Kills its own process while building (``build_keyed``: what the indexer calls),
+    the first ``deaths`` times (counted in files beside the input, since each try runs in
+    a fresh process)."""
 
     deaths = 1
 
     @classmethod
-    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> ProteinSource:
+    def build_keyed(cls, path: Path, directory: Path, settings: SourceSettings,
+                    truncation: int | None) -> tuple[ProteinSource, np.ndarray]:
         tries = sorted(path.parent.glob("try-*"))
         (path.parent / f"try-{len(tries)}").write_text(str(os.getpid()))
         if len(tries) < cls.deaths:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().build(path, directory, settings)
+        return super().build_keyed(path, directory, settings, truncation)
 
 
 class DiesTwice(DiesOnce):
@@ -128,10 +130,11 @@ def test_a_second_death_fails_the_file(tmp_path: Path) -> None:
 
 class Slow(ProteinSource):
     @classmethod
-    def build(cls, path: Path, directory: Path, settings: SourceSettings) -> ProteinSource:
+    def build_keyed(cls, path: Path, directory: Path, settings: SourceSettings,
+                    truncation: int | None) -> tuple[ProteinSource, np.ndarray]:
         (path.parent / "pid").write_text(str(os.getpid()))
         time.sleep(120)
-        return super().build(path, directory, settings)
+        return super().build_keyed(path, directory, settings, truncation)
 
 
 def wait_for(predicate: object, timeout: float) -> bool:

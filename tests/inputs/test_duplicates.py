@@ -74,3 +74,30 @@ def test_plan_of_a_source_saved_and_loaded(tmp_path: Path) -> None:
     assert DuplicatePlan.exists(tmp_path / "index")
     again = DuplicatePlan.load(tmp_path / "index")
     assert np.array_equal(again.keys, plan.keys) and again.followers.tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("truncation", [None, 1022, 7])
+def test_keys_made_while_indexing_equal_keys_read_back(tmp_path: Path,
+                                                      truncation: int | None) -> None:
+    """ProteinSource.build_keyed keys rows in the indexing pass; the keys must be the
+    ones plan_duplicates makes from the rows read back, whatever the file's layout."""
+    rng = np.random.default_rng(11)
+    distinct = random_sequences([1, 2, 7, 8, 60, 1023, 1500, 3000], seed=11)
+    rows = [distinct[int(i)] for i in rng.integers(0, len(distinct), 60)]
+    text = []
+    for i, s in enumerate(rows):  # wrapped lines, lower case, stops, CRLF, comments
+        body = s.lower() if i % 3 == 0 else s
+        lines = [body[j:j + 60] for j in range(0, len(body), 60)]
+        end = "\r\n" if i % 5 == 0 else "\n"
+        stop = "*" if i % 4 == 0 else ""
+        text.append(f">r{i} note{end}" + "".join(line + end for line in lines[:-1])
+                    + lines[-1] + stop + end)
+    path = tmp_path / "mixed.fasta"
+    path.write_text(";an old-style comment\n" + "".join(text))
+    source, keys = ProteinSource.build_keyed(path, tmp_path / "index", SourceSettings(),
+                                             truncation)
+    read_back = plan_duplicates(source, truncation)
+    assert keys.shape == (60, 32)
+    assert np.array_equal(keys, read_back.keys)
+    leaders, _ = reference(rows, truncation)
+    assert plan_from_keys(keys).leaders.tolist() == leaders

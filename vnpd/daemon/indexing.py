@@ -34,7 +34,7 @@ from pathlib import Path
 import structlog
 
 from vnpd.lifeline import exit_with
-from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates
+from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates, plan_from_keys
 from vnpd.inputs.source import SequenceSource, SourceSettings
 
 log = structlog.get_logger()
@@ -52,8 +52,10 @@ def build_source(source_type: type[SequenceSource], path: Path, directory: Path,
 
     Raises ``FastaError`` for bad input and OSError when the file cannot be read.
     """
-    source = source_type.build(path, directory, settings)
-    return source, plan_duplicates(source, truncation)
+    source, keys = source_type.build_keyed(path, directory, settings, truncation)
+    if keys is None:
+        return source, plan_duplicates(source, truncation)
+    return source, plan_from_keys(keys)
 
 
 class Indexer:

@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from pathlib import Path
@@ -188,9 +188,11 @@ class IndexingWriter:
             self._file.close()
 
 
-def index_fasta(path: Path, *, kind: str = "protein") -> FileIndex:
+def index_fasta(path: Path, *, kind: str = "protein",
+                visit: Callable[[FastaRecord], None] | None = None) -> FileIndex:
     """Validate ``path`` completely and index it; ``kind`` as for
-    :func:`vnpd.inputs.fasta.iter_fasta` (``protein`` or ``translated``).
+    :func:`vnpd.inputs.fasta.iter_fasta` (``protein`` or ``translated``). ``visit`` is
+    called with every record in file order, in the same pass (to key the rows, say).
 
     Raises :class:`vnpd.inputs.fasta.FastaError` for invalid input, and also when the file
     changed while it was read (its size, mtime or inode differ from before): the index
@@ -205,6 +207,8 @@ def index_fasta(path: Path, *, kind: str = "protein") -> FileIndex:
     fill = 0
     for record in iter_fasta(path, kind=kind):
         checker.add(record)
+        if visit is not None:
+            visit(record)
         off_buf[fill] = record.offset
         len_buf[fill] = len(record.sequence)
         fill += 1

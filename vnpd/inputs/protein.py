@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 
+from vnpd.inputs.duplicates import row_key
 from vnpd.inputs.fasta import FastaRecord
 from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
 from vnpd.inputs.source import IndexedSource, SourceSettings
@@ -30,6 +32,17 @@ class ProteinSource(IndexedSource):
     @classmethod
     def build(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":
         return cls(path, index_fasta(path))
+
+    @classmethod
+    def build_keyed(cls, path: Path, directory: Path, settings: SourceSettings,
+                    truncation: int | None) -> tuple["ProteinSource", np.ndarray]:
+        """Index and key the rows in one read of the file (keying from :meth:`rows`
+        read it all a second time: half of a protein file's indexing)."""
+        digests: list[bytes] = []
+        index = index_fasta(path, visit=lambda record: digests.append(
+            row_key(record.sequence, truncation)))
+        keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 32)
+        return cls(path, index), keys.copy()
 
     @classmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":

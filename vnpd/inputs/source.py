@@ -65,6 +65,14 @@ class SequenceSource(ABC):
         """
 
     @classmethod
+    def build_keyed(cls, path: Path, directory: Path, settings: SourceSettings,
+                    truncation: int | None) -> tuple["SequenceSource", np.ndarray | None]:
+        """:meth:`build`, and the rows' repeat keys ((N, 32) uint8, as
+        :func:`vnpd.inputs.duplicates.row_key` makes them for ``truncation``) if this kind
+        can key its rows in the same pass; None: the caller keys them from :meth:`rows`."""
+        return cls.build(path, directory, settings), None
+
+    @classmethod
     @abstractmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "SequenceSource":
         """Reopen what :meth:`build` saved in ``directory`` (after a restart)."""
