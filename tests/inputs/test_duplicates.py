@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import random_sequences, write_fasta
-from vnpd.inputs.duplicates import DuplicatePlan, plan_duplicates, plan_from_keys, row_key
+from vnpd.inputs.duplicates import (DuplicatePlan, key_list, plan_duplicates, plan_from_keys,
+                                     row_key)
 from vnpd.inputs.protein import ProteinSource
 from vnpd.inputs.source import SourceSettings
 
@@ -101,3 +102,14 @@ def test_keys_made_while_indexing_equal_keys_read_back(tmp_path: Path,
     assert np.array_equal(keys, read_back.keys)
     leaders, _ = reference(rows, truncation)
     assert plan_from_keys(keys).leaders.tolist() == leaders
+
+
+def test_key_list_gives_each_row_as_bytes() -> None:
+    keys = keys_of(["A", "C", "A", "WWW"], None)
+    listed = key_list(keys)
+    assert listed == [bytes(k) for k in keys]
+    assert listed[0] == listed[2] != listed[1]
+    assert key_list(keys[[3, 0]]) == [bytes(keys[3]), bytes(keys[0])]  # gathered rows too
+    assert key_list(np.zeros((0, 32), np.uint8)) == []
+    with pytest.raises(ValueError):
+        key_list(np.zeros((2, 16), np.uint8))

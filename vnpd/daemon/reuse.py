@@ -30,6 +30,7 @@ import structlog
 
 from vnpd.cache.store import CacheStats, EmbeddingCache
 from vnpd.daemon.cache_writer import ROW, CacheWriter
+from vnpd.inputs.duplicates import key_list
 
 log = structlog.get_logger()
 
@@ -60,7 +61,7 @@ class RowCache:
         """The cached rows of ``keys`` ((k, 32) uint8): ``{i: row}`` for each hit."""
         if not len(keys):
             return {}
-        wanted = [bytes(k) for k in np.asarray(keys)]
+        wanted = key_list(keys)
         found = self.reader.get_many(wanted)
         return {i: found[key][ROW] for i, key in enumerate(wanted) if key in found}
 

@@ -32,6 +32,8 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import itertools
 import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,6 +43,7 @@ import structlog
 
 from vnpd.daemon.jobs import QueuedBatch
 from vnpd.daemon.rows import write_with_copies
+from vnpd.inputs.duplicates import key_list
 
 if TYPE_CHECKING:  # annotations only
     from vnpd.compute.windows import PieceIndex
@@ -109,28 +112,31 @@ class RowSharing:
         """Mask of ``rows`` (positions of ``job``) that another job computes now."""
         if job.duplicates is None or not self._lenders or not len(rows):
             return np.zeros(len(rows), dtype=bool)
-        keys = job.duplicates.keys[np.asarray(rows, dtype=np.int64)]
-        return np.fromiter(((lender := self._lenders.get(bytes(k))) is not None
-                            and lender[0] != job.job_id for k in keys),
-                           dtype=bool, count=len(rows))
+        lenders = map(self._lenders.get,
+                      key_list(job.duplicates.keys[np.asarray(rows, dtype=np.int64)]))
+        return np.fromiter((lender is not None and lender[0] != job.job_id
+                            for lender in lenders), dtype=bool, count=len(rows))
 
     def lend(self, job: ActiveJob, rows: np.ndarray) -> None:
         """``job`` computes ``rows`` (queued): register those that no job computes yet."""
         if job.duplicates is None or not len(rows):
             return
         lent = self._lent.setdefault(job.job_id, {})
-        for position, k in zip(np.asarray(rows).tolist(), job.duplicates.keys[rows]):
-            key = bytes(k)
-            if key not in self._lenders:
-                self._lenders[key] = (job.job_id, position)
-                lent[position] = key
+        # Dict and set operations over whole windows: a Python step per row cost the
+        # parent's loop several microseconds a row.
+        keys, positions = key_list(job.duplicates.keys[rows]), np.asarray(rows).tolist()
+        fresh = dict(zip(reversed(keys), reversed(positions)))  # a key's first row wins
+        for key in fresh.keys() & self._lenders.keys():
+            del fresh[key]
+        self._lenders.update(zip(fresh, zip(itertools.repeat(job.job_id), fresh.values())))
+        lent.update(zip(fresh.values(), fresh))
 
     def borrow(self, job: ActiveJob, rows: np.ndarray, batch_nos: list[int]) -> None:
         """``job`` waits for ``rows`` (journaled, one batch each) from their lenders."""
         if job.duplicates is None or not len(rows):
             return
-        for position, batch_no in zip(np.asarray(rows).tolist(), batch_nos):
-            key = bytes(job.duplicates.keys[position])
+        keys = key_list(job.duplicates.keys[np.asarray(rows, dtype=np.int64)])
+        for key, position, batch_no in zip(keys, np.asarray(rows).tolist(), batch_nos):
             self._loans.setdefault(key, []).append(Loan(job.job_id, batch_no, position))
             job.borrowed[batch_no] = position
 
@@ -142,14 +148,14 @@ class RowSharing:
         which: list[int] = []
         if not lent:
             return loans, np.zeros(0, dtype=np.int64)
-        for i, position in enumerate(np.asarray(positions).tolist()):
-            key = lent.pop(position, None)
-            if key is None:
-                continue
-            del self._lenders[key]
-            waiting = self._loans.pop(key, [])
-            loans += waiting
-            which += [i] * len(waiting)
+        keys = list(map(lent.pop, np.asarray(positions).tolist(), itertools.repeat(None)))
+        settled = [key for key in keys if key is not None]
+        collections.deque(map(self._lenders.pop, settled), maxlen=0)  # all at C speed
+        if self._loans and not self._loans.keys().isdisjoint(settled):
+            for i, key in enumerate(keys):
+                waiting = self._loans.pop(key, []) if key is not None else []
+                loans += waiting
+                which += [i] * len(waiting)
         return loans, np.asarray(which, dtype=np.int64)
 
     def release(self, job_id: int, positions: list[int] | None, jobs: dict[int, ActiveJob],
