@@ -7,6 +7,7 @@
 #   bash bench/gpu_runs.sh nucleotide   # daemon / engine: six_frame, genes (200 contigs)
 #   bash bench/gpu_runs.sh outputs      # per-residue, window mode
 #   bash bench/gpu_runs.sh parent       # the parent alone on this host's cores (no GPU)
+#   bash bench/gpu_runs.sh profile      # per-residue again, the daemon and its workers under py-spy
 set -uo pipefail
 W=${W:-/tmp/vnpd-gpu-runs}   # one work dir: the benches share each architecture's checkpoint
 mkdir -p "$W" "$OUT"
@@ -44,5 +45,13 @@ parent)  # no GPU, no checkpoint
             --json "$OUT/parent-$w.json"
     done
     ;;
-*) echo "usage: bash bench/gpu_runs.sh ratios|nucleotide|outputs|parent" >&2; exit 2 ;;
+profile)  # where per-residue loses 10% to the engine (needs py-spy: carry its wheel)
+    mkdir -p "$OUT/spy"
+    step residues-spy env VNPD_BENCH_PYSPY="$OUT/spy" python3 bench/outputs.py --case residues \
+        --workload 3b-uniprot --sequences 2000 --workdir "$W" --json "$OUT/residues-spy.json"
+    for raw in "$OUT"/spy/*.txt; do
+        step "summary $(basename "$raw")" python3 bench/parent.py --summarise "$raw"
+    done
+    ;;
+*) echo "usage: bash bench/gpu_runs.sh ratios|nucleotide|outputs|parent|profile" >&2; exit 2 ;;
 esac

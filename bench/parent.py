@@ -30,6 +30,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import pstats
 import shutil
 import signal
@@ -175,13 +176,16 @@ def phases(log_path: Path) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+PROCESSES = re.compile(r'(?:process \d+:"[^"]*";)+')
 IDLE_LEAVES = ("Condition.wait", "_worker (concurrent/futures/thread.py:81)",
                "EpollSelector.select", "InotifyFD._check_inotify_fd", "Event.wait",
                "select (selectors.py", "Queue.get (queue.py:171)")
 
 
 def summarise_pyspy(raw: Path, top: int = 20) -> list[str]:
-    """Where the parent's threads spend their time, from py-spy's collapsed stacks.
+    """Where the parent's threads spend their time, from py-spy's collapsed stacks
+    (``--threads``; with ``--subprocesses`` too, the children's threads are named with
+    their pid, and the daemon's are as without it).
 
     Samples whose innermost frame is a wait (a condition, an idle thread pool, the
     selector, inotify) are left out. The event-loop thread (MainThread) is serial: its
@@ -197,17 +201,24 @@ def summarise_pyspy(raw: Path, top: int = 20) -> list[str]:
     main_incl: collections.Counter[str] = collections.Counter()
     other_self: collections.Counter[str] = collections.Counter()
     total = idle = 0
+    root: str | None = None  # with --subprocesses: the process py-spy started
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
+        process = ""
+        if chain := PROCESSES.match(stack):  # 'process PID:"command";' each (commands hold ';')
+            pids = re.findall(r'process (\d+):', chain.group(0))
+            root = root or pids[0]
+            process = "" if pids[-1] == root else f"pid {pids[-1]}: "
+            stack = stack[chain.end():]
         frames = stack.split(";")
         total += n
         if any(frames[-1].startswith(leaf) for leaf in IDLE_LEAVES):
             idle += n
             continue
-        thread = kind(frames[0])
+        thread = process + kind(frames[0])
         busy[thread] += n
         if thread == "MainThread":
             main_self[frames[-1]] += n
@@ -361,7 +372,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summarise", metavar="RAW", default=None,
+                    help="only print the summary of a py-spy raw file (bench/daemon.py's "
+                         "VNPD_BENCH_PYSPY writes them) and exit")
     args = ap.parse_args()
+    if args.summarise:
+        print("\n".join(summarise_pyspy(Path(args.summarise))))
+        return
     args.loadavg = list(os.getloadavg())
     result = run(args)
     for line in result.get("profile_summary", []):
