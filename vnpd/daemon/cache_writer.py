@@ -84,7 +84,6 @@ class CacheWriter:
         self._process, self._conn = process, conn
         self._queue: queue.Queue[StoreRows | None] = queue.Queue(QUEUE_BATCHES)
         self._stats: CacheStats | None = None
-        self._answered = threading.Condition()
         self._failed: str | None = None
         self._closing = False
         self._sender: threading.Thread | None = None

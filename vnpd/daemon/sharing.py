@@ -122,8 +122,9 @@ class RowSharing:
         if job.duplicates is None or not len(rows):
             return
         lent = self._lent.setdefault(job.job_id, {})
-        # Dict and set operations over whole windows: a Python step per row cost the
-        # parent's loop several microseconds a row.
+        # Dict and set operations over whole windows: with a Python step per row, this,
+        # lenders_of and settle cost the parent's loop twice as much (1.26 against
+        # 0.68 us a row).
         keys, positions = key_list(job.duplicates.keys[rows]), np.asarray(rows).tolist()
         fresh = dict(zip(reversed(keys), reversed(positions)))  # a key's first row wins
         for key in fresh.keys() & self._lenders.keys():
