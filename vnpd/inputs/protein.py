@@ -42,7 +42,7 @@ class ProteinSource(IndexedSource):
         index = index_fasta(path, visit=lambda record: digests.append(
             row_key(record.sequence, truncation)))
         keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 32)
-        return cls(path, index), keys.copy()
+        return cls(path, index), keys  # read-only, as a loaded plan's keys are
 
     @classmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":
