@@ -44,7 +44,7 @@ from vnpd.inputs import six_frame_pool
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, TranslatedBlock, check_nucleotide,
                                     gene_proteins, make_gene_finder, piece_batches,
                                     six_frame_proteins, translate_pieces)
-from vnpd.inputs.source import IndexedSource, SourceSettings
+from vnpd.inputs.source import IndexedSource, SourceSettings, first_proteins
 
 if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
     import pyrodigal_gv
@@ -134,6 +134,20 @@ class NucleotideSource(IndexedSource):
                 "records": records, "records_with_proteins": with_proteins,
                 "records_without_proteins": records - with_proteins}
         return cls(path, directory, out.close(), arrays, meta)
+
+    @classmethod
+    def peek(cls, path: Path, settings: SourceSettings, max_tokens: int, truncation: int
+             ) -> list[tuple[str, str]]:
+        """The first contigs' proteins, made as :meth:`build` makes them, one record at a
+        time on this thread (genes with one finder)."""
+        def proteins() -> Iterator[tuple[str, str]]:
+            finder = make_gene_finder() if settings.proteins == "genes" else None
+            for record in iter_fasta(path, max_residues=MAX_RECORD_BASES, kind="nucleotide"):
+                _check_record(record)
+                made = (record_genes(record, finder) if finder is not None else
+                        six_frame_proteins(record.id, record.sequence, settings.chunk_length))
+                yield from ((p.id, p.sequence) for p in made)
+        return first_proteins(proteins(), max_tokens, truncation)
 
     @classmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "NucleotideSource":

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from vnpd.inputs.duplicates import row_key
-from vnpd.inputs.fasta import FastaRecord
+from vnpd.inputs.fasta import FastaRecord, iter_fasta
 from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
-from vnpd.inputs.source import IndexedSource, SourceSettings
+from vnpd.inputs.source import IndexedSource, SourceSettings, first_proteins
 
 
 class ProteinSource(IndexedSource):
@@ -43,6 +43,12 @@ class ProteinSource(IndexedSource):
             row_key(record.sequence, truncation)))
         keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 32)
         return cls(path, index), keys  # read-only, as a loaded plan's keys are
+
+    @classmethod
+    def peek(cls, path: Path, settings: SourceSettings, max_tokens: int, truncation: int
+             ) -> list[tuple[str, str]]:
+        return first_proteins(((r.id, r.sequence) for r in iter_fasta(path)), max_tokens,
+                              truncation)
 
     @classmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "ProteinSource":

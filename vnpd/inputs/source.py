@@ -73,6 +73,16 @@ class SequenceSource(ABC):
         return cls.build(path, directory, settings), None
 
     @classmethod
+    def peek(cls, path: Path, settings: SourceSettings, max_tokens: int, truncation: int
+             ) -> list[tuple[str, str]]:
+        """The file's first proteins, (record id, residues) in row order, up to about
+        ``max_tokens`` tokens (a row costs its residues up to ``truncation``, plus 2), read
+        without indexing the file: what :mod:`vnpd.daemon.head_start` computes while it is
+        indexed. Advisory: stops quietly at the first problem (indexing reports it).
+        Default: none."""
+        return []
+
+    @classmethod
     @abstractmethod
     def open(cls, path: Path, directory: Path, settings: SourceSettings) -> "SequenceSource":
         """Reopen what :meth:`build` saved in ``directory`` (after a restart)."""
@@ -123,3 +133,20 @@ class IndexedSource(SequenceSource):
     @property
     def lengths(self) -> np.ndarray:
         return self.index.lengths
+
+
+def first_proteins(proteins: Iterator[tuple[str, str]], max_tokens: int, truncation: int
+                   ) -> list[tuple[str, str]]:
+    """:meth:`SequenceSource.peek` of an input kind's (id, residues) stream: the first up
+    to ``max_tokens`` tokens' worth; an error ends the stream where it happens."""
+    taken: list[tuple[str, str]] = []
+    tokens = 0
+    try:
+        for record_id, residues in proteins:
+            taken.append((record_id, residues))
+            tokens += min(len(residues), truncation) + 2
+            if tokens >= max_tokens:  # before the next item: it may be a whole contig's work
+                break
+    except Exception:  # bad input or an unreadable file: the indexing says which and where
+        pass
+    return taken
