@@ -15,6 +15,9 @@ default everywhere, does nothing. Every fault logs before it acts.
   a named point of a job's life (:data:`CRASH_POINTS`).
 - ``VNPD_TEST_OUTBOX_FULL=FLAG_FILE``: while FLAG_FILE exists, publishing into the outbox
   fails with ENOSPC, as on a full disk.
+- ``VNPD_TEST_INDEX_DELAY_S=SECONDS`` (acted on where a file is indexed,
+  :func:`vnpd.daemon.indexing.build_source`): every index waits this long first, so that
+  a test sees what happens while a file is being indexed (the head start).
 - ``VNPD_TEST_SIMULATE_DIM=D`` (for benchmarks of the parent, bench/parent.py): every
   worker runs :class:`vnpd.compute.simulated.SimulatedEngine` (rows of width D computed
   from the tokens, no model) instead of loading the model. Only allowed when every

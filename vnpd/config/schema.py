@@ -125,6 +125,8 @@ class JobsConfig:
     max_active_jobs: int = 8
     publish_retry_max_s: float = 300.0
     index_processes: int = 4  # new files indexed side by side in this many processes; 0 = a thread
+    head_start: str = "auto"  # idle devices compute a new file's first proteins while it is
+    # indexed: "on" | "off" | "auto" (on when every worker device is a GPU)
 
 
 @dataclass
@@ -211,6 +213,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.dtype": COMPUTE_DTYPES, "model.output_dtype": OUTPUT_DTYPES,
     "model.attention": (AUTO, *ATTENTION_BACKENDS),
     "model.compile_mode": (AUTO, COMPILE_OFF, *COMPILE_MODES), "jobs.on_poison": ON_POISON,
+    "jobs.head_start": (AUTO, "on", "off"),
     "inbox.after_done": AFTER_DONE, "logging.format": LOG_FORMATS, "logging.level": LOG_LEVELS,
     "input.kind": INPUT_KINDS, "nucleotide.proteins": NUCLEOTIDE_PROTEINS,
     "model.long_sequences": ("truncate", "window"),  # as vnpd.compute.windows (no torch here)

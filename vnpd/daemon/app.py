@@ -27,6 +27,7 @@ from vnpd import __version__
 from vnpd.config import EX_CONFIG, Config, ConfigError, load_config, parse_listen
 from vnpd.daemon.cache_writer import CacheWriter
 from vnpd.daemon.completion import JobCompletion
+from vnpd.daemon.head_start import HeadStart
 from vnpd.daemon.inbox import InboxWatcher
 from vnpd.daemon.intake import Intake
 from vnpd.daemon.jobs import ActiveJob
@@ -121,6 +122,10 @@ class Daemon:
                                    faults=self.faults)
         if cfg.output.per_residue:  # a loan is the pooled row only: no sharing then
             self.scheduler.sharing = None
+        elif cfg.jobs.head_start == "on" or (cfg.jobs.head_start == "auto" and gpu_workers(
+                cfg, self.devices)):  # CPU workers would take the indexer's cores
+            self.scheduler.head = HeadStart(cfg.model.truncation, self.scheduler.sharing,
+                                            slots=len(self.devices), metrics=self.metrics)
         self.pool: WorkerPool = make_pool(cfg, worker_specs(cfg, self.devices, self.faults), self.metrics)
         self.completion = JobCompletion(cfg, self.journal, self.metrics, self.jobs_dir,
                                         self.done_dir, self.pool.ready, self.faults)
@@ -408,3 +413,10 @@ def make_pool(cfg: Config, specs: list[WorkerSpec], metrics: Any = None) -> Work
     from vnpd.workers.local import LocalPool
 
     return LocalPool(specs, supervision, credit=credit, metrics=metrics)
+
+
+def gpu_workers(cfg: Config, devices: list[str]) -> bool:
+    """Whether every worker runs on a GPU (``devices`` resolved; ["auto"]: a Ray cluster's)."""
+    if devices == ["auto"]:
+        return cfg.ray.auto_device == "gpu"
+    return "cpu" not in devices

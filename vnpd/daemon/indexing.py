@@ -27,6 +27,7 @@ import asyncio
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -52,6 +53,10 @@ def build_source(source_type: type[SequenceSource], path: Path, directory: Path,
 
     Raises ``FastaError`` for bad input and OSError when the file cannot be read.
     """
+    delay = float(os.environ.get("VNPD_TEST_INDEX_DELAY_S") or 0)  # tests only: vnpd/faults.py
+    if delay > 0:
+        log.warning("test_index_delay", file=str(path), seconds=delay)
+        time.sleep(delay)
     source, keys = source_type.build_keyed(path, directory, settings, truncation)
     if keys is None:
         return source, plan_duplicates(source, truncation)
@@ -88,6 +93,21 @@ class Indexer:
                     self._pool = None
                     pool.shutdown(wait=False, cancel_futures=True)
         raise IndexProcessDied("the process indexing the file died twice (out of memory?)")
+
+    async def peek(self, source_type: type[SequenceSource], path: Path,
+                   settings: SourceSettings, max_tokens: int, truncation: int
+                   ) -> list[tuple[str, str]]:
+        """``source_type.peek`` off the event loop: in a process (gene calling would load
+        pyrodigal-gv into the daemon), or in a thread. Advisory: [] if it fails."""
+        args = (path, settings, max_tokens, truncation)
+        try:
+            if self.processes == 0:
+                return await asyncio.to_thread(source_type.peek, *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._require_pool(), source_type.peek, *args)
+        except (BrokenProcessPool, RuntimeError) as exc:  # the build reports a dead process
+            log.warning("peek_failed", file=str(path), error=str(exc))
+            return []
 
     def start(self, source_type: type[SequenceSource]) -> Future[str] | None:
         """Spawn one process now and import ``source_type``'s modules there, so that the

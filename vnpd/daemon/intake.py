@@ -145,7 +145,21 @@ class Intake:
 
     def _start_indexing(self, job_id: int, name: str, claimed: Path) -> None:
         self.indexing.add(job_id)
+        if self.scheduler.head is not None:  # its first proteins, meanwhile
+            self.scheduler.head.open(job_id)
+            self._spawn(self._peek(job_id, claimed))
         self._spawn(self._index_job(job_id, name, claimed))
+
+    async def _peek(self, job_id: int, claimed: Path) -> None:
+        """Queue the file's first proteins for head batches (:mod:`vnpd.daemon.head_start`)."""
+        head = self.scheduler.head
+        assert head is not None
+        await self._model()  # the batch size is the model's
+        proteins = await self.indexer.peek(self.source_type, claimed, self.settings,
+                                           head.budget(self.scheduler.max_tokens),
+                                           self.cfg.model.truncation)
+        if head.add(job_id, proteins, self.scheduler.cache):
+            self.work_added.set()
 
     async def _index_job(self, job_id: int, name: str, claimed: Path) -> None:
         directory = self.jobs_dir / str(job_id) / "index"
@@ -153,16 +167,16 @@ class Intake:
             source, duplicates = await self.indexer.build(
                 self.source_type, claimed, directory, self.settings, self._key_truncation())
         except FastaError as exc:
-            self.indexing.discard(job_id)
+            self._indexing_failed(job_id)
             await self.completion.fail_job(job_id, name, claimed, exc.to_dict(), str(exc))
             return
         except OSError as exc:
-            self.indexing.discard(job_id)
+            self._indexing_failed(job_id)
             await self.completion.fail_job(job_id, name, claimed,
                                            {"reason": f"cannot read file: {exc}"}, str(exc))
             return
         except IndexProcessDied as exc:
-            self.indexing.discard(job_id)
+            self._indexing_failed(job_id)
             await self.completion.fail_job(job_id, name, claimed, {"reason": str(exc)}, str(exc))
             return
         self.indexing.discard(job_id)
@@ -181,6 +195,15 @@ class Intake:
             await self.completion.copy_duplicate(job_id, previous, name)
         await self._activate(job_id, name, source, total_tokens, resume=copy,
                              duplicates=duplicates)
+
+    def _indexing_failed(self, job_id: int) -> None:
+        self.indexing.discard(job_id)
+        self._forget_head(job_id)
+
+    def _forget_head(self, job_id: int) -> None:
+        """The job will not run in the scheduler: what its head start holds is dropped."""
+        if self.scheduler.head is not None:
+            self.scheduler.head.forget(job_id)
 
     def _key_truncation(self) -> int | None:
         """How many residues of a row its repeat key covers: in window mode a row is all
@@ -246,6 +269,7 @@ class Intake:
                     file=name)
             except FastaError as exc:  # its writer went on after the claim: fail the job
                 log.error("job_input_changed", job=job_id, file=name, error=str(exc))
+                self._forget_head(job_id)
                 await self.completion.fail_job(job_id, name, source.path, exc.to_dict(),
                                                str(exc))
                 return
@@ -253,6 +277,7 @@ class Intake:
                         self.journal.job(job_id).next_position, total_tokens,
                         duplicates=duplicates, pieces=pieces)
         if partial.finalized:
+            self._forget_head(job_id)
             self._spawn_publish(job)
             return
         partial.write_in_background(QUEUE_BYTES)  # pwrite off the event loop

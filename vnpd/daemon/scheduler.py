@@ -45,6 +45,8 @@ from vnpd.inputs.fasta import FastaError
 from vnpd.workers.pool import BatchDone, BatchesLost, BatchFailed, Dispatch, Outcome
 
 if TYPE_CHECKING:  # annotations only
+    from vnpd.compute.windows import PieceIndex
+    from vnpd.daemon.head_start import HeadStart
     from vnpd.daemon.reuse import RowCache
 
 log = structlog.get_logger()
@@ -73,6 +75,8 @@ class Scheduler:
         self.cache: RowCache | None = None  # set by the daemon once the cache is open
         # Rows of jobs running at once, lent to each other (None: per-residue rows).
         self.sharing: RowSharing | None = RowSharing()
+        # Claimed files' first proteins, computed while they are indexed (None: off).
+        self.head: HeadStart | None = None
         self.jobs: dict[int, ActiveJob] = {}
         self.finished: asyncio.Queue[ActiveJob] = asyncio.Queue()
         self._rr: deque[int] = deque()
@@ -85,6 +89,8 @@ class Scheduler:
     def add_job(self, job: ActiveJob) -> None:
         """Start serving a job, its journaled unfinished batches first (suspects first)."""
         queue_journaled(job, self.journal, self.truncation)
+        if self.head is not None:
+            self.head.started(job.job_id)
         self.jobs[job.job_id] = job
         self._rr.append(job.job_id)
         log.info("job_started", job=job.job_id, file=job.name, sequences=job.num_records,
@@ -94,6 +100,8 @@ class Scheduler:
 
     def remove_job(self, job_id: int) -> ActiveJob | None:
         job = self.jobs.pop(job_id, None)
+        if self.head is not None:
+            self.head.forget(job_id)
         if job_id in self._rr:
             self._rr.remove(job_id)
         if self.sharing is not None:  # what it was to lend, its borrowers compute
@@ -125,6 +133,10 @@ class Scheduler:
             dispatch = self._next_from(job, max_tokens)
             if dispatch is not None:
                 return dispatch
+        # No job has a batch: a device would idle. Files still being indexed may have
+        # their first proteins ready (:mod:`vnpd.daemon.head_start`).
+        if self.head is not None:
+            return self.head.take_batch(max_tokens, next(self._batch_ids))
         return None
 
     def _next_from(self, job: ActiveJob, max_tokens: int) -> Dispatch | None:
@@ -169,6 +181,11 @@ class Scheduler:
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
         # Repeats of earlier rows are copied, cached rows served: neither is computed.
         compute, hit, hit_rows = split_window(job.duplicates, self.cache, start, stop)
+        early = np.zeros(0, dtype=np.int64)  # rows head batches computed: taken as done
+        early_rows = np.zeros((0, 0), dtype=np.float32)
+        if self.head is not None:  # those of another job's head: served, as cache hits
+            early, early_rows, compute, hit, hit_rows = self.head.split(job, compute, start,
+                                                                        hit, hit_rows)
         borrowed = np.zeros(0, dtype=np.int64)  # rows another job computes now: borrowed
         if self.sharing is not None:
             borrowed, compute = self.sharing.split(job, compute, start)
@@ -177,7 +194,13 @@ class Scheduler:
         batches = [(p, int(pieces.tokens(p).sum())) for p in plan]
         if len(hit):
             batches.append((pieces.pieces_of(hit + start), 0))  # no tokens: cache hits
-        batches += [(pieces.pieces_of(borrowed[i:i + 1]), 0) for i in range(len(borrowed))]
+        if len(early):  # with their tokens: computed for this job, not served
+            batches.append((pieces.pieces_of(early + start),
+                            int(pieces.tokens(pieces.pieces_of(early + start)).sum())))
+        batches += [(p, t) for p, t in zip((pieces.pieces_of(borrowed[i:i + 1])
+                                            for i in range(len(borrowed))),
+                                           self.head.loan_tokens(job, pieces, borrowed)
+                                           if self.head else itertools.repeat(0))]
         try:
             numbers = self.journal.add_batches(job.job_id, batches, stop)
         except sqlite3.OperationalError as exc:
@@ -190,6 +213,9 @@ class Scheduler:
         if len(hit):
             self._write_rows(job, hit + start, hit_rows)
             job.unflushed.append(numbers[len(plan)])
+        if len(early):
+            self._write_early(job, early + start, early_rows, batches[-len(borrowed) - 1][1],
+                              numbers[len(numbers) - len(borrowed) - 1])
         for no, batch_pieces in zip(numbers, plan):
             batch = piece_batch(job, batch_pieces, lambda row: records[row - start],
                                 self.truncation)
@@ -197,6 +223,15 @@ class Scheduler:
         job.next_position = stop
         if not plan:
             self._check_complete(job)  # a window of repeats, hits, loans only: maybe the last
+
+    def _write_early(self, job: ActiveJob, positions: np.ndarray, rows: np.ndarray,
+                     tokens: int, batch_no: int) -> None:
+        """Rows head batches computed: one batch of the job's, done at the next commit."""
+        self._write_rows(job, positions, rows)
+        job.unflushed.append(batch_no)
+        job.done_tokens += tokens
+        if self.cache is not None and job.duplicates is not None:  # as computed rows are
+            self.cache.store(np.asarray(job.duplicates.keys[positions]), rows)
 
     def _dispatch(self, job: ActiveJob, queued: QueuedBatch) -> Dispatch:
         if queued.batch is None:
@@ -211,6 +246,11 @@ class Scheduler:
     # Pool outcomes ------------------------------------------------------------------
     def apply(self, outcome: Outcome) -> None:
         """Take in what became of a batch: rows to write, a failure, or lost batches."""
+        if self.head is not None:  # head batches' outcomes are the head start's
+            left = self.head.take_outcome(outcome, self.jobs, self.journal, self.cache)
+            if left is None:
+                return
+            outcome = left
         if isinstance(outcome, BatchDone):
             self.batch_done(outcome.dispatch, outcome.rows, outcome.device, outcome.seconds,
                             outcome.residues, outcome.residue_counts)

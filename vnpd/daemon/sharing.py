@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import itertools
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,33 @@ class RowSharing:
             del fresh[key]
         self._lenders.update(zip(fresh, zip(itertools.repeat(job.job_id), fresh.values())))
         lent.update(zip(fresh.values(), fresh))
+
+    def lend_keys(self, lender: int, keys: Sequence[bytes]) -> None:
+        """A lender that is no job (below zero: a head batch, :mod:`vnpd.daemon.head_start`)
+        computes ``keys[i]`` as its position i: register those that no one computes yet."""
+        lent = self._lent.setdefault(lender, {})
+        for position, key in enumerate(keys):
+            if key not in self._lenders:
+                self._lenders[key] = (lender, position)
+                lent[position] = key
+
+    def is_lent(self, key: bytes) -> bool:
+        """Whether a job (or a head batch) computes ``key`` now."""
+        return key in self._lenders
+
+    def awaited(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Mask of ``keys`` that some job waits to borrow."""
+        return np.fromiter((key in self._loans for key in keys), dtype=bool, count=len(keys))
+
+    def lent_by_head(self, job: ActiveJob, rows: np.ndarray) -> np.ndarray:
+        """Mask of ``rows`` (positions of ``job``, being borrowed) whose lender is a head
+        batch: the job journals those with their tokens, as rows computed for it."""
+        if job.duplicates is None or not len(rows):
+            return np.zeros(len(rows), dtype=bool)
+        lenders = map(self._lenders.get,
+                      key_list(job.duplicates.keys[np.asarray(rows, dtype=np.int64)]))
+        return np.fromiter((lender is not None and lender[0] < 0 for lender in lenders),
+                           dtype=bool, count=len(rows))
 
     def borrow(self, job: ActiveJob, rows: np.ndarray, batch_nos: list[int]) -> None:
         """``job`` waits for ``rows`` (journaled, one batch each) from their lenders."""
