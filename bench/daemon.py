@@ -219,6 +219,8 @@ def main() -> None:
                          "can then be served from the cache)")
     ap.add_argument("--cache", choices=["on", "off", "both"], default="on",
                     help="run the daemon with the embedding cache on, off, or both")
+    ap.add_argument("--head-start", choices=["on", "off", "both"], default="on",
+                    help="run the daemon with [jobs] head_start \"on\", \"off\", or both (off first)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -259,14 +261,18 @@ def main() -> None:
         print(f"engine only (1 GPU): {result['engine_tok_s']:,.0f} tok/s", flush=True)
     runs = []
     caches = {"on": [True], "off": [False], "both": [False, True]}[args.cache]
-    for device_set, backend, cache in itertools.product(args.device_sets.split(";"),
-                                                        args.backends.split(","), caches):
+    heads = {"on": [True], "off": [False], "both": [False, True]}[args.head_start]
+    for device_set, backend, cache, head in itertools.product(
+            args.device_sets.split(";"), args.backends.split(","), caches, heads):
         r = daemon_run(root, checkpoint, files, device_set.split(","), args.dtype, total_tokens,
-                       backend, cache, args.sequential, extra_config)
+                       backend, cache, args.sequential,
+                       extra_config + '[jobs]\nhead_start = "%s"\n' % ("on" if head else "off"))
+        r["head_start"] = head
         runs.append(r)
         ratio = (f", {r['tok_s'] / result['engine_tok_s']:.3f} of engine-only"
                  if "engine_tok_s" in result else "")
-        print(f"daemon {backend} {device_set} cache {'on' if cache else 'off'}: "
+        print(f"daemon {backend} {device_set} cache {'on' if cache else 'off'} head start "
+              f"{'on' if head else 'off'}: "
               f"{r['seconds']:.1f} s from drop to last publish, {r['tok_s']:,.0f} tok/s{ratio}, "
               f"computed {r['computed_sequences']}, cache hits {r['cache_hits']} (workers ready "
               f"after {r['ready_s']:.0f} s, exit {r['exit_code']})", flush=True)

@@ -136,6 +136,7 @@ def vm_hwm_mb(pid: int) -> float | None:
 def phases(log_path: Path) -> dict[str, float]:
     """Per-phase seconds summed over jobs, from the JSON log."""
     events: dict[int, dict[str, float]] = collections.defaultdict(dict)
+    head_taken = [0]
     for line in log_path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -153,6 +154,10 @@ def phases(log_path: Path) -> dict[str, float]:
             events[job]["output_finalized"] = t
         if ev == "finalize_started" and job is not None:
             events[job]["finalize_started"] = t
+        if ev == "head_start_queued" and job is not None:
+            events[job]["head_start_queued"] = t
+        if ev == "head_rows_taken":  # rows a head start computed before the job's start
+            head_taken[0] += rec.get("sequences", 0)
     out = collections.Counter()
     for e in events.values():
         if "job_claimed" in e and "job_started" in e:
@@ -168,6 +173,10 @@ def phases(log_path: Path) -> dict[str, float]:
     if claimed and started:  # the head: how long after the first claim jobs started
         out["first_job_started_s"] = min(started) - min(claimed)
         out["last_job_started_s"] = max(started) - min(claimed)
+    queued = [e["head_start_queued"] for e in events.values() if "head_start_queued" in e]
+    if claimed and queued:  # a head start: its first proteins queued for head batches
+        out["first_head_queued_s"] = min(queued) - min(claimed)
+        out["head_rows_taken"] = head_taken[0]
     computed = [e["finalize_started"] for e in events.values() if "finalize_started" in e]
     published = [e["job_published"] for e in events.values() if "job_published" in e]
     if claimed and computed and published:  # the tail: last rows done to last publish
