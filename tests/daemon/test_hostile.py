@@ -476,10 +476,13 @@ def test_writer_still_writing_after_the_claim_fails_its_job_not_the_daemon(
     report = dirs.failed / "stalled.fasta.error.json"
     try:
         daemon.wait_ready()
+        # ~900k tokens: minutes of work for the tiny model on two CPU workers. Made before
+        # the file is opened: on a loaded machine, making it took longer than settle_s,
+        # and the empty file was claimed (and failed) before anything was written.
+        text = fasta(list(zip([f"s{i}" for i in range(3000)],
+                              random_sequences([300] * 3000, seed=1))))
         with open(dirs.inbox / "stalled.fasta", "w") as writer:
-            # ~900k tokens: minutes of work for the tiny model on two CPU workers.
-            writer.write(fasta(list(zip([f"s{i}" for i in range(3000)],
-                                        random_sequences([300] * 3000, seed=1)))))
+            writer.write(text)
             writer.flush()
             daemon.wait_for(lambda: any(e.get("file") == "stalled.fasta"
                                         for e in daemon.events("job_started")), 60, "the claim")
