@@ -610,11 +610,10 @@ def test_a_row_of_another_jobs_head_batch_in_flight_is_served_to_its_borrower(
     assert head.taken == 5
 
 
-def test_a_job_published_as_a_copy_leaves_none_of_its_head_rows_waiting(
-        tmp_path: Path) -> None:
-    """Through the real intake: a file of the same content as one published before is
-    published as a copy and never runs; the rows its head start computed must not wait
-    for it (vnpd/daemon/intake.py, ``_forget_head``)."""
+def real_intake(tmp_path: Path) -> tuple[Intake, JobCompletion, list[ActiveJob]]:
+    """The daemon's intake and completion over a real journal and a scheduler with a head
+    start; indexing in a thread, nothing spawned (a test runs each step itself), and the
+    jobs handed to publishing collected in the list returned."""
     cfg = Config(paths=PathsConfig(*(tmp_path / d for d in ("inbox", "outbox", "state",
                                                               "failed"))))
     cfg.model.truncation = TRUNCATION
@@ -624,9 +623,6 @@ def test_a_job_published_as_a_copy_leaves_none_of_its_head_rows_waiting(
               state / "claimed"):
         d.mkdir(parents=True)
     journal = Journal(state / "journal.sqlite3")
-    scheduler = head_scheduler(journal)
-    head = scheduler.head
-    assert head is not None
 
     async def model() -> ModelInfo:
         return ModelInfo(embed_dim=DIM, layer=1, attention_backend="exact", max_tokens=BUDGET)
@@ -635,10 +631,53 @@ def test_a_job_published_as_a_copy_leaves_none_of_its_head_rows_waiting(
 
     def spawn(coro: Any) -> asyncio.Task[Any]:
         raise AssertionError("the test runs each step itself")
-    intake = Intake(cfg, journal, scheduler, completion, claimed_dir=state / "claimed",
-                    jobs_dir=state / "jobs", stopping=asyncio.Event(), wake=asyncio.Event(),
-                    work_added=asyncio.Event(), spawn=spawn, spawn_publish=published.append,
-                    model=model, faults=FaultPlan(), source_type=ProteinSource)
+    intake = Intake(cfg, journal, head_scheduler(journal), completion,
+                    claimed_dir=state / "claimed", jobs_dir=state / "jobs",
+                    stopping=asyncio.Event(), wake=asyncio.Event(), work_added=asyncio.Event(),
+                    spawn=spawn, spawn_publish=published.append, model=model,
+                    faults=FaultPlan(), source_type=ProteinSource)
+    return intake, completion, published
+
+
+def test_no_peek_while_the_devices_have_more_work_than_a_head_start(tmp_path: Path) -> None:
+    """A head batch runs only when no job has a batch: with more work queued than a peek
+    reads, the peek would only slow the indexing down, and is not made."""
+    intake, _, _ = real_intake(tmp_path)
+    scheduler, journal, state = intake.scheduler, intake.journal, intake.cfg.paths.state
+    head = scheduler.head
+    assert head is not None
+    big = write_fasta(state / "claimed" / "1-big.fasta",
+                      random_sequences([200] * 40, seed=23), prefix="b")
+    small = write_fasta(state / "claimed" / "2-small.fasta",
+                        random_sequences([30] * 5, seed=24), prefix="s")
+    for claimed, expect in ((small, 5), (big, None)):
+        job_id = journal.add_job(claimed.name, claimed)
+        intake.indexing.add(job_id)
+        head.open(job_id)
+        if expect is not None:  # the devices are idle: the peek is queued
+            asyncio.run(intake._peek(job_id, claimed))
+            assert head.pending() == expect
+            head.forget(job_id)
+    # The big file's job now runs, with more tokens left than a peek reads.
+    asyncio.run(intake._index_job(job_id, claimed.name, claimed))
+    running = scheduler.jobs[job_id]
+    assert running.total_tokens - running.done_tokens > head.budget(scheduler.max_tokens)
+    later = journal.add_job("2-small.fasta", small)
+    intake.indexing.add(later)
+    head.open(later)
+    asyncio.run(intake._peek(later, small))
+    assert head.pending() == 0
+
+
+def test_a_job_published_as_a_copy_leaves_none_of_its_head_rows_waiting(
+        tmp_path: Path) -> None:
+    """Through the real intake: a file of the same content as one published before is
+    published as a copy and never runs; the rows its head start computed must not wait
+    for it (vnpd/daemon/intake.py, ``_forget_head``)."""
+    intake, completion, published = real_intake(tmp_path)
+    scheduler, journal, state = intake.scheduler, intake.journal, intake.cfg.paths.state
+    head = scheduler.head
+    assert head is not None
     sequences = random_sequences([20 + (7 * i) % 40 for i in range(20)], seed=22)
     first = write_fasta(state / "claimed" / "1-a.fasta", sequences, prefix="r")
     again = write_fasta(state / "claimed" / "2-b.fasta", sequences, prefix="r")

@@ -155,8 +155,10 @@ class Intake:
         head = self.scheduler.head
         assert head is not None
         await self._model()  # the batch size is the model's
-        proteins = await self.indexer.peek(self.source_type, claimed, self.settings,
-                                           head.budget(self.scheduler.max_tokens),
+        budget = head.budget(self.scheduler.max_tokens)
+        if sum(j.total_tokens - j.done_tokens for j in self.scheduler.jobs.values()) > budget:
+            return  # the devices have work for longer: the peek would only slow the indexing
+        proteins = await self.indexer.peek(self.source_type, claimed, self.settings, budget,
                                            self.cfg.model.truncation)
         if head.add(job_id, proteins, self.scheduler.cache):
             self.work_added.set()
