@@ -49,7 +49,7 @@ import structlog
 
 from vnpd.compute.packing import build_batch
 from vnpd.daemon.sharing import RowSharing, whole_rows
-from vnpd.inputs.duplicates import key_list, row_key
+from vnpd.inputs.duplicates import key_array, key_list, row_key
 from vnpd.workers.pool import BatchDone, BatchesLost, Dispatch, Outcome
 
 if TYPE_CHECKING:  # annotations only
@@ -123,8 +123,7 @@ class HeadStart:
             del fresh[key]
         if fresh and cache is not None:
             keys = list(fresh)
-            cached = cache.lookup(np.frombuffer(b"".join(keys), dtype=np.uint8)
-                                  .reshape(len(keys), 32))
+            cached = cache.lookup(key_array(keys))
             for i in cached:
                 del fresh[keys[i]]
         for key, (record_id, sequence) in fresh.items():
@@ -138,11 +137,13 @@ class HeadStart:
         """The job is indexed and serves its own batches: its proteins not yet sent are
         dropped (the job packs them itself); what is in flight or back stays for it."""
         self._active.discard(job_id)
-        if any(e.job_id == job_id for e in self._pending):
-            for entry in self._pending:
-                if entry.job_id == job_id:
-                    del self._owner[entry.key]
-            self._pending = deque(e for e in self._pending if e.job_id != job_id)
+        kept: deque[_Entry] = deque()
+        for entry in self._pending:
+            if entry.job_id == job_id:
+                del self._owner[entry.key]
+            else:
+                kept.append(entry)
+        self._pending = kept
 
     def forget(self, job_id: int) -> None:
         """The job left (finished, failed, published as a copy): drop all of its head."""
@@ -238,8 +239,7 @@ class HeadStart:
                 self._owner.pop(key, None)
         store = lent | ~keep  # rows jobs borrowed, and rows no job waits for
         if cache is not None and store.any():
-            cache.store(np.frombuffer(b"".join(itertools.compress(head.keys, store)),
-                                      dtype=np.uint8).reshape(-1, 32), rows[store])
+            cache.store(key_array(itertools.compress(head.keys, store)), rows[store])
 
     def failed(self, dispatch: Dispatch, jobs: dict[int, ActiveJob], journal: Journal,
                reason: str) -> None:

@@ -194,9 +194,10 @@ class Scheduler:
         batches = [(p, int(pieces.tokens(p).sum())) for p in plan]
         if len(hit):
             batches.append((pieces.pieces_of(hit + start), 0))  # no tokens: cache hits
-        if len(early):  # with their tokens: computed for this job, not served
-            batches.append((pieces.pieces_of(early + start),
-                            int(pieces.tokens(pieces.pieces_of(early + start)).sum())))
+        early_at = len(batches)  # with their tokens: computed for this job, not served
+        if len(early):
+            early_pieces = pieces.pieces_of(early + start)
+            batches.append((early_pieces, int(pieces.tokens(early_pieces).sum())))
         batches += [(p, t) for p, t in zip((pieces.pieces_of(borrowed[i:i + 1])
                                             for i in range(len(borrowed))),
                                            self.head.loan_tokens(job, pieces, borrowed)
@@ -214,8 +215,8 @@ class Scheduler:
             self._write_rows(job, hit + start, hit_rows)
             job.unflushed.append(numbers[len(plan)])
         if len(early):
-            self._write_early(job, early + start, early_rows, batches[-len(borrowed) - 1][1],
-                              numbers[len(numbers) - len(borrowed) - 1])
+            self._write_early(job, early + start, early_rows, batches[early_at][1],
+                              numbers[early_at])
         for no, batch_pieces in zip(numbers, plan):
             batch = piece_batch(job, batch_pieces, lambda row: records[row - start],
                                 self.truncation)

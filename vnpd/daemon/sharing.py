@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,12 +111,9 @@ class RowSharing:
 
     def lenders_of(self, job: ActiveJob, rows: np.ndarray) -> np.ndarray:
         """Mask of ``rows`` (positions of ``job``) that another job computes now."""
-        if job.duplicates is None or not self._lenders or not len(rows):
-            return np.zeros(len(rows), dtype=bool)
-        lenders = map(self._lenders.get,
-                      key_list(job.duplicates.keys[np.asarray(rows, dtype=np.int64)]))
         return np.fromiter((lender is not None and lender[0] != job.job_id
-                            for lender in lenders), dtype=bool, count=len(rows))
+                            for lender in self._lenders_of_rows(job, rows)),
+                           dtype=bool, count=len(rows))
 
     def lend(self, job: ActiveJob, rows: np.ndarray) -> None:
         """``job`` computes ``rows`` (queued): register those that no job computes yet."""
@@ -153,12 +150,18 @@ class RowSharing:
     def lent_by_head(self, job: ActiveJob, rows: np.ndarray) -> np.ndarray:
         """Mask of ``rows`` (positions of ``job``, being borrowed) whose lender is a head
         batch: the job journals those with their tokens, as rows computed for it."""
-        if job.duplicates is None or not len(rows):
-            return np.zeros(len(rows), dtype=bool)
-        lenders = map(self._lenders.get,
-                      key_list(job.duplicates.keys[np.asarray(rows, dtype=np.int64)]))
-        return np.fromiter((lender is not None and lender[0] < 0 for lender in lenders),
+        return np.fromiter((lender is not None and lender[0] < 0
+                            for lender in self._lenders_of_rows(job, rows)),
                            dtype=bool, count=len(rows))
+
+    def _lenders_of_rows(self, job: ActiveJob, rows: np.ndarray
+                         ) -> Iterable[tuple[int, int] | None]:
+        """The (lender, position) computing each of ``rows`` (positions of ``job``), or
+        None for each where nobody does (or the job has no keys)."""
+        if job.duplicates is None or not self._lenders or not len(rows):
+            return itertools.repeat(None, len(rows))
+        return map(self._lenders.get,
+                   key_list(job.duplicates.keys[np.asarray(rows, dtype=np.int64)]))
 
     def borrow(self, job: ActiveJob, rows: np.ndarray, batch_nos: list[int]) -> None:
         """``job`` waits for ``rows`` (journaled, one batch each) from their lenders."""

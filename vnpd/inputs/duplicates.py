@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def key_list(keys: np.ndarray) -> list[bytes]:
     if keys.ndim != 2 or keys.shape[1] != 32:
         raise ValueError(f"keys must be (n, 32) uint8, not {keys.shape}")
     return keys.view("V32").ravel().tolist()
+
+
+def key_array(keys: Iterable[bytes]) -> np.ndarray:
+    """The inverse of :func:`key_list`: 32-byte keys as one read-only (n, 32) uint8 array."""
+    return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 32)
 
 
 def row_key(residues: str, truncation: int | None) -> bytes:

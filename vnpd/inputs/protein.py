@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vnpd.inputs.duplicates import row_key
+from vnpd.inputs.duplicates import key_array, row_key
 from vnpd.inputs.fasta import FastaRecord, iter_fasta
 from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
 from vnpd.inputs.source import IndexedSource, SourceSettings, first_proteins
@@ -41,8 +41,7 @@ class ProteinSource(IndexedSource):
         digests: list[bytes] = []
         index = index_fasta(path, visit=lambda record: digests.append(
             row_key(record.sequence, truncation)))
-        keys = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 32)
-        return cls(path, index), keys  # read-only, as a loaded plan's keys are
+        return cls(path, index), key_array(digests)  # read-only, as a loaded plan's keys are
 
     @classmethod
     def peek(cls, path: Path, settings: SourceSettings, max_tokens: int, truncation: int
