@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import pytest
 
 from tests.conftest import random_sequences
 from tests.inputs.test_nucleotide_source import contigs, write_dna
-from vnpd.daemon.indexing import IndexProcessDied, Indexer
+from vnpd.daemon.indexing import NICE_STEP, IndexProcessDied, Indexer
 from vnpd.inputs.fasta import FastaError
 from vnpd.inputs.kinds import SOURCE_KINDS
+from vnpd.inputs.nucleotide_source import NucleotideSource
 from vnpd.inputs.protein import ProteinSource
 from vnpd.inputs.source import SequenceSource, SourceSettings
 from vnpd.lifeline import alive
@@ -195,23 +197,70 @@ class NeverDies(DiesOnce):
     deaths = 0
 
 
-def test_one_warm_process_indexes_files_one_after_another(tmp_path: Path) -> None:
+def test_start_spawns_every_process_with_the_gene_finder_loaded(tmp_path: Path) -> None:
     indexer = Indexer(3)
+    genes = SourceSettings(kind="nucleotide", proteins="genes")
     paths = [protein_file(tmp_path / f"f{k}" / "in.fasta", 50 + k) for k in range(3)
              if (tmp_path / f"f{k}").mkdir() is None]
 
-    async def go() -> list[int]:
-        warm = indexer.start(NeverDies)
-        assert warm is not None and warm.result(60) == "protein"
+    async def go() -> tuple[set[int], list[int]]:
         try:
+            warm = {future.result(120) for future in indexer.start(NucleotideSource, genes)}
+            kinds, pids = {kind for kind, _ in warm}, {pid for _, pid in warm}
+            assert kinds == {"nucleotide"} and len(pids) == 3 and os.getpid() not in pids
+            for pid in pids:  # pyrodigal (under pyrodigal-gv) is mapped in each, before any file
+                assert "/pyrodigal/" in Path(f"/proc/{pid}/maps").read_text()
             rows = [(await indexer.build(NeverDies, p, p.parent / "idx", SourceSettings(),
                                          1022))[0].num_rows for p in paths]
         finally:
             indexer.close()
-        return rows
-    assert asyncio.run(go()) == [50 + k + (50 + k) // 3 for k in range(3)]
-    pids = {int(p.read_text()) for p in tmp_path.glob("f*/try-*")}
-    assert len(pids) == 1 and os.getpid() not in pids
+        return pids, rows
+    warm_pids, rows = asyncio.run(go())
+    assert rows == [50 + k + (50 + k) // 3 for k in range(3)]
+    assert {int(p.read_text()) for p in tmp_path.glob("f*/try-*")} <= warm_pids
+
+
+class WaitsAndTellsItsNice(ProteinSource):
+    """Writes the niceness of its building thread, and of a thread that thread starts, to
+    ``nice`` beside the input; then waits for ``release`` there."""
+
+    @classmethod
+    def build_keyed(cls, path: Path, directory: Path, settings: SourceSettings,
+                    truncation: int | None) -> tuple[ProteinSource, np.ndarray]:
+        def nice() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child: list[int] = []
+        thread = threading.Thread(target=lambda: child.append(nice()))
+        thread.start()
+        thread.join()
+        (path.parent / "nice").write_text(f"{nice()} {child[0]}")
+        assert wait_for((path.parent / "release").exists, 60)
+        return super().build_keyed(path, directory, settings, truncation)
+
+
+def test_a_file_indexed_while_another_is_runs_at_lower_cpu_priority(tmp_path: Path) -> None:
+    paths = [protein_file(tmp_path / f"f{k}" / "in.fasta", 20) for k in range(3)
+             if (tmp_path / f"f{k}").mkdir() is None]
+    indexer = Indexer(3)
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # spawned processes start at ours
+
+    async def go() -> list[list[int]]:
+        try:
+            builds = []
+            for p in paths:  # claimed one after another, each while the ones before run
+                builds.append(asyncio.ensure_future(indexer.build(
+                    WaitsAndTellsItsNice, p, p.parent / "idx", SourceSettings(), 1022)))
+                assert await asyncio.to_thread(wait_for, (p.parent / "nice").exists, 120)
+            for p in paths:
+                (p.parent / "release").touch()
+            assert [(await b)[0].num_rows for b in builds] == [20 + 20 // 3] * 3
+            return [[int(x) for x in (p.parent / "nice").read_text().split()] for p in paths]
+        finally:
+            indexer.close()
+    nices = asyncio.run(go())
+    expected = [min(19, base + NICE_STEP * rank) for rank in range(3)]
+    assert nices == [[n, n] for n in expected]  # the build's threads inherit its priority
+    assert expected[1] > expected[0] or base == 19
 
 
 POOL_SCRIPT = """

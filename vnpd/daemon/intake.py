@@ -90,7 +90,7 @@ class Intake:
     # Claim and index ----------------------------------------------------------------
     async def run(self) -> None:
         """Resume unfinished jobs, then claim settled files until ``stopping`` is set."""
-        self.indexer.start(self.source_type)
+        self.indexer.start(self.source_type, self.settings)
         await self._resume_jobs()
         while not self.stopping.is_set():
             self.wake.clear()

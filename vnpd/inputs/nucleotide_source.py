@@ -136,6 +136,12 @@ class NucleotideSource(IndexedSource):
         return cls(path, directory, out.close(), arrays, meta)
 
     @classmethod
+    def prepare(cls, settings: SourceSettings) -> None:
+        """genes: import pyrodigal-gv and load its models (0.5-1 s, ~120 MB)."""
+        if settings.proteins == "genes":
+            make_gene_finder()
+
+    @classmethod
     def peek(cls, path: Path, settings: SourceSettings, max_tokens: int, truncation: int
              ) -> list[tuple[str, str]]:
         """The first contigs' proteins, made as :meth:`build` makes them, one record at a

@@ -73,6 +73,11 @@ class SequenceSource(ABC):
         return cls.build(path, directory, settings), None
 
     @classmethod
+    def prepare(cls, settings: SourceSettings) -> None:
+        """Load what :meth:`build` will need (in an index process, before its first file).
+        Default: nothing beyond this module's imports."""
+
+    @classmethod
     def peek(cls, path: Path, settings: SourceSettings, max_tokens: int, truncation: int
              ) -> list[tuple[str, str]]:
         """The file's first proteins, (record id, residues) in row order, up to about
