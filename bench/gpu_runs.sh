@@ -8,6 +8,9 @@
 #   bash bench/gpu_runs.sh outputs      # per-residue, window mode
 #   bash bench/gpu_runs.sh parent       # the parent alone on this host's cores (no GPU)
 #   bash bench/gpu_runs.sh profile      # per-residue again, the daemon and its workers under py-spy
+#   bash bench/gpu_runs.sh genes        # genes (120 contigs), head start off then on
+#   bash bench/gpu_runs.sh parent8      # the parent, 8 simulated workers, twice
+#   SEQUENCES=6000 bash bench/gpu_runs.sh residues  # per-residue at one size
 set -uo pipefail
 W=${W:-/tmp/vnpd-gpu-runs}   # one work dir: the benches share each architecture's checkpoint
 mkdir -p "$W" "$OUT"
@@ -53,5 +56,22 @@ profile)  # where per-residue loses 10% to the engine (needs py-spy: carry its w
         step "summary $(basename "$raw")" python3 bench/parent.py --summarise "$raw"
     done
     ;;
-*) echo "usage: bash bench/gpu_runs.sh ratios|nucleotide|outputs|parent|profile" >&2; exit 2 ;;
+genes)
+    step nt-genes-head python3 bench/daemon.py --workload 3b-orf --kind nucleotide --proteins genes \
+        --contigs "${CONTIGS:-120}" --files 4 --head-start both --workdir "$W" \
+        --json "$OUT/nt-genes-head.json"
+    ;;
+parent8)  # no GPU, no checkpoint
+    for k in 1 2; do
+        step "parent-8-$k" python3 bench/parent.py --workers 8 --sequences 300000 --dim 2560 \
+            --json "$OUT/parent-8-$k.json"
+    done
+    ;;
+residues)
+    step "residues-${SEQUENCES:-6000}" python3 bench/outputs.py --case residues \
+        --workload 3b-uniprot --sequences "${SEQUENCES:-6000}" --workdir "$W" \
+        --json "$OUT/residues-${SEQUENCES:-6000}.json"
+    ;;
+*) echo "usage: bash bench/gpu_runs.sh ratios|nucleotide|outputs|parent|profile|genes|parent8|residues" >&2
+   exit 2 ;;
 esac
