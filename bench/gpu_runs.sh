@@ -9,6 +9,7 @@
 #   bash bench/gpu_runs.sh parent       # the parent alone on this host's cores (no GPU)
 #   bash bench/gpu_runs.sh profile      # per-residue again, the daemon and its workers under py-spy
 #   bash bench/gpu_runs.sh genes        # genes (120 contigs), head start off then on
+#   CONTIGS=400 HEAD=on bash bench/gpu_runs.sh genes  # 400 contigs, the default (auto) only
 #   bash bench/gpu_runs.sh parent8      # the parent, 8 simulated workers, twice
 #   SEQUENCES=6000 bash bench/gpu_runs.sh residues  # per-residue at one size
 set -uo pipefail
@@ -58,7 +59,7 @@ profile)  # where per-residue loses 10% to the engine (needs py-spy: carry its w
     ;;
 genes)
     step nt-genes-head python3 bench/daemon.py --workload 3b-orf --kind nucleotide --proteins genes \
-        --contigs "${CONTIGS:-120}" --files 4 --head-start both --workdir "$W" \
+        --contigs "${CONTIGS:-120}" --files 4 --head-start "${HEAD:-both}" --workdir "$W" \
         --json "$OUT/nt-genes-head.json"
     ;;
 parent8)  # no GPU, no checkpoint
