@@ -180,3 +180,31 @@ def test_indexing_writer_refuses_a_block_that_disagrees_and_keeps_no_index(tmp_p
         with index_module.IndexingWriter(path) as out:
             out.add_block(b">a\nMK\n", np.array([5]), np.array([2]))
     assert out.index is None
+
+
+def test_ids_read_from_headers_are_the_ids_of_the_records(tmp_path: Path) -> None:
+    # Descriptions, tabs, CRLF, a comment line (the parser's fallback from that window on),
+    # lower case and more records than one fast window: ids equal iter_indexed's.
+    rng = np.random.default_rng(5)
+    seqs = random_sequences([int(n) for n in rng.integers(1, 60, 9000)], seed=5)
+    lines = []
+    for i, s in enumerate(seqs):
+        header = [f">r{i}", f">r{i} some description", f">r{i}\tx=1", f">p|{i}|Q{i} OS=virus"][i % 4]
+        lines.append(header + ("\r\n" if i % 7 == 0 else "\n") + (s.lower() if i % 5 == 0 else s)
+                     + "\n")
+        if i == 6000:
+            lines.append("; a comment line, read by the validating parser\n")
+    path = tmp_path / "in.fasta"
+    path.write_text("".join(lines), newline="")
+    index = index_fasta(path)
+    expected = [r.id for r in iter_indexed(path, index)]
+    assert len(expected) == 9000 and expected[3] == "p|3|Q3"
+    assert list(index_module.iter_indexed_ids(path, index)) == expected
+
+
+def test_ids_of_a_file_changed_after_indexing_are_refused(tmp_path: Path) -> None:
+    path = write_fasta(tmp_path / "in.fasta", ["MKV", "MLA"])
+    index = index_fasta(path)
+    path.write_text(">seq0\nMKV\n>other\nMLA\n")
+    with pytest.raises(FastaError):
+        list(index_module.iter_indexed_ids(path, index))

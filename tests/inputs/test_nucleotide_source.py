@@ -50,6 +50,7 @@ def expected(records: dict[str, str], settings: SourceSettings) -> list:
 def assert_same(source: NucleotideSource, records: dict[str, str], want: list) -> None:
     rows = list(source.rows())
     assert [r.id for r in rows] == [p.id for p in want]
+    assert list(source.ids()) == [p.id for p in want]  # from proteins.fasta's headers alone
     assert [r.sequence for r in rows] == [p.sequence for p in want]
     assert [r.index for r in rows] == list(range(len(want)))
     assert source.num_rows == len(want)

@@ -72,7 +72,7 @@ def create_partial(path: Path, source: SequenceSource, meta: OutputMeta, dim: in
     Raises ``FastaError`` if ``source`` no longer reads as it was indexed.
     """
     return PartialOutput.create(
-        path, source.num_rows, dim, output_dtype, ids=(r.id for r in source.rows()),
+        path, source.num_rows, dim, output_dtype, ids=source.ids(),
         lengths=source.lengths, meta=meta, row_fields=source.row_fields(),
         attributes={**source.attributes(), **dict.fromkeys(REUSE_ATTRIBUTES, -1)}, **layout)
 
@@ -89,7 +89,7 @@ def finalize_partial(partial: PartialOutput, source: SequenceSource, meta: Outpu
     if partial.prefilled:
         partial.finalize(meta, quarantined=quarantined, attributes=reuse)
         return
-    ids = (r.id for r in source.rows())
+    ids = source.ids()
     partial.finalize(meta, quarantined=quarantined, ids=ids, lengths=source.lengths,
                      row_fields=source.row_fields(),
                      attributes={**source.attributes(), **(reuse or {})})

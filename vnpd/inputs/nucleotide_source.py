@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
-from vnpd.inputs.index import FileIndex, IndexingWriter, iter_indexed, sha256_file
+from vnpd.inputs.index import (FileIndex, IndexingWriter, iter_indexed, iter_indexed_ids,
+                               sha256_file)
 from vnpd.inputs.gene_calls import call_genes, resolve_workers
 from vnpd.inputs import six_frame_pool
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, TranslatedBlock, check_nucleotide,
@@ -177,6 +178,9 @@ class NucleotideSource(IndexedSource):
 
     def rows(self, start: int = 0) -> Iterator[FastaRecord]:
         return iter_indexed(self.proteins_path, self.index, start, kind="translated")
+
+    def ids(self) -> Iterator[str]:
+        return iter_indexed_ids(self.proteins_path, self.index, kind="translated")
 
     def row_fields(self) -> dict[str, np.ndarray]:
         """``source_ids`` (the DNA record of each row, strings), ``strand`` (+1/-1, int8),

@@ -16,7 +16,7 @@ import numpy as np
 
 from vnpd.inputs.duplicates import key_array, row_key
 from vnpd.inputs.fasta import FastaRecord, iter_fasta
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed
+from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, iter_indexed_ids
 from vnpd.inputs.source import IndexedSource, SourceSettings, first_proteins
 
 
@@ -63,3 +63,6 @@ class ProteinSource(IndexedSource):
 
     def rows(self, start: int = 0) -> Iterator[FastaRecord]:
         return iter_indexed(self.path, self.index, start)
+
+    def ids(self) -> Iterator[str]:
+        return iter_indexed_ids(self.path, self.index)

@@ -80,8 +80,13 @@ def verify_output(path: Path) -> None:
         if problem:
             raise IncompleteOutputError(problem)
         step = rows_per_block(int(np.prod(emb.shape[1:])) * emb.dtype.itemsize)
+        # One buffer read into again: a fresh array a block costs its pages' first touch,
+        # which made the read 4-6 times slower (a 768 MB output: ~0.4 s more to publish).
+        buffer = np.empty((min(step, n), *emb.shape[1:]), dtype=emb.dtype)
         for lo in range(0, n, step):
-            block = emb[lo:lo + step]
+            hi = min(n, lo + step)
+            emb.read_direct(buffer, np.s_[lo:hi], np.s_[:hi - lo])
+            block = buffer[:hi - lo]
             if np.isnan(block).any():
                 raise IncompleteOutputError(f"{path}: NaN rows from row {lo}")
             unwritten = ~block.reshape(block.shape[0], -1).any(axis=1)
