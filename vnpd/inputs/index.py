@@ -272,14 +272,11 @@ def _read_window_fast(path: Path, index: FileIndex, start: int, stop: int
     offsets with a few bytes operations each (the validating parser costs several times
     more a record). None unless every record reads plainly (a header, then residue
     lines) with its indexed length: the caller then uses the parser."""
-    lo = int(index.offsets[start])
-    hi = int(index.offsets[stop]) if stop < index.num_records else int(index.size or 0)
-    with open(path, "rb") as fh:
-        fh.seek(lo)
-        data = fh.read(hi - lo)
-    if len(data) != hi - lo:
+    window = _window_bytes(path, index, start, stop)
+    if window is None:
         return None
-    bounds = (index.offsets[start:stop] - lo).tolist() + [hi - lo]
+    data, bounds = window
+    lo = int(index.offsets[start])
     lengths = index.lengths[start:stop].tolist()
     records = []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
@@ -324,14 +321,10 @@ def iter_indexed_ids(path: Path, index: FileIndex, *, kind: str = "protein") -> 
 def _read_ids_fast(path: Path, index: FileIndex, start: int, stop: int) -> list[str] | None:
     """The ids of records ``start..stop-1``, each the first word of its header, as
     :func:`_read_window_fast` reads it; None unless every header reads plainly."""
-    lo = int(index.offsets[start])
-    hi = int(index.offsets[stop]) if stop < index.num_records else int(index.size or 0)
-    with open(path, "rb") as fh:
-        fh.seek(lo)
-        data = fh.read(hi - lo)
-    if len(data) != hi - lo:
+    window = _window_bytes(path, index, start, stop)
+    if window is None:
         return None
-    bounds = (index.offsets[start:stop] - lo).tolist() + [hi - lo]
+    data, bounds = window
     ids = []
     for a, b in zip(bounds, bounds[1:]):
         newline = data.find(b"\n", a, b)
@@ -342,6 +335,20 @@ def _read_ids_fast(path: Path, index: FileIndex, start: int, stop: int) -> list[
             return None
         ids.append(token[0].decode("utf-8"))
     return ids
+
+
+def _window_bytes(path: Path, index: FileIndex, start: int, stop: int
+                  ) -> tuple[bytes, list[int]] | None:
+    """The bytes of records ``start..stop-1`` and where each begins in them (and where
+    the last ends); None if the file is shorter than the index says."""
+    lo = int(index.offsets[start])
+    hi = int(index.offsets[stop]) if stop < index.num_records else int(index.size or 0)
+    with open(path, "rb") as fh:
+        fh.seek(lo)
+        data = fh.read(hi - lo)
+    if len(data) != hi - lo:
+        return None
+    return data, (index.offsets[start:stop] - lo).tolist() + [hi - lo]
 
 
 def iter_windows(path: Path, index: FileIndex, window: int, start: int = 0
