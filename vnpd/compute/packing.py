@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vnpd.compute.tokenizer import FAIR_ESM_TRUNCATION, encode_packed, tokens_for
+from vnpd.compute.tokenizer import (FAIR_ESM_TRUNCATION, encode_packed, encode_spans,
+                                   tokens_for)
 
 
 def pack_batches(lengths: np.ndarray, max_tokens: int,
@@ -137,7 +138,19 @@ def build_batch(positions: np.ndarray, sequences: Sequence[str],
                 truncation: int = FAIR_ESM_TRUNCATION, ids: Sequence[str] = (),
                 residues: str | None = None) -> TokenBatch:
     """Concatenate the encoded ``sequences`` (aligned with ``positions`` and ``ids``)."""
-    tokens, cu = encode_packed(sequences, truncation)
+    return _batch(positions, *encode_packed(sequences, truncation), ids, residues)
+
+
+def span_batch(positions: np.ndarray, letters: np.ndarray, starts: np.ndarray,
+               lengths: np.ndarray, ids: Sequence[str] = (),
+               residues: str | None = None) -> TokenBatch:
+    """:func:`build_batch` of sequences given as spans of one array of residue letters
+    (:func:`vnpd.compute.tokenizer.encode_spans`; truncated already)."""
+    return _batch(positions, *encode_spans(letters, starts, lengths), ids, residues)
+
+
+def _batch(positions: np.ndarray, tokens: np.ndarray, cu: np.ndarray, ids: Sequence[str],
+           residues: str | None) -> TokenBatch:
     lengths = np.diff(cu)
     return TokenBatch(np.asarray(positions, dtype=np.int64), tokens, cu,
                       int(lengths.max()) if lengths.size else 0, tuple(ids), residues)

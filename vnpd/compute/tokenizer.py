@@ -59,17 +59,38 @@ def encode_packed(sequences: Sequence[str], truncation: int = FAIR_ESM_TRUNCATIO
     ValueError as :func:`encode` does.
     """
     kept = [s[:truncation] for s in sequences]
-    n = len(kept)
-    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=n)
+    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+    letters = np.frombuffer("".join(kept).encode("ascii"), dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    return encode_spans(letters, starts, lengths)
+
+
+def encode_spans(letters: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences given as spans of one array of residue letters (uint8 ASCII; sequence i
+    is ``letters[starts[i]:starts[i] + lengths[i]]``, truncated already), encoded and
+    concatenated as :func:`encode_packed` does: (tokens, cu_seqlens).
+
+    Raises ValueError on a letter outside the residue alphabet.
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n, total = lengths.size, int(lengths.sum())
     cu = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths + 2, out=cu[1:])
-    body = _LOOKUP[np.frombuffer("".join(kept).encode("ascii"), dtype=np.uint8)]
+    before = np.cumsum(lengths) - lengths  # residues of the sequences before each
+    k = np.arange(total)
+    if np.array_equal(starts, before):  # one after another already (encode_packed)
+        letters = letters[:total]
+    else:
+        letters = letters[k + np.repeat(starts - before, lengths)]
+    body = _LOOKUP[letters]
     if (body < 0).any():
-        bad = "".join(kept)[int(np.argmax(body < 0))]
+        bad = chr(int(letters[int(np.argmax(body < 0))]))
         raise ValueError(f"residue {bad!r} is not in the ESM-2 alphabet")
     tokens = np.empty(int(cu[-1]), dtype=np.int64)
     tokens[cu[:-1]] = BOS_IDX
     tokens[cu[1:] - 1] = EOS_IDX
     # Residue k of the whole body sits after the BOS and EOS of the sequences before it.
-    tokens[np.arange(body.size) + 2 * np.repeat(np.arange(n), lengths) + 1] = body
+    tokens[k + np.repeat(2 * np.arange(n) + 1, lengths)] = body
     return tokens, cu

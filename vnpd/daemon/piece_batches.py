@@ -12,19 +12,21 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vnpd.compute.packing import TokenBatch, build_batch, pack_batches
+from vnpd.compute.packing import TokenBatch, build_batch, pack_batches, span_batch
 from vnpd.compute.windows import PieceIndex
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
 from vnpd.inputs.fasta import FastaRecord
 
 if TYPE_CHECKING:  # annotations only
     from vnpd.daemon.journal import Journal
+    from vnpd.inputs.window_text import WindowText
 
 
 def job_pieces(job: ActiveJob, truncation: int) -> PieceIndex:
@@ -56,6 +58,28 @@ def reread_batch(job: ActiveJob, positions: np.ndarray, truncation: int) -> Toke
         if record.index >= hi:
             break
     return piece_batch(job, positions, found.__getitem__, truncation)
+
+
+def read_window(job: ActiveJob, start: int, count: int) -> WindowText | list[FastaRecord]:
+    """Rows ``start..start + count - 1`` of ``job``'s input, to cut batches from with
+    :func:`window_batch`: as one array of letters where its kind can, else as records.
+    Raises ``FastaError`` if the input no longer reads as it was indexed."""
+    text = job.source.window_text(start, start + count)
+    return text if text is not None else list(itertools.islice(job.source.rows(start), count))
+
+
+def window_batch(job: ActiveJob, pieces: np.ndarray, window: WindowText | list[FastaRecord],
+                 start: int, truncation: int) -> TokenBatch:
+    """The batch of ``pieces``, cut from a window :func:`read_window` read at ``start``."""
+    if isinstance(window, list):
+        return piece_batch(job, pieces, lambda row: window[row - start], truncation)
+    index = job_pieces(job, truncation)
+    rows, starts, stops = index.spans(pieces)
+    local = rows - start
+    return span_batch(pieces, window.letters, window.offsets[local] + starts,
+                      np.minimum(stops - starts, truncation),
+                      [window.ids[i] for i in local.tolist()],
+                      residues="float32" if index.windowed(pieces).any() else None)
 
 
 def piece_batch(job: ActiveJob, pieces: np.ndarray, record: Callable[[int], FastaRecord],

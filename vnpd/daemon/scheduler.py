@@ -33,8 +33,8 @@ import numpy as np
 import structlog
 
 from vnpd.daemon.jobs import ActiveJob, QueuedBatch
-from vnpd.daemon.piece_batches import (job_pieces, pack_pieces, piece_batch, queue_journaled,
-                                       reread_batch)
+from vnpd.daemon.piece_batches import (job_pieces, pack_pieces, queue_journaled, read_window,
+                                       reread_batch, window_batch)
 from vnpd.daemon.journal import Journal
 from vnpd.daemon.retry import DISK_ERRORS, Backoff
 from vnpd.daemon.rows import followers_rows, split_window, write_with_copies
@@ -176,7 +176,7 @@ class Scheduler:
         count = min(int(np.searchsorted(np.cumsum(ahead), WINDOW_BATCHES * self.max_tokens))
                     + 1, len(ahead))
         stop = start + count
-        records = list(itertools.islice(job.source.rows(start), count))
+        window = read_window(job, start, count)
         # Ids and lengths are not written here but at finalize, from the input: ids are
         # HDF5 heap (metadata) writes, which a crash between flushes could leave dangling.
         # Repeats of earlier rows are copied, cached rows served: neither is computed.
@@ -218,8 +218,7 @@ class Scheduler:
             self._write_early(job, early + start, early_rows, batches[early_at][1],
                               numbers[early_at])
         for no, batch_pieces in zip(numbers, plan):
-            batch = piece_batch(job, batch_pieces, lambda row: records[row - start],
-                                self.truncation)
+            batch = window_batch(job, batch_pieces, window, start, self.truncation)
             job.queue.append(QueuedBatch(no, batch.positions, batch.num_tokens, batch))
         job.next_position = stop
         if not plan:

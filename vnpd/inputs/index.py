@@ -41,6 +41,7 @@ import numpy as np
 from vnpd.inputs.fasta import (_UPPER, ALLOWED_RESIDUES, DuplicateIdChecker, FastaError,
                                FastaRecord, iter_fasta, iter_fasta_from)
 from vnpd.inputs.fasta_errors import WHITESPACE as _WHITESPACE
+from vnpd.inputs.window_text import WindowText, parse_window
 
 _CHUNK = 65536
 _FAST_WINDOW = 4096  # records per read of the fast path
@@ -272,7 +273,7 @@ def _read_window_fast(path: Path, index: FileIndex, start: int, stop: int
     offsets with a few bytes operations each (the validating parser costs several times
     more a record). None unless every record reads plainly (a header, then residue
     lines) with its indexed length: the caller then uses the parser."""
-    window = _window_bytes(path, index, start, stop)
+    window = window_bytes(path, index, start, stop)
     if window is None:
         return None
     data, bounds = window
@@ -321,7 +322,7 @@ def iter_indexed_ids(path: Path, index: FileIndex, *, kind: str = "protein") -> 
 def _read_ids_fast(path: Path, index: FileIndex, start: int, stop: int) -> list[str] | None:
     """The ids of records ``start..stop-1``, each the first word of its header, as
     :func:`_read_window_fast` reads it; None unless every header reads plainly."""
-    window = _window_bytes(path, index, start, stop)
+    window = window_bytes(path, index, start, stop)
     if window is None:
         return None
     data, bounds = window
@@ -337,7 +338,7 @@ def _read_ids_fast(path: Path, index: FileIndex, start: int, stop: int) -> list[
     return ids
 
 
-def _window_bytes(path: Path, index: FileIndex, start: int, stop: int
+def window_bytes(path: Path, index: FileIndex, start: int, stop: int
                   ) -> tuple[bytes, list[int]] | None:
     """The bytes of records ``start..stop-1`` and where each begins in them (and where
     the last ends); None if the file is shorter than the index says."""
@@ -349,6 +350,21 @@ def _window_bytes(path: Path, index: FileIndex, start: int, stop: int
     if len(data) != hi - lo:
         return None
     return data, (index.offsets[start:stop] - lo).tolist() + [hi - lo]
+
+
+def read_window_text(path: Path, index: FileIndex, start: int, stop: int
+                     ) -> WindowText | None:
+    """Records ``start..stop-1`` of an indexed file as one array of residue letters
+    (:mod:`vnpd.inputs.window_text`); None if they do not read plainly, or the index
+    is of an earlier version (no size): read them with :func:`iter_indexed`.
+
+    Raises ``FastaError`` if the file changed since it was indexed.
+    """
+    index.check_unchanged(path)
+    window = window_bytes(path, index, start, stop) if index.size is not None else None
+    if window is None:
+        return None
+    return parse_window(*window, index.lengths[start:stop], start)
 
 
 def iter_windows(path: Path, index: FileIndex, window: int, start: int = 0

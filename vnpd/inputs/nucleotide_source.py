@@ -39,13 +39,14 @@ import numpy as np
 
 from vnpd.inputs.fasta import DuplicateIdChecker, FastaError, FastaRecord, iter_fasta
 from vnpd.inputs.index import (FileIndex, IndexingWriter, iter_indexed, iter_indexed_ids,
-                               sha256_file)
+                               read_window_text, sha256_file)
 from vnpd.inputs.gene_calls import call_genes, resolve_workers
 from vnpd.inputs import six_frame_pool
 from vnpd.inputs.nucleotide import (NucleotideError, Protein, TranslatedBlock, check_nucleotide,
                                     gene_proteins, make_gene_finder, piece_batches,
                                     six_frame_proteins, translate_pieces)
 from vnpd.inputs.source import IndexedSource, SourceSettings, first_proteins
+from vnpd.inputs.window_text import WindowText
 
 if TYPE_CHECKING:  # imported where a gene finder is made: it costs the parent ~230 MB
     import pyrodigal_gv
@@ -181,6 +182,9 @@ class NucleotideSource(IndexedSource):
 
     def ids(self) -> Iterator[str]:
         return iter_indexed_ids(self.proteins_path, self.index, kind="translated")
+
+    def window_text(self, start: int, stop: int) -> WindowText | None:
+        return read_window_text(self.proteins_path, self.index, start, stop)
 
     def row_fields(self) -> dict[str, np.ndarray]:
         """``source_ids`` (the DNA record of each row, strings), ``strand`` (+1/-1, int8),

@@ -16,8 +16,10 @@ import numpy as np
 
 from vnpd.inputs.duplicates import key_array, row_key
 from vnpd.inputs.fasta import FastaRecord, iter_fasta
-from vnpd.inputs.index import FileIndex, index_fasta, iter_indexed, iter_indexed_ids
+from vnpd.inputs.index import (FileIndex, index_fasta, iter_indexed, iter_indexed_ids,
+                               read_window_text)
 from vnpd.inputs.source import IndexedSource, SourceSettings, first_proteins
+from vnpd.inputs.window_text import WindowText
 
 
 class ProteinSource(IndexedSource):
@@ -66,3 +68,6 @@ class ProteinSource(IndexedSource):
 
     def ids(self) -> Iterator[str]:
         return iter_indexed_ids(self.path, self.index)
+
+    def window_text(self, start: int, stop: int) -> WindowText | None:
+        return read_window_text(self.path, self.index, start, stop)

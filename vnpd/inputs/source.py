@@ -33,6 +33,7 @@ import numpy as np
 if TYPE_CHECKING:  # annotations only: the interface imports no implementation
     from vnpd.inputs.fasta import FastaRecord
     from vnpd.inputs.index import FileIndex
+    from vnpd.inputs.window_text import WindowText
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class SequenceSource(ABC):
 
         Raises ``FastaError`` if the input no longer reads as it did when built.
         """
+
+    def window_text(self, start: int, stop: int) -> "WindowText | None":
+        """Rows ``start..stop-1`` as one array of residue letters
+        (:mod:`vnpd.inputs.window_text`), or None: read them with :meth:`rows`. Raises
+        ``FastaError`` as :meth:`rows` does. Default: None."""
+        return None
 
     def ids(self) -> Iterator[str]:
         """Every row's id, in order (``record.id`` of :meth:`rows`); kinds read them
