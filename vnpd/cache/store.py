@@ -47,6 +47,7 @@ import structlog
 from vnpd.cache.entry import Arrays, decode_arrays, encode_arrays, entry_checksum
 from vnpd.cache.db import connect, pragma_int, transaction, used_bytes
 from vnpd.cache.integrity import CacheCorruptError, header_problem, is_corrupt, quick_check
+from vnpd.cache.known import KnownKeys
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,7 @@ class EmbeddingCache:
         self._wal_max = max(256 << 10, min(64 << 20, max_bytes // 20))
         self._db: sqlite3.Connection | None = None
         self._ns: int | None = None
+        self._known = KnownKeys()  # the namespace's keys, for lookups (vnpd.cache.known)
         self._clock = 0
 
     @classmethod
@@ -140,6 +142,9 @@ class EmbeddingCache:
         row = db.execute("SELECT id FROM namespaces WHERE name=?", (self.namespace,)).fetchone()
         self._ns = None if row is None else int(row[0])
         self._clock = self._meta("clock")
+        self._known = KnownKeys()
+        if self._ns is not None:  # read now, at open, not at the first lookup
+            self._known.refresh(db, self._ns)
 
     def _rebuild(self, reason: str) -> None:
         log.error("cache_corrupt_rebuilt", path=str(self.db_path), reason=reason)
@@ -191,8 +196,11 @@ class EmbeddingCache:
             self._misses += len(wanted)
             return found
         bad: list[int] = []
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start:start + LOOKUP_CHUNK]
+        self._known.refresh(db, self._ns)  # keys that cannot be present skip SQLite
+        candidates = [key for key, maybe in zip(wanted, self._known.maybe(wanted).tolist())
+                      if maybe]
+        for start in range(0, len(candidates), LOOKUP_CHUNK):
+            chunk = candidates[start:start + LOOKUP_CHUNK]
             sql = ("SELECT e.id, e.key, e.layout, e.checksum, p.data FROM entries e "
                    "JOIN payloads p ON p.id = e.id WHERE e.ns = ? AND e.key IN ("
                    + ",".join("?" * len(chunk)) + ")")
