@@ -4,7 +4,8 @@ the windows of long rows, :class:`vnpd.compute.windows.PieceIndex`) as tokens.
 Example::
 
     plan = pack_pieces(job_pieces(job, 1022), pieces, max_tokens=131072)
-    batch = piece_batch(job, plan[0], records.__getitem__, truncation=1022)
+    window = read_window(job, start=4096, count=4096)  # letters (or records) of the rows
+    batch = window_batch(job, plan[0], window, start=4096, truncation=1022)
     batch = reread_batch(job, queued.positions, truncation=1022)  # after a restart or split
     queue_journaled(job, journal, truncation=1022)  # a job resumed: its pending batches
 """

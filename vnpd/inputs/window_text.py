@@ -5,9 +5,9 @@ from them. Read as :class:`~vnpd.inputs.fasta.FastaRecord` objects, a window cos
 Python step, two decodes and an object per record, and tokenising joins the residues
 back into bytes: together about 7 us a record, a fifth of the parent's loop at 25,000
 ORF-length records/s. :func:`parse_window` reads the same window with whole-array
-numpy operations: the residues of every record upper-cased and concatenated, where each
-starts, and the ids (the one step per record left). Batches are then cut from it by
-:func:`vnpd.compute.tokenizer.encode_spans`.
+numpy and bytes operations: the residues of every record upper-cased and concatenated,
+where each starts, and the ids (a bytes slice per record is all the Python a record
+costs). Batches are then cut from it by :func:`vnpd.compute.tokenizer.encode_spans`.
 
 It checks what the records' fast path checks (:func:`vnpd.inputs.index.iter_indexed`):
 each record is a header line, then residue lines, with its indexed length, and only
@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from string import ascii_lowercase, ascii_uppercase
 
 import numpy as np
