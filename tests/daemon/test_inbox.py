@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -516,6 +517,10 @@ def test_submit_never_exposes_a_partial_file(tmp_path: Path) -> None:
     poller.start()
     try:
         (dest,) = submit_files([src], inbox)
+        # The poller's last scan may have come just before the rename: let it scan after.
+        deadline = time.monotonic() + 30
+        while not seen_sizes and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         done.set()
         poller.join(10)
