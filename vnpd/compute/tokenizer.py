@@ -60,9 +60,7 @@ def encode_packed(sequences: Sequence[str], truncation: int = FAIR_ESM_TRUNCATIO
     """
     kept = [s[:truncation] for s in sequences]
     lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-    letters = np.frombuffer("".join(kept).encode("ascii"), dtype=np.uint8)
-    starts = np.cumsum(lengths) - lengths
-    return encode_spans(letters, starts, lengths)
+    return _encode(np.frombuffer("".join(kept).encode("ascii"), dtype=np.uint8), lengths)
 
 
 def encode_spans(letters: np.ndarray, starts: np.ndarray, lengths: np.ndarray
@@ -75,15 +73,16 @@ def encode_spans(letters: np.ndarray, starts: np.ndarray, lengths: np.ndarray
     """
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
-    n, total = lengths.size, int(lengths.sum())
+    before = np.cumsum(lengths) - lengths  # residues of the sequences before each
+    return _encode(letters[np.arange(int(lengths.sum())) + np.repeat(starts - before, lengths)],
+                   lengths)
+
+
+def _encode(letters: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences of ``lengths`` residues, one after another in ``letters``: (tokens, cu)."""
+    n = lengths.size
     cu = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths + 2, out=cu[1:])
-    before = np.cumsum(lengths) - lengths  # residues of the sequences before each
-    k = np.arange(total)
-    if np.array_equal(starts, before):  # one after another already (encode_packed)
-        letters = letters[:total]
-    else:
-        letters = letters[k + np.repeat(starts - before, lengths)]
     body = _LOOKUP[letters]
     if (body < 0).any():
         bad = chr(int(letters[int(np.argmax(body < 0))]))
@@ -92,5 +91,5 @@ def encode_spans(letters: np.ndarray, starts: np.ndarray, lengths: np.ndarray
     tokens[cu[:-1]] = BOS_IDX
     tokens[cu[1:] - 1] = EOS_IDX
     # Residue k of the whole body sits after the BOS and EOS of the sequences before it.
-    tokens[k + np.repeat(2 * np.arange(n) + 1, lengths)] = body
+    tokens[np.arange(body.size) + np.repeat(2 * np.arange(n) + 1, lengths)] = body
     return tokens, cu

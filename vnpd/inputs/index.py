@@ -31,18 +31,20 @@ import hashlib
 import json
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from vnpd.inputs.fasta import (_UPPER, ALLOWED_RESIDUES, DuplicateIdChecker, FastaError,
                                FastaRecord, iter_fasta, iter_fasta_from)
 from vnpd.inputs.fasta_errors import WHITESPACE as _WHITESPACE
-from vnpd.inputs.window_text import WindowText, parse_window
+from vnpd.inputs.window_text import WindowText, header_ids, parse_window
 
+T = TypeVar("T")
 _CHUNK = 65536
 _FAST_WINDOW = 4096  # records per read of the fast path
 _RESIDUES = "".join(sorted(ALLOWED_RESIDUES)).encode("ascii")
@@ -245,14 +247,8 @@ def iter_indexed(path: Path, index: FileIndex, start: int = 0, *,
     if kind == "protein" and index.size is not None:
         # Windows read as bytes, each checked against the index; a window that does not
         # match (a comment line, say) is read by the validating parser below.
-        while start < index.num_records:
-            stop = min(start + _FAST_WINDOW, index.num_records)
-            window = _read_window_fast(path, index, start, stop)
-            if window is None:
-                break
-            yield from window
-            start = stop
-        else:
+        start = yield from _read_fast(path, index, start, _read_window_fast)
+        if start >= index.num_records:
             return
     last = index.num_records - 1
     try:
@@ -307,35 +303,33 @@ def iter_indexed_ids(path: Path, index: FileIndex, *, kind: str = "protein") -> 
     if index.num_records == 0:
         return
     index.check_unchanged(path)
-    start = 0
-    while index.size is not None and start < index.num_records:
-        stop = min(start + _FAST_WINDOW, index.num_records)
-        ids = _read_ids_fast(path, index, start, stop)
-        if ids is None:
-            break
-        yield from ids
-        start = stop
+    start = (yield from _read_fast(path, index, 0, _read_ids_fast)) if index.size is not None \
+        else 0
     if start < index.num_records:
         yield from (record.id for record in iter_indexed(path, index, start, kind=kind))
 
 
 def _read_ids_fast(path: Path, index: FileIndex, start: int, stop: int) -> list[str] | None:
-    """The ids of records ``start..stop-1``, each the first word of its header, as
-    :func:`_read_window_fast` reads it; None unless every header reads plainly."""
+    """The ids of records ``start..stop-1``, as :func:`_read_window_fast` reads them;
+    None unless every header reads plainly."""
     window = window_bytes(path, index, start, stop)
-    if window is None:
-        return None
-    data, bounds = window
-    ids = []
-    for a, b in zip(bounds, bounds[1:]):
-        newline = data.find(b"\n", a, b)
-        if newline < 0 or data[a] != 62 or data[a + 1] in _WHITESPACE:  # '>', then the id
-            return None
-        token = data[a + 1:newline].split(None, 1)
-        if not token:
-            return None
-        ids.append(token[0].decode("utf-8"))
-    return ids
+    headers = header_ids(*window) if window is not None else None
+    return headers[0] if headers is not None else None
+
+
+def _read_fast(path: Path, index: FileIndex, start: int,
+               read: Callable[[Path, FileIndex, int, int], list[T] | None]
+               ) -> Generator[T, None, int]:
+    """What ``read`` gives for consecutive windows of records from ``start``, until a
+    window it cannot read plainly (None) or the end; returns where it stopped."""
+    while start < index.num_records:
+        stop = min(start + _FAST_WINDOW, index.num_records)
+        items = read(path, index, start, stop)
+        if items is None:
+            return start
+        yield from items
+        start = stop
+    return start
 
 
 def window_bytes(path: Path, index: FileIndex, start: int, stop: int

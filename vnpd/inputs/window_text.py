@@ -60,18 +60,14 @@ def parse_window(data: bytes, bounds: list[int], lengths: np.ndarray, start: int
     ``bounds[i + 1]``, as one :class:`WindowText` (the first at position ``start``); None
     unless every record reads plainly with its indexed length ``lengths[i]`` (then read
     them with the parser). See :func:`vnpd.inputs.index.read_window_text`."""
-    if len(bounds) < 2:
-        return None
     text = np.frombuffer(data, dtype=np.uint8)
-    begins, ends = np.asarray(bounds[:-1], dtype=np.int64), np.asarray(bounds[1:], dtype=np.int64)
     newlines = np.flatnonzero(text == _NEWLINE)
-    nth = np.searchsorted(newlines, begins)
-    if nth[-1] >= newlines.size:
+    headers = header_ids(data, bounds, newlines)
+    if headers is None:
         return None
-    header_ends = newlines[nth]
-    if (header_ends >= ends).any() or (text[begins] != _HEADER).any() \
-            or (header_ends == begins + 1).any() or _IS_SPACE[text[begins + 1]].any():
-        return None  # a header without its newline, or no id right after the '>'
+    ids, header_ends = headers
+    ends = np.asarray(bounds[1:], dtype=np.int64)
+    nth = np.searchsorted(newlines, header_ends)
     # Each record's residues: after its header line, up to the next record, less the
     # whitespace in between (its newlines, and any other whitespace: rare, found apart).
     first = header_ends + 1
@@ -91,8 +87,30 @@ def parse_window(data: bytes, bounds: list[int], lengths: np.ndarray, start: int
     if letters.tobytes().translate(None, _RESIDUES) \
             or not np.array_equal(counts, lengths):
         return None
+    return WindowText(start, letters, offsets, ids)
+
+
+def header_ids(data: bytes, bounds: list[int], newlines: np.ndarray | None = None
+               ) -> tuple[list[str], np.ndarray] | None:
+    """The id (first word of the header) of each record of ``data`` (record i from
+    ``bounds[i]`` to ``bounds[i + 1]``) and where its header line ends; None unless every
+    header reads plainly: '>', the id right after it, a newline inside the record.
+    ``newlines``: the positions of ``data``'s newlines, if the caller has them."""
+    if len(bounds) < 2:
+        return None
+    text = np.frombuffer(data, dtype=np.uint8)
+    begins, ends = np.asarray(bounds[:-1], dtype=np.int64), np.asarray(bounds[1:], dtype=np.int64)
+    if newlines is None:
+        newlines = np.flatnonzero(text == _NEWLINE)
+    nth = np.searchsorted(newlines, begins)
+    if nth[-1] >= newlines.size:
+        return None
+    header_ends = newlines[nth]
+    if (header_ends >= ends).any() or (text[begins] != _HEADER).any() \
+            or (header_ends == begins + 1).any() or _IS_SPACE[text[begins + 1]].any():
+        return None  # a header without its newline, or no id right after the '>'
     headers = b"\n".join([data[a + 1:e] for a, e in zip(bounds, header_ends.tolist())])
     ids = headers.decode("utf-8").split("\n")
     if len(headers.translate(None, _OTHER_SPACES)) != len(headers):  # descriptions
         ids = [line.split(None, 1)[0] for line in ids]
-    return WindowText(start, letters, offsets, ids)
+    return ids, header_ends
